@@ -1,0 +1,116 @@
+/*
+ * scoreboard.h - the shared-memory scoreboard: one pool header, then one slot per worker.
+ *
+ * The master maps it (anonymous, shared) before forking and reads it through cffi
+ * (fastfpm/scoreboard.py); each worker writes only its own slot from the Cython hot loop.
+ * A slot is guarded by a sequence counter (a seqlock): the writer makes it odd, stores, makes it
+ * even again; a reader retries while it is odd or changed under it. The hot path takes no lock and
+ * makes no system call.
+ *
+ * The mapping holds room for every worker that can be alive at once, old and new generations
+ * together during a reload, so the slot's generation field says which one a worker belongs to.
+ */
+#ifndef FASTFPM_SCOREBOARD_H
+#define FASTFPM_SCOREBOARD_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define FFPM_SB_MAGIC 0x4d504646u /* "FFPM" */
+#define FFPM_SB_VERSION 1u
+
+/* Request stages, php-fpm's names (fpm_request.h) plus the slot's life around them. */
+enum {
+    FFPM_STAGE_FREE = 0,            /* slot unused */
+    FFPM_STAGE_STARTING = 1,        /* forked, importing the application */
+    FFPM_STAGE_IDLE = 2,            /* waiting for a connection ("Idle") */
+    FFPM_STAGE_READING_HEADERS = 3, /* connection accepted, reading BEGIN_REQUEST and PARAMS */
+    FFPM_STAGE_INFO = 4,            /* building the environ ("Getting request informations") */
+    FFPM_STAGE_RUNNING = 5,         /* the application runs ("Running") */
+    FFPM_STAGE_FINISHING = 6,       /* response sent, closing or draining ("Finishing") */
+    FFPM_STAGE_ENDING = 7           /* the worker is exiting ("Ending") */
+};
+
+#define FFPM_METHOD_LEN 16
+#define FFPM_URI_LEN 256
+#define FFPM_QUERY_LEN 256
+#define FFPM_SCRIPT_LEN 256
+
+typedef struct {
+    uint32_t seq;        /* odd while the worker writes the slot */
+    uint32_t stage;      /* FFPM_STAGE_* */
+    int32_t pid;         /* written by the master at spawn */
+    uint32_t generation; /* which configuration generation the worker serves */
+    uint64_t requests;   /* requests served since the worker started */
+    uint64_t accepted_conn;
+    int64_t started_wall;      /* process start, unix seconds (master) */
+    int64_t request_start_ns;  /* monotonic ns: start of the current or last request */
+    int64_t request_start_wall_us; /* wall clock, microseconds, same moment */
+    int64_t last_request_ns;   /* duration of the last finished request */
+    int64_t idle_since_ns;     /* monotonic ns when the worker last became idle */
+    int64_t content_length;    /* of the current or last request, -1 when unknown */
+    uint32_t status;           /* HTTP status of the current or last response, 0 before headers */
+    uint32_t keepalive;        /* 1 while the connection was opened with FCGI_KEEP_CONN */
+    char method[FFPM_METHOD_LEN];
+    char request_uri[FFPM_URI_LEN];
+    char query_string[FFPM_QUERY_LEN];
+    char script_filename[FFPM_SCRIPT_LEN];
+} ffpm_slot;
+
+typedef struct {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t nslots;
+    uint32_t slot_size;        /* sizeof(ffpm_slot), checked by readers */
+    int64_t started_wall;      /* pool start, unix seconds */
+    uint64_t max_children_reached; /* master: times pm.max_children stopped a spawn */
+    uint64_t slow_requests;    /* master: requests that hit request_slowlog_timeout */
+    uint64_t listen_queue_max; /* master: the deepest listen queue seen */
+    char pool_name[64];
+    uint8_t reserved[256 - 4 * 4 - 4 * 8 - 64];
+} ffpm_pool_header;
+
+static inline ffpm_slot *ffpm_slots(void *base) { return (ffpm_slot *)((char *)base + sizeof(ffpm_pool_header)); }
+
+static inline size_t ffpm_scoreboard_size(uint32_t nslots)
+{
+    return sizeof(ffpm_pool_header) + (size_t)nslots * sizeof(ffpm_slot);
+}
+
+/* Writer side (the worker). The release fences keep the compiler and CPU from moving the stores
+ * outside the odd window; the plain stores in between are ordinary memory writes. */
+static inline void ffpm_slot_write_begin(ffpm_slot *s)
+{
+    __atomic_store_n(&s->seq, s->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static inline void ffpm_slot_write_end(ffpm_slot *s) { __atomic_store_n(&s->seq, s->seq + 1, __ATOMIC_RELEASE); }
+
+/* Copy src (len bytes, not NUL-terminated) into a fixed field, truncated and NUL-terminated. */
+static inline void ffpm_copy_field(char *dst, size_t cap, const char *src, size_t len)
+{
+    if (len >= cap)
+        len = cap - 1;
+    memcpy(dst, src, len);
+    dst[len] = 0;
+}
+
+/* Reader side (the master): a consistent copy of one slot; returns 0, or -1 if the writer kept it
+ * busy for every try (the caller then uses the last copy, which may mix two moments). */
+static inline int ffpm_slot_read(const ffpm_slot *s, ffpm_slot *out)
+{
+    for (int tries = 0; tries < 1000; tries++) {
+        uint32_t before = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (before & 1)
+            continue;
+        memcpy(out, (const void *)s, sizeof *out);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&s->seq, __ATOMIC_RELAXED) == before)
+            return 0;
+    }
+    memcpy(out, (const void *)s, sizeof *out);
+    return -1;
+}
+
+#endif

@@ -1,0 +1,163 @@
+# C declarations for the hot loop: the codec (csrc/fcgi.h), the scoreboard (csrc/scoreboard.h)
+# and the few system calls the worker makes. Kept apart from _core.pyx, as httptools does.
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "fcgi.h" nogil:
+    enum:
+        FCGI_HEADER_LEN
+        FCGI_VERSION_1
+        FCGI_MAX_CONTENT
+        FCGI_BEGIN_REQUEST
+        FCGI_ABORT_REQUEST
+        FCGI_END_REQUEST
+        FCGI_PARAMS
+        FCGI_STDIN
+        FCGI_STDOUT
+        FCGI_STDERR
+        FCGI_DATA
+        FCGI_GET_VALUES
+        FCGI_GET_VALUES_RESULT
+        FCGI_UNKNOWN_TYPE
+        FCGI_RESPONDER
+        FCGI_AUTHORIZER
+        FCGI_FILTER
+        FCGI_KEEP_CONN
+        FCGI_REQUEST_COMPLETE
+        FCGI_CANT_MPX_CONN
+        FCGI_OVERLOADED
+        FCGI_UNKNOWN_ROLE
+        FCGI_NEED_MORE
+        FCGI_ERR_VERSION
+        FCGI_ERR_TRUNCATED
+        FCGI_ERR_LENGTH
+
+    ctypedef struct fcgi_header:
+        uint8_t version
+        uint8_t type
+        uint16_t request_id
+        uint16_t content_length
+        uint8_t padding_length
+
+    long fcgi_parse_header(const uint8_t *buf, size_t len, fcgi_header *hdr)
+    long fcgi_parse_record(const uint8_t *buf, size_t len, fcgi_header *hdr)
+    long fcgi_parse_pair(const uint8_t *buf, size_t len, size_t *name_off, size_t *name_len,
+                         size_t *value_off, size_t *value_len)
+    unsigned fcgi_padding(size_t content_length)
+    size_t fcgi_write_header(uint8_t *out, int type, int request_id, size_t content_length,
+                             unsigned padding)
+    size_t fcgi_write_record(uint8_t *out, int type, int request_id, const uint8_t *content, size_t len)
+    size_t fcgi_stream_size(size_t len)
+    size_t fcgi_write_stream(uint8_t *out, int type, int request_id, const uint8_t *data, size_t len)
+    size_t fcgi_write_end_request(uint8_t *out, int request_id, uint32_t app_status, int protocol_status)
+    size_t fcgi_write_unknown_type(uint8_t *out, int record_type)
+    size_t fcgi_pair_size(size_t name_len, size_t value_len)
+    size_t fcgi_write_pair(uint8_t *out, const uint8_t *name, size_t name_len, const uint8_t *value,
+                           size_t value_len)
+
+
+cdef extern from "scoreboard.h" nogil:
+    enum:
+        FFPM_STAGE_FREE
+        FFPM_STAGE_STARTING
+        FFPM_STAGE_IDLE
+        FFPM_STAGE_READING_HEADERS
+        FFPM_STAGE_INFO
+        FFPM_STAGE_RUNNING
+        FFPM_STAGE_FINISHING
+        FFPM_STAGE_ENDING
+        FFPM_METHOD_LEN
+        FFPM_URI_LEN
+        FFPM_QUERY_LEN
+        FFPM_SCRIPT_LEN
+
+    ctypedef struct ffpm_slot:
+        uint32_t seq
+        uint32_t stage
+        int pid
+        uint32_t generation
+        uint64_t requests
+        uint64_t accepted_conn
+        int64_t started_wall
+        int64_t request_start_ns
+        int64_t request_start_wall_us
+        int64_t last_request_ns
+        int64_t idle_since_ns
+        int64_t content_length
+        uint32_t status
+        uint32_t keepalive
+        char method[16]
+        char request_uri[256]
+        char query_string[256]
+        char script_filename[256]
+
+    ffpm_slot *ffpm_slots(void *base)
+    void ffpm_slot_write_begin(ffpm_slot *s)
+    void ffpm_slot_write_end(ffpm_slot *s)
+    void ffpm_copy_field(char *dst, size_t cap, const char *src, size_t len)
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum:
+        CLOCK_MONOTONIC
+        CLOCK_REALTIME
+    int clock_gettime(int clk, timespec *ts)
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    enum:
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+        SOCK_CLOEXEC
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    ssize_t send(int fd, const void *buf, size_t len, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EINTR
+        EAGAIN
+        ECONNABORTED
+        EMFILE
+        ENFILE
+        ENOBUFS
+        ENOMEM
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
