@@ -1,0 +1,337 @@
+"""Listen addresses written the way php-fpm's `listen` directive writes them, and their sockets.
+
+    127.0.0.1:9000     one IPv4 address            [::1]:9000      one IPv6 address
+    9000               every address, IPv4 and IPv6 (php-fpm binds "::" dual-stack, else 0.0.0.0)
+    localhost:9000     a host name, resolved when the socket is made
+    /run/app.sock      a unix socket (also unix:/run/app.sock, as nginx writes it, or a relative path)
+
+Parsing never touches the network; create_listen_socket and connect do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import ipaddress
+import os
+import pwd
+import re
+import socket
+import stat
+from dataclasses import dataclass
+
+__all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG"]
+
+# php-fpm's listen.backlog default on Linux (FPM_BACKLOG_DEFAULT in sapi/fpm/fpm/fpm_sockets.h).
+DEFAULT_BACKLOG = 511
+
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_UNIX_PATH_MAX = 107
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed listen address.
+
+    family is AF_UNIX, AF_INET or AF_INET6 for a unix path or an IP literal, and AF_UNSPEC when the
+    family is only known once the socket is made: a bare port (host "", every address) or a host name.
+    """
+
+    family: socket.AddressFamily
+    host: str | None = None  # an IP literal or host name; "" for every address; None for unix
+    port: int | None = None
+    path: str | None = None  # unix socket path, as written (relative paths stay relative)
+
+    @property
+    def is_unix(self) -> bool:
+        """True for a unix socket path."""
+        return self.family == socket.AF_UNIX
+
+    @property
+    def is_any(self) -> bool:
+        """True for the bare-port form that listens on every address."""
+        return self.host == ""
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_UNIX:
+            return str(self.path)
+        if self.host == "":
+            return str(self.port)
+        if self.family == socket.AF_INET6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def _parse_port(text: str, original: str) -> int:
+    if not text:
+        raise ValueError(f"invalid listen address {original!r}: the port is missing")
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"invalid listen address {original!r}: port {text!r} is not a number")
+    port = int(text)
+    # Port 0 asks the kernel for a free port (tests, benchmarks); php-fpm itself wants 1..65535.
+    if port > 65535:
+        raise ValueError(f"invalid listen address {original!r}: port {port} is out of range (0-65535)")
+    return port
+
+
+def _unix(path: str, original: str) -> Address:
+    if not path:
+        raise ValueError(f"invalid listen address {original!r}: the unix socket path is empty")
+    if "\0" in path:
+        raise ValueError(f"invalid listen address {original!r}: the path contains a NUL byte")
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise ValueError(f"invalid listen address {original!r}: unix socket paths are limited to "
+                         f"{_UNIX_PATH_MAX} bytes")
+    return Address(socket.AF_UNIX, path=path)
+
+
+def parse_address(text: str) -> Address:
+    """Parse a php-fpm style listen address; ValueError says what is wrong with a bad one."""
+    if not isinstance(text, str):
+        raise TypeError(f"listen address must be a str, not {type(text).__name__}")
+    original = text
+    text = text.strip()
+    if not text:
+        raise ValueError("invalid listen address '': it is empty")
+    if text.startswith("unix:"):
+        return _unix(text[5:], original)
+    if text.startswith(("/", "./", "../")):
+        return _unix(text, original)
+    if text.isascii() and text.isdigit():
+        return Address(socket.AF_UNSPEC, host="", port=_parse_port(text, original))
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"invalid listen address {original!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:close], text[close + 1:]
+        if not rest.startswith(":"):
+            raise ValueError(f"invalid listen address {original!r}: expected ':PORT' after ']'")
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid listen address {original!r}: {host!r} is not an IPv6 address"
+                             ) from None
+        return Address(socket.AF_INET6, host=str(ip), port=_parse_port(rest[1:], original))
+    if ":" not in text:
+        # php-fpm's rule: no colon and not all digits means a unix socket path, relative ones included.
+        return _unix(text, original)
+    host, _, port_text = text.rpartition(":")
+    if ":" in host:
+        raise ValueError(f"invalid listen address {original!r}: write IPv6 addresses in brackets, "
+                         f"as in [::1]:9000")
+    if not host:
+        raise ValueError(f"invalid listen address {original!r}: the host before ':' is empty")
+    port = _parse_port(port_text, original)
+    try:
+        return Address(socket.AF_INET, host=str(ipaddress.IPv4Address(host)), port=port)
+    except ValueError:
+        pass
+    if host.replace(".", "").isdigit():
+        raise ValueError(f"invalid listen address {original!r}: {host!r} is not an IPv4 address")
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"invalid listen address {original!r}: {host!r} is not a valid host name")
+    return Address(socket.AF_UNSPEC, host=host, port=port)
+
+
+def _as_address(address: Address | str) -> Address:
+    return address if isinstance(address, Address) else parse_address(address)
+
+
+def _resolve(address: Address, passive: bool) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) candidates for a TCP address, in the order to try them."""
+    host = address.host or None
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = socket.getaddrinfo(host, address.port, address.family, socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot resolve {address.host!r} for '{address}': {exc.strerror}") from None
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def _bind_tcp(family: int, sockaddr: tuple, backlog: int, dual_stack: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Rebinding right after a restart must not wait for old connections in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and dual_stack:
+            # "::" also accepts IPv4 (as ::ffff:a.b.c.d) whatever net.ipv6.bindv6only says.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _create_tcp(address: Address, backlog: int) -> socket.socket:
+    if address.is_any:
+        # As php-fpm: every address means "::" with IPv4 mapped in, or 0.0.0.0 without IPv6.
+        try:
+            return _bind_tcp(socket.AF_INET6, ("::", address.port, 0, 0), backlog, True)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise OSError(exc.errno, f"unable to bind listening socket for address '{address}': "
+                                         f"{exc.strerror}") from None
+        candidates = [(socket.AF_INET, ("0.0.0.0", address.port))]
+    else:
+        candidates = _resolve(address, passive=True)
+    error: OSError | None = None
+    for family, sockaddr in candidates:
+        # A host name may resolve to several addresses; like php-fpm, listen on the first that binds.
+        try:
+            return _bind_tcp(family, sockaddr, backlog, dual_stack=sockaddr[0] == "::")
+        except OSError as exc:
+            error = exc
+    assert error is not None
+    raise OSError(error.errno, f"unable to bind listening socket for address '{address}': "
+                               f"{error.strerror}") from None
+
+
+def _someone_listens(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket at path (php-fpm's test connect)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except (BlockingIOError, TimeoutError):
+        return True  # the backlog is full: somebody is listening, just busy
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot tell whether something listens on '{path}': "
+                                 f"{exc.strerror}") from None
+    finally:
+        probe.close()
+    return True
+
+
+def _uid(owner: int | str | None) -> int:
+    if owner is None:
+        return -1
+    if isinstance(owner, int) or owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError(f"unknown user {owner!r} for the socket owner") from None
+
+
+def _gid(group: int | str | None) -> int:
+    if group is None:
+        return -1
+    if isinstance(group, int) or group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"unknown group {group!r} for the socket group") from None
+
+
+def _create_unix(address: Address, backlog: int, mode: int, owner: int | str | None,
+                 group: int | str | None) -> socket.socket:
+    path = address.path
+    assert path is not None
+    uid, gid = _uid(owner), _gid(group)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"cannot listen on '{path}': it exists and is not a socket")
+        if _someone_listens(path):
+            raise OSError(errno.EADDRINUSE, f"cannot listen on '{path}': another process is already "
+                                            f"listening there")
+        # A socket file left behind by a process that died: nobody answers, so it is safe to replace.
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        # Create the file with the final permissions already (php-fpm does the same with umask), so it
+        # is never reachable by users that mode leaves out; chmod afterwards makes the mode exact.
+        saved_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(saved_umask)
+        bound = True
+        os.chmod(path, mode)
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise OSError(exc.errno, f"unable to listen on '{path}': {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _system_max_backlog() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def create_listen_socket(address: Address | str, *, backlog: int = DEFAULT_BACKLOG, mode: int = 0o660,
+                         owner: int | str | None = None, group: int | str | None = None) -> socket.socket:
+    """Bind and listen on address; mode, owner and group apply to unix sockets only.
+
+    A unix socket file nobody answers on is replaced; a live one (another server) is an error, and so
+    is a path that exists but is not a socket. A negative backlog means the system's maximum. Errors
+    are OSError with the address in the message.
+    """
+    address = _as_address(address)
+    if backlog < 0:
+        # php-fpm's listen.backlog = -1: as many as the system allows (Python would take it as 0).
+        backlog = _system_max_backlog()
+    if address.is_unix:
+        return _create_unix(address, backlog, mode, owner, group)
+    return _create_tcp(address, backlog)
+
+
+def connect(address: Address | str, timeout: float | None = 10.0) -> socket.socket:
+    """Open a client connection to address (the wildcard forms connect to the loopback address)."""
+    address = _as_address(address)
+    if address.is_unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    host = address.host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"  # reaches both "::" (dual-stack) and 0.0.0.0 listeners
+    elif host == "::":
+        host = "::1"
+    sock = socket.create_connection((host, address.port), timeout=timeout)
+    # Requests are a few small records written back to back: do not let Nagle hold them.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def local_address(sock: socket.socket) -> Address:
+    """The Address a listening socket is bound to: gives the real port after binding port 0."""
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        return Address(socket.AF_UNIX, path=os.fsdecode(name))
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        if host == "::" and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            return Address(socket.AF_UNSPEC, host="", port=port)
+        return Address(socket.AF_INET6, host=host, port=port)
+    return Address(socket.AF_INET, host=host, port=port)
