@@ -144,6 +144,7 @@ cdef extern from "<poll.h>" nogil:
         short revents
     enum:
         POLLIN
+        POLLOUT
     int poll(pollfd *fds, unsigned long nfds, int timeout)
 
 
@@ -152,6 +153,7 @@ cdef extern from "<errno.h>" nogil:
     enum:
         EINTR
         EAGAIN
+        ETIMEDOUT
         ECONNABORTED
         EMFILE
         ENFILE

@@ -18,9 +18,12 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
+import sys
+
 from fastfpm.protocol import ProtocolError, Record
 
 cdef extern from "Python.h":
+    dict _PyDict_NewPresized(Py_ssize_t minused)
     int _PyBytes_Resize(PyObject **bytes, Py_ssize_t newsize) except -1
     bint PyUnicode_IS_ASCII(object o)
     int PyUnicode_KIND(object o)
@@ -167,7 +170,7 @@ def parse_end_request(content):
     cdef bytes body = bytes(content)
     if len(body) != 8:
         raise ProtocolError(f"END_REQUEST body of {len(body)} bytes, expected 8")
-    return (body[0] << 24) | (body[1] << 16) | (body[2] << 8) | body[3], body[4]
+    return int.from_bytes(body[:4], "big"), body[4]
 
 
 def encode_unknown_type(int record_type):
@@ -283,12 +286,21 @@ cdef enum:
     K_SCRIPT_FILENAME
     K_COUNT
 
+cdef enum:
+    VALUE_MAX_LEN = 80       # values up to this long are remembered per key (Host, User-Agent ...)
+
 cdef struct KeyEntry:
     uint64_t hash
     size_t length
     char name[KEY_MAX_LEN]
     PyObject *key
     int kind
+    # The value this key had last time, as bytes and as the str handed to the app: most params
+    # (SERVER_NAME, DOCUMENT_ROOT, HTTP_HOST, HTTP_USER_AGENT ...) repeat from request to request,
+    # and an immutable str can be shared instead of decoded again.
+    size_t value_length
+    char value[VALUE_MAX_LEN]
+    PyObject *value_str
 
 _SPECIAL_KEYS = {
     b"CONTENT_TYPE": K_CONTENT_TYPE, b"CONTENT_LENGTH": K_CONTENT_LENGTH, b"REQUEST_URI": K_REQUEST_URI,
@@ -298,15 +310,26 @@ _SPECIAL_KEYS = {
 }
 
 
-cdef inline uint64_t fnv1a(const uint8_t *p, size_t n) noexcept nogil:
-    cdef uint64_t h = 1469598103934665603ULL
-    cdef size_t i
-    for i in range(n):
-        h = (h ^ p[i]) * 1099511628211ULL
+cdef inline uint64_t key_hash(const uint8_t *p, size_t n) noexcept nogil:
+    """A cheap hash of a param name: its length and its first and last 8 bytes, mixed.
+
+    Names are short and a hit is confirmed with memcmp, so this only has to spread the few dozen
+    names a web server sends; hashing every byte cost more than the rest of the lookup.
+    """
+    cdef uint64_t head = 0, tail = 0
+    if n >= 8:
+        memcpy(&head, p, 8)
+        memcpy(&tail, p + n - 8, 8)
+    else:
+        memcpy(&head, p, n)
+    cdef uint64_t h = (head * 0x9E3779B97F4A7C15ULL) ^ (tail + n) * 0xC2B2AE3D27D4EB4FULL
+    h ^= h >> 29
     return h | 1  # never 0: 0 marks an empty entry
 
 
 cdef enum:
+    PREDICTED_PARAMS = 64
+    ENVIRON_ROOM = 64       # entries an environ holds without growing (nginx sends about 30 params)
     RBUF_SIZE = 131072      # holds the largest record (8 + 65535 + 255 bytes) twice over
     WBUF_INITIAL = 65536
     FLUSH_AT = 262144       # send once this much response is buffered
@@ -455,6 +478,9 @@ cdef class Worker:
     cdef object start_response_cb, write_cb
     cdef KeyEntry keys[KEY_CACHE_SIZE]
     cdef size_t key_count
+    # The cache entry of the i-th param of the previous request. A web server sends its params in
+    # the same order every time, so checking the predicted entry first skips the hash lookup.
+    cdef KeyEntry *key_order[PREDICTED_PARAMS]
     # params of the current request
     cdef uint8_t *pbuf
     cdef size_t plen, pcap
@@ -480,6 +506,7 @@ cdef class Worker:
         if self.wbuf == NULL:
             raise MemoryError()
         memset(self.keys, 0, sizeof(self.keys))
+        memset(self.key_order, 0, sizeof(self.key_order))
         memset(&self.dummy_slot, 0, sizeof(self.dummy_slot))
         self.slot = &self.dummy_slot
 
@@ -488,6 +515,8 @@ cdef class Worker:
         for i in range(KEY_CACHE_SIZE):
             if self.keys[i].key != NULL:
                 Py_DECREF(<object>self.keys[i].key)
+            if self.keys[i].value_str != NULL:
+                Py_DECREF(<object>self.keys[i].value_str)
         free(self.wbuf)
         free(self.pbuf)
         free(self.scratch)
@@ -500,7 +529,12 @@ cdef class Worker:
         cdef Py_buffer view
         self.listen_fd = listen_fd
         self.app = app
-        self.template = environ_template
+        # The template is copied for every request. Copying a dict clones its hash table, so a
+        # template built with room for a full request's params spares each environ two resizes.
+        self.template = _PyDict_NewPresized(ENVIRON_ROOM)
+        for name, value in environ_template.items():
+            # One by one: dict.update() into an empty dict would adopt the source's small table.
+            self.template[name] = value
         self.log = log
         self.log_exception = log_exception
         self.idle_timeout_ms = <int>(idle_timeout * 1000)
@@ -636,11 +670,15 @@ cdef class Worker:
         return "stopping" if self.stopping else "max_requests"
 
     cdef int wait_readable(self, int fd, int timeout_ms) except -2:
-        """poll() one fd: 1 readable, 0 timed out. Signal handlers run on EINTR."""
+        """poll() one fd for input: 1 readable, 0 timed out."""
+        return self.wait_fd(fd, POLLIN, timeout_ms)
+
+    cdef int wait_fd(self, int fd, short events, int timeout_ms) except -2:
+        """poll() one fd: 1 ready, 0 timed out. Signal handlers run on EINTR."""
         cdef pollfd p
         cdef int rc
         p.fd = fd
-        p.events = POLLIN
+        p.events = events
         p.revents = 0
         while True:
             with nogil:
@@ -664,8 +702,9 @@ cdef class Worker:
         if c.rend >= RBUF_SIZE:
             return -1
         while True:
-            with nogil:
-                n = recv(c.fd, c.rbuf + c.rend, RBUF_SIZE - c.rend, MSG_DONTWAIT)
+            # MSG_DONTWAIT never blocks, so the GIL stays held: releasing and retaking it costs
+            # more than the call. Waiting happens in poll(), without the GIL.
+            n = recv(c.fd, c.rbuf + c.rend, RBUF_SIZE - c.rend, MSG_DONTWAIT)
             if n > 0:
                 c.rend += n
                 return <int>n
@@ -685,8 +724,7 @@ cdef class Worker:
         cdef ssize_t sent
         cdef int err
         while n:
-            with nogil:
-                sent = send(c.fd, data, n, MSG_NOSIGNAL)
+            sent = send(c.fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT)
             if sent >= 0:
                 data += sent
                 n -= sent
@@ -694,6 +732,13 @@ cdef class Worker:
             err = errno
             if err == EINTR:
                 PyErr_CheckSignals()
+                continue
+            if err == EAGAIN:
+                # The web server reads slower than we write: wait, but not forever, so a peer that
+                # stopped reading cannot hold the worker.
+                if self.wait_fd(c.fd, POLLOUT, self.read_timeout_ms) == 0:
+                    c.broken = True
+                    raise ConnectionLost(ETIMEDOUT, "timed out sending the response")
                 continue
             c.broken = True
             raise ConnectionLost(err, f"sending the response failed: {OSError(err, '').strerror}")
@@ -832,31 +877,45 @@ cdef class Worker:
 
     # ------------------------------------------------------------------ environ
 
-    cdef object key_for(self, const uint8_t *name, size_t n, int *kind):
-        """The environ key for a param name, from the cache when it was seen before."""
+    cdef KeyEntry *entry_for(self, const uint8_t *name, size_t n) except? NULL:
+        """The cache entry for a param name (made on first sight), or NULL when it does not fit."""
         cdef uint64_t h
         cdef size_t i, probe
         cdef KeyEntry *e
-        if n < KEY_MAX_LEN:
-            h = fnv1a(name, n)
-            i = h & (KEY_CACHE_SIZE - 1)
-            for probe in range(8):
-                e = &self.keys[(i + probe) & (KEY_CACHE_SIZE - 1)]
-                if e.hash == h and e.length == n and memcmp(e.name, name, n) == 0:
-                    kind[0] = e.kind
-                    return <object>e.key
-                if e.hash == 0:
-                    key = PyUnicode_DecodeLatin1(<char *>name, n, NULL)
-                    e.hash = h
-                    e.length = n
-                    memcpy(e.name, name, n)
-                    e.kind = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>name, n), K_PLAIN)
-                    Py_INCREF(key)
-                    e.key = <PyObject *>key
-                    kind[0] = e.kind
-                    return key
-        kind[0] = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>name, n), K_PLAIN)
-        return PyUnicode_DecodeLatin1(<char *>name, n, NULL)
+        if n >= KEY_MAX_LEN:
+            return NULL
+        h = key_hash(name, n)
+        i = h & (KEY_CACHE_SIZE - 1)
+        for probe in range(8):
+            e = &self.keys[(i + probe) & (KEY_CACHE_SIZE - 1)]
+            if e.hash == h and e.length == n and memcmp(e.name, name, n) == 0:
+                return e
+            if e.hash == 0:
+                # Interned, so it is the very object the environ template and the app's own string
+                # literals use: dict lookups then match on identity without comparing text.
+                key = sys.intern(PyUnicode_DecodeLatin1(<char *>name, n, NULL))
+                e.kind = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>name, n), K_PLAIN)
+                e.hash = h
+                e.length = n
+                memcpy(e.name, name, n)
+                Py_INCREF(key)
+                e.key = <PyObject *>key
+                return e
+        return NULL
+
+    cdef inline object value_for(self, KeyEntry *e, const uint8_t *value, size_t n):
+        """The str for a param value, shared with the last request when the bytes are the same."""
+        if e.value_str != NULL and e.value_length == n and memcmp(e.value, value, n) == 0:
+            return <object>e.value_str
+        text = PyUnicode_DecodeLatin1(<char *>value, n, NULL)
+        if n <= VALUE_MAX_LEN:
+            if e.value_str != NULL:
+                Py_DECREF(<object>e.value_str)
+            Py_INCREF(text)
+            e.value_str = <PyObject *>text
+            e.value_length = n
+            memcpy(e.value, value, n)
+        return text
 
     cdef object build_environ(self, Connection c, InputStream stream):
         """The WSGI environ from the PARAMS bytes: None (connection marked broken) when malformed."""
@@ -865,6 +924,8 @@ cdef class Worker:
         cdef int kind
         cdef const uint8_t *base = self.pbuf
         cdef dict env = PyDict_Copy(self.template)
+        cdef KeyEntry *e
+        cdef size_t index = 0
         cdef int64_t content_length = -1
         cdef size_t i
         memset(self.vseen, 0, sizeof(self.vseen))
@@ -873,7 +934,18 @@ cdef class Worker:
             if rc < 0:
                 self.malformed(c, "truncated name/value pair in PARAMS")
                 return None
-            key = self.key_for(base + pos + noff, nlen, &kind)
+            e = self.key_order[index] if index < PREDICTED_PARAMS else NULL
+            if e == NULL or e.length != nlen or memcmp(e.name, base + pos + noff, nlen) != 0:
+                e = self.entry_for(base + pos + noff, nlen)
+                if index < PREDICTED_PARAMS:
+                    self.key_order[index] = e
+            index += 1
+            if e != NULL:
+                key = <object>e.key
+                kind = e.kind
+            else:
+                key = PyUnicode_DecodeLatin1(<char *>base + pos + noff, nlen, NULL)
+                kind = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>base + pos + noff, nlen), K_PLAIN)
             if kind != K_PLAIN:
                 self.vseen[kind] = True
                 self.voff[kind] = pos + voff
@@ -884,7 +956,10 @@ cdef class Worker:
                 if (kind == K_CONTENT_TYPE or kind == K_CONTENT_LENGTH) and vlen == 0:
                     pos += rc
                     continue  # PEP 3333: absent rather than empty
-            PyDict_SetItem(env, key, PyUnicode_DecodeLatin1(<char *>base + pos + voff, vlen, NULL))
+            if e != NULL:
+                PyDict_SetItem(env, key, self.value_for(e, base + pos + voff, vlen))
+            else:
+                PyDict_SetItem(env, key, PyUnicode_DecodeLatin1(<char *>base + pos + voff, vlen, NULL))
             pos += rc
         if self.vseen[K_CONTENT_LENGTH] and self.vlen[K_CONTENT_LENGTH]:
             content_length = 0
@@ -1039,8 +1114,7 @@ cdef class Worker:
             return 0
         if c.rstart == c.rend:
             c.rstart = c.rend = 0
-        with nogil:
-            n = recv(c.fd, c.rbuf + c.rend, RBUF_SIZE - c.rend, MSG_DONTWAIT)
+        n = recv(c.fd, c.rbuf + c.rend, RBUF_SIZE - c.rend, MSG_DONTWAIT)
         if n == 0:
             c.broken = True
             raise RequestAborted("the web server closed the connection")
@@ -1065,13 +1139,18 @@ cdef class Worker:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response() called a second time without exc_info")
-        if type(status) is not str or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+        cdef const uint8_t *p
+        if (type(status) is not str or PyUnicode_KIND(status) != PyUnicode_1BYTE_KIND
+                or PyUnicode_GET_LENGTH(status) < 4):
             raise ValueError(f"invalid WSGI status {status!r}")
+        p = <const uint8_t *>PyUnicode_DATA(status)
+        if not (c'1' <= p[0] <= c'9' and c'0' <= p[1] <= c'9' and c'0' <= p[2] <= c'9' and p[3] == c' '):
+            raise ValueError(f"invalid WSGI status {status!r}: expected three digits and a space first")
         if type(headers) is not list:
             raise TypeError(f"response headers must be a list, not {type(headers).__name__}")
         self.status = status
         self.headers = headers
-        self.status_code = int(status[:3])
+        self.status_code = (p[0] - c'0') * 100 + (p[1] - c'0') * 10 + (p[2] - c'0')
         return self.write_cb
 
     def write(self, data):
@@ -1249,7 +1328,7 @@ cdef class Worker:
             else:
                 self.log_exception(f"the application failed for {self.describe(env)}")
         finally:
-            if result is not None and hasattr(result, "close"):
+            if result is not None and type(result) is not list and hasattr(result, "close"):
                 try:
                     result.close()
                 except Exception:

@@ -161,7 +161,8 @@ def request(args: argparse.Namespace) -> int:
         extra[name] = value
     try:
         address = parse_address(args.address)
-        params = build_params(method, path, query, headers, len(body), extra)
+        # No body: an empty CONTENT_LENGTH, as nginx sends for a GET.
+        params = build_params(method, path, query, headers, len(body) if body else None, extra)
         with FastCGIClient(address, timeout=args.timeout) as client:
             response = client.request(params, body)
     except (OSError, FastCGIError, ValueError) as exc:
@@ -170,7 +171,7 @@ def request(args: argparse.Namespace) -> int:
     if response.stderr:
         sys.stderr.buffer.write(response.stderr)
     if args.include:
-        sys.stdout.write(f"Status: {response.status}\r\n")
+        sys.stdout.write(f"Status: {response.status} {response.reason}\r\n")
         for name, value in response.headers:
             sys.stdout.write(f"{name}: {value}\r\n")
         sys.stdout.write("\r\n")
