@@ -284,6 +284,7 @@ cdef enum:
     K_REQUEST_METHOD
     K_QUERY_STRING
     K_SCRIPT_FILENAME
+    K_DROP
     K_COUNT
 
 cdef enum:
@@ -307,6 +308,9 @@ _SPECIAL_KEYS = {
     b"SCRIPT_NAME": K_SCRIPT_NAME, b"PATH_INFO": K_PATH_INFO, b"HTTPS": K_HTTPS,
     b"REQUEST_SCHEME": K_REQUEST_SCHEME, b"REQUEST_METHOD": K_REQUEST_METHOD,
     b"QUERY_STRING": K_QUERY_STRING, b"SCRIPT_FILENAME": K_SCRIPT_FILENAME,
+    # nginx passes every request header as HTTP_*, Content-Type and Content-Length included, but
+    # CGI (RFC 3875 4.1.18) and PEP 3333 carry those two only as CONTENT_TYPE/CONTENT_LENGTH.
+    b"HTTP_CONTENT_TYPE": K_DROP, b"HTTP_CONTENT_LENGTH": K_DROP,
 }
 
 
@@ -328,6 +332,7 @@ cdef inline uint64_t key_hash(const uint8_t *p, size_t n) noexcept nogil:
 
 
 cdef enum:
+    MAX_KEPT = 64           # idle kept-alive connections one worker holds at most
     PREDICTED_PARAMS = 64
     ENVIRON_ROOM = 64       # entries an environ holds without growing (nginx sends about 30 params)
     RBUF_SIZE = 131072      # holds the largest record (8 + 65535 + 255 bytes) twice over
@@ -347,7 +352,10 @@ cdef class Connection:
     cdef int request_id
     cdef bint keep_conn
     cdef bint broken          # malformed input or I/O error: close without further ado
+    cdef bint logged          # the reason for closing is already in the log
     cdef bint in_request
+    cdef bint fresh           # accepted just now (counted in the slot's accepted_conn)
+    cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
     # request body (FCGI_STDIN) streaming state
     cdef size_t stdin_left    # content bytes left in the current STDIN record
     cdef size_t stdin_pad     # padding bytes left after it
@@ -372,6 +380,7 @@ cdef class Connection:
         self.request_id = 0
         self.keep_conn = False
         self.broken = False
+        self.logged = False
         self.in_request = False
 
 
@@ -397,20 +406,24 @@ cdef class InputStream:
                 chunks.append(PyBytes_FromStringAndSize(<char *>ptr, n))
             return b"".join(chunks)
         want = size
-        out = PyBytes_FromStringAndSize(NULL, want)
+        if want <= 65536:
+            out = PyBytes_FromStringAndSize(NULL, want)
+            while got < want:
+                n = self.worker.stdin_next(self.conn, want - got, &ptr, False)
+                if n == 0:
+                    break
+                memcpy(PyBytes_AS_STRING(out) + got, ptr, n)
+                got += n
+            return out if got == want else out[:got]
+        # A large n (read(2**31) meaning "everything") must not allocate n bytes up front.
+        chunks = []
         while got < want:
-            n = self.worker.stdin_next(self.conn, want - got, &ptr, False)
+            n = self.worker.stdin_next(self.conn, min(want - got, 65536), &ptr, False)
             if n == 0:
                 break
-            memcpy(PyBytes_AS_STRING(out) + got, ptr, n)
+            chunks.append(PyBytes_FromStringAndSize(<char *>ptr, n))
             got += n
-        if got < want:
-            raw = <PyObject *>out
-            Py_INCREF(out)
-            _PyBytes_Resize(&raw, got)
-            out = <bytes>raw
-            Py_DECREF(out)
-        return out
+        return b"".join(chunks)
 
     def readline(self, size=-1):
         """Read one line, up to size bytes."""
@@ -497,6 +510,7 @@ cdef class Worker:
     cdef int status_code
     cdef Connection conn
     cdef Connection spare
+    cdef list kept                   # idle kept-alive connections, oldest first
 
     def __cinit__(self):
         self.wbuf = <uint8_t *>malloc(WBUF_INITIAL)
@@ -549,6 +563,7 @@ cdef class Worker:
         self.mount_bytes = self.mount.encode("latin-1")
         self.max_requests = max_requests
         self.rec_start = NO_RECORD
+        self.kept = []
         self.start_response_cb = self.start_response
         self.write_cb = self.write
         limit = str(max_conns).encode()
@@ -631,43 +646,135 @@ cdef class Worker:
     # ------------------------------------------------------------------ the loop
 
     def serve(self):
-        """Accept and serve connections until stopping is set or max_requests is reached."""
+        """Accept and serve connections until stopping is set or max_requests is reached.
+
+        The listen socket is non-blocking (fastfpm.worker sets it), so one poll() can wait on it
+        and on the kept-alive connections this worker holds idle: a kept connection with no
+        request on it does not pin the worker while others wait (php-fpm's workers stay stuck on
+        theirs until the web server sends something or closes).
+        """
+        cdef Connection conn
+        try:
+            while not self.stopping and (self.max_requests == 0 or self.served < self.max_requests):
+                self.sb_idle()
+                conn = self.next_ready()
+                if conn is None:
+                    continue
+                self.conn = conn
+                try:
+                    self.serve_connection(conn)
+                except BaseException:
+                    self.discard(conn)
+                    raise
+                finally:
+                    self.conn = None
+                if (conn.keep_conn and not conn.broken and not self.stopping
+                        and (self.max_requests == 0 or self.served < self.max_requests)):
+                    self.keep(conn)
+                else:
+                    self.discard(conn)
+        finally:
+            while self.kept:
+                self.discard(self.kept.pop())
+        return "stopping" if self.stopping else "max_requests"
+
+    cdef void discard(self, Connection conn) noexcept:
+        """Close a connection and keep its buffers for the next one."""
+        if conn.fd >= 0:
+            close(conn.fd)
+            conn.fd = -1
+        self.spare = conn
+
+    cdef int keep(self, Connection conn) except -1:
+        """Hold a kept-alive connection idle until its next request or its idle timeout."""
+        cdef Connection oldest
+        conn.idle_deadline_ns = mono_ns() + <int64_t>self.idle_timeout_ms * 1000000
+        if len(self.kept) >= MAX_KEPT:
+            # The web server's pool is larger than we hold: let go of the longest idle one.
+            oldest = self.kept.pop(0)
+            self.discard(oldest)
+        self.kept.append(conn)
+        return 0
+
+    cdef Connection accept_one(self):
+        """accept() once on the non-blocking listen socket: a new connection, or None."""
         cdef int fd, err
         cdef Connection conn
-        while not self.stopping and (self.max_requests == 0 or self.served < self.max_requests):
-            self.sb_idle()
-            with nogil:
-                fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
-            if fd < 0:
-                err = errno
-                if err == EINTR:
-                    PyErr_CheckSignals()
-                elif err == EAGAIN:  # EWOULDBLOCK is the same value on Linux
-                    self.wait_readable(self.listen_fd, 1000)
-                elif err == ECONNABORTED:
-                    pass
-                elif err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
-                    # Out of descriptors or memory: say so once per burst and back off, as nginx does,
-                    # rather than spinning on a listen socket that stays readable.
-                    self.log("error", f"accept() failed: {OSError(err, '').strerror}; pausing 100 ms")
-                    with nogil:
-                        poll(NULL, 0, 100)
-                else:
-                    raise OSError(err, "accept() failed")
-                continue
+        fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+        if fd >= 0:
             conn = self.spare if self.spare is not None else Connection()
             self.spare = None
             conn.reset(fd)
-            self.conn = conn
-            try:
-                self.serve_connection(conn)
-            finally:
-                if conn.fd >= 0:
-                    close(conn.fd)
-                    conn.fd = -1
-                self.conn = None
-                self.spare = conn
-        return "stopping" if self.stopping else "max_requests"
+            conn.fresh = True
+            return conn
+        err = errno
+        if err == EINTR:
+            PyErr_CheckSignals()
+        elif err == EAGAIN or err == ECONNABORTED:  # another worker was quicker, or the peer left
+            pass
+        elif err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+            # Out of descriptors or memory: say so and back off, as nginx does, rather than
+            # spinning on a listen socket that stays readable.
+            self.log("error", f"accept() failed: {OSError(err, '').strerror}; pausing 100 ms")
+            with nogil:
+                poll(NULL, 0, 100)
+        else:
+            raise OSError(err, "accept() failed")
+        return None
+
+    cdef Connection next_ready(self):
+        """The next connection with something to read: a new one, or a kept one whose next request
+        has arrived. None when a signal, a timeout or a lost accept() race woke us up instead."""
+        cdef Connection conn
+        cdef pollfd fds[MAX_KEPT + 1]
+        cdef Py_ssize_t i, n = len(self.kept)
+        cdef int rc, timeout_ms = -1
+        cdef int64_t now, wait_ns
+        if n == 0:
+            # Nothing kept: under load a connection is usually queued already, so try accept()
+            # before paying for poll().
+            conn = self.accept_one()
+            if conn is not None:
+                return conn
+        else:
+            now = mono_ns()
+            for i in range(n):
+                conn = self.kept[i]
+                wait_ns = conn.idle_deadline_ns - now
+                if wait_ns < 0:
+                    wait_ns = 0
+                if timeout_ms < 0 or wait_ns // 1000000 + 1 < timeout_ms:
+                    timeout_ms = <int>(wait_ns // 1000000 + 1)
+        fds[0].fd = self.listen_fd
+        fds[0].events = POLLIN
+        fds[0].revents = 0
+        for i in range(n):
+            fds[i + 1].fd = (<Connection>self.kept[i]).fd
+            fds[i + 1].events = POLLIN
+            fds[i + 1].revents = 0
+        with nogil:
+            rc = poll(fds, n + 1, timeout_ms)
+        if rc < 0:
+            if errno != EINTR:
+                raise OSError(errno, "poll() failed")
+            PyErr_CheckSignals()
+            return None
+        # Kept connections first: their requests were sent to us specifically, and serving them
+        # keeps the web server's pool warm. Idle ones past their deadline are closed.
+        if n:
+            now = mono_ns()
+            for i in range(n - 1, -1, -1):
+                conn = self.kept[i]
+                if fds[i + 1].revents:
+                    del self.kept[i]
+                    conn.fresh = False
+                    return conn
+                if conn.idle_deadline_ns <= now:
+                    del self.kept[i]
+                    self.discard(conn)
+        if fds[0].revents:
+            return self.accept_one()
+        return None
 
     cdef int wait_readable(self, int fd, int timeout_ms) except -2:
         """poll() one fd for input: 1 readable, 0 timed out."""
@@ -749,17 +856,20 @@ cdef class Worker:
 
     cdef void malformed(self, Connection c, str why) noexcept:
         c.broken = True
+        c.logged = True
         try:
             self.log("warning", f"closing a FastCGI connection: {why}")
         except BaseException:
             pass
 
     cdef int serve_connection(self, Connection c) except -1:
+        """Serve the requests that have arrived on c; c.keep_conn says whether to keep it after."""
         cdef int rc
-        cdef bint first = True
+        cdef bint first = c.fresh
         while True:
             rc = self.read_request_head(c, first)
             if rc <= 0:
+                c.keep_conn = False
                 return 0
             first = False
             self.handle_request(c)
@@ -769,10 +879,11 @@ cdef class Worker:
                 return 0
             if self.max_requests and self.served >= self.max_requests:
                 return 0
-            # A worker waiting on a kept-alive connection counts as idle, as in php-fpm.
-            self.sb_idle()
+            if c.rend == c.rstart:
+                return 0  # nothing more buffered: back to the idle set until the next request
+            # The web server already sent the next request (pipelined): serve it now.
 
-    cdef int management_record(self, Connection c, fcgi_header *hdr, const uint8_t *content) except -1:
+    cdef int management_record(self, Connection c, fcgi_header *hdr, const uint8_t *content) except -2:
         """Answer a record with request id 0: GET_VALUES, or UNKNOWN_TYPE for anything else."""
         cdef size_t pos = 0, noff, nlen, voff, vlen
         cdef long rc
@@ -795,7 +906,7 @@ cdef class Worker:
         self.send_small(c, encode_get_values_result(answer))
         return 0
 
-    cdef int read_request_head(self, Connection c, bint first) except -1:
+    cdef int read_request_head(self, Connection c, bint first) except -2:
         """Read records up to the end of PARAMS: 1 a request is ready, 0 close quietly, -1 close."""
         cdef fcgi_header hdr
         cdef long rc
@@ -850,6 +961,10 @@ cdef class Worker:
                     continue
                 begun = True
                 c.request_id = hdr.request_id
+                continue
+            if hdr.type == FCGI_ABORT_REQUEST and not begun:
+                # The web server gave up on a request we had already finished: the two crossed on
+                # the wire, which is no protocol error. Nothing is left to end.
                 continue
             if not begun or hdr.request_id != c.request_id:
                 self.malformed(c, f"record type {hdr.type} for unknown request id {hdr.request_id}")
@@ -946,6 +1061,9 @@ cdef class Worker:
             else:
                 key = PyUnicode_DecodeLatin1(<char *>base + pos + noff, nlen, NULL)
                 kind = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>base + pos + noff, nlen), K_PLAIN)
+            if kind == K_DROP:
+                pos += rc
+                continue
             if kind != K_PLAIN:
                 self.vseen[kind] = True
                 self.voff[kind] = pos + voff
@@ -1106,25 +1224,35 @@ cdef class Worker:
 
 
     cdef int check_abort(self, Connection c) except -1:
-        """Between streamed chunks: notice an ABORT_REQUEST or a closed connection without waiting."""
+        """Between streamed chunks: notice an ABORT_REQUEST or a closed connection without waiting.
+
+        Records after the body the app has not read yet are scanned without being consumed, so
+        an app that streams its response without reading the body can still be stopped.
+        """
         cdef ssize_t n
         cdef fcgi_header hdr
         cdef long rc
-        if not c.stdin_done or c.rend - c.rstart >= RBUF_SIZE // 2:
-            return 0
-        if c.rstart == c.rend:
-            c.rstart = c.rend = 0
-        n = recv(c.fd, c.rbuf + c.rend, RBUF_SIZE - c.rend, MSG_DONTWAIT)
-        if n == 0:
-            c.broken = True
-            raise RequestAborted("the web server closed the connection")
-        if n > 0:
-            c.rend += n
-        rc = fcgi_parse_record(c.rbuf + c.rstart, c.rend - c.rstart, &hdr)
-        if rc > 0 and hdr.type == FCGI_ABORT_REQUEST and hdr.request_id == c.request_id:
-            c.rstart += rc
-            self.aborted = True
-            raise RequestAborted("the web server aborted the request")
+        cdef size_t pos
+        if c.rstart > 0 and c.rend - c.rstart < RBUF_SIZE // 2:
+            memmove(c.rbuf, c.rbuf + c.rstart, c.rend - c.rstart)
+            c.rend -= c.rstart
+            c.rstart = 0
+        if c.rend < RBUF_SIZE:
+            n = recv(c.fd, c.rbuf + c.rend, RBUF_SIZE - c.rend, MSG_DONTWAIT)
+            if n == 0:
+                c.broken = True
+                raise RequestAborted("the web server closed the connection")
+            if n > 0:
+                c.rend += n
+        pos = c.rstart + c.stdin_left + c.stdin_pad
+        while pos < c.rend:
+            rc = fcgi_parse_record(c.rbuf + pos, c.rend - pos, &hdr)
+            if rc <= 0:
+                break
+            if hdr.type == FCGI_ABORT_REQUEST and hdr.request_id == c.request_id:
+                self.aborted = True
+                raise RequestAborted("the web server aborted the request")
+            pos += rc
         return 0
 
     # ------------------------------------------------------------------ response
@@ -1317,7 +1445,8 @@ cdef class Worker:
         except (RequestAborted, ConnectionLost) as exc:
             failed = True
             if not self.aborted:
-                self.log("warning", f"request {self.describe(env)} ended early: {exc}")
+                if not c.logged:
+                    self.log("warning", f"request {self.describe(env)} ended early: {exc}")
                 c.broken = True
         except Exception:
             failed = True
@@ -1343,13 +1472,18 @@ cdef class Worker:
             self.out_stdout(<const uint8_t *>PyBytes_AS_STRING(STATUS_500), PyBytes_GET_SIZE(STATUS_500))
         elif not failed and not self.headers_sent:
             self.emit_head()  # an empty body
+        if self.aborted:
+            # Unread body and the ABORT record may still sit in the buffer; the connection has
+            # no clean next-request boundary, so it ends after END_REQUEST.
+            c.keep_conn = False
         self.sb_finishing()
         try:
             self.end_request(c, 0)
         except ConnectionLost as exc:
             self.log("warning", f"request {self.describe(env)} ended early: {exc}")
             return 0
-        self.drain_body(c)
+        if not self.aborted:
+            self.drain_body(c)
         return 0
 
     cdef int drain_body(self, Connection c) except -1:
