@@ -96,6 +96,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         except BaseException:
             log.exception(f"importing the application {pool.app!r} failed")
             os._exit(EXIT_BOOT_ERROR)
+        # Non-blocking, so the loop can wait on it and its kept-alive connections in one poll().
+        os.set_blocking(listen_fd, False)
         worker = Worker(
             listen_fd, app, environ_template=environ_template(pool), log=log.log,
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
