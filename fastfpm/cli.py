@@ -58,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"number of workers (default: two per CPU, here {default_max_children()})")
     serve.add_argument("--max-requests", type=int, default=0, metavar="N",
                        help="recycle a worker after N requests (default: 0, never)")
-    serve.add_argument("--chdir", metavar="DIR", help="change to DIR before loading the app; DIR is on sys.path")
+    serve.add_argument("--chdir", metavar="DIR",
+                       help="change to DIR before loading the app; DIR is on sys.path")
     serve.add_argument("--mount", default="", metavar="PREFIX",
                        help="serve the app under PREFIX: SCRIPT_NAME=PREFIX, PATH_INFO=the rest")
     serve.add_argument("--idle-timeout", type=float, default=5.0, metavar="SECONDS",
                        help="close a connection that sends no request for this long (default: %(default)s)")
     serve.add_argument("--max-params-size", type=int, default=65536, metavar="BYTES",
                        help="largest total size of a request's FastCGI params (default: %(default)s)")
-    serve.add_argument("--log-level", default="notice", choices=["alert", "error", "warning", "notice", "debug"],
+    serve.add_argument("--log-level", default="notice",
+                       choices=["alert", "error", "warning", "notice", "debug"],
                        help="least severe level written to the error log (default: %(default)s)")
     serve.add_argument("--error-log", metavar="FILE", help="append the log to FILE (default: stderr)")
     serve.add_argument("-R", "--allow-to-run-as-root", action="store_true", dest="allow_root",
@@ -76,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send one request to a FastCGI server and print the response; the exit status is 0 "
                     "for a 2xx or 3xx response, 1 otherwise.")
     request.add_argument("address", metavar="ADDR", help="127.0.0.1:9000, [::1]:9000 or /path/to.sock")
-    request.add_argument("path", nargs="?", default="/", help="request path with an optional ?query (default: /)")
-    request.add_argument("-X", "--method", default=None, help="request method (default: GET, or POST with -d)")
+    request.add_argument("path", nargs="?", default="/",
+                         help="request path with an optional ?query (default: /)")
+    request.add_argument("-X", "--method", default=None,
+                         help="request method (default: GET, or POST with -d)")
     request.add_argument("-d", "--data", help="request body, or @FILE to send a file's contents")
     request.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
                          help="a request header (repeatable)")

@@ -22,8 +22,8 @@ def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
     _requests_served += 1
     body_length = len(environ["wsgi.input"].read())
     rows = "\n".join(
-        f"<tr><th>{html.escape(key)}</th><td>{html.escape(repr(value) if not isinstance(value, str) else value)}"
-        f"</td></tr>"
+        f"<tr><th>{html.escape(key)}</th>"
+        f"<td>{html.escape(value if isinstance(value, str) else repr(value))}</td></tr>"
         for key, value in sorted(environ.items())
     )
     page = f"""<!doctype html>
@@ -41,7 +41,8 @@ request(s). Name your own WSGI application to serve it instead:
 </table></body></html>
 """
     data = page.encode("utf-8")
-    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data)))])
+    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                              ("Content-Length", str(len(data)))])
     return [data]
 
 

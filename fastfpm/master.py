@@ -46,7 +46,8 @@ class Pool:
         self.name: str = config.name
         self.log = log
         self.address = parse_address(config.listen)
-        self.socket = create_listen_socket(self.address, backlog=config.listen_backlog, mode=config.listen_mode)
+        self.socket = create_listen_socket(self.address, backlog=config.listen_backlog,
+                                           mode=config.listen_mode)
         self.scoreboard = Scoreboard(config.pm_max_children, config.name)
         self.children: dict[int, Child] = {}
 
@@ -67,7 +68,8 @@ class Pool:
 class Master:
     """The arbiter: start pools, keep them at size, stop on signals."""
 
-    def __init__(self, pool_configs: list[Any], log: ErrorLog, *, process_control_timeout: float = 0.0) -> None:
+    def __init__(self, pool_configs: list[Any], log: ErrorLog, *,
+                 process_control_timeout: float = 0.0) -> None:
         self.log = log
         self.process_control_timeout = process_control_timeout
         self.pools: list[Pool] = []
@@ -211,6 +213,9 @@ class Master:
             self.log.error(f"[pool {pool.name}] no free scoreboard slot; not spawning")
             return
         close_in_child = (self.wake_r, self.wake_w, *(p.socket.fileno() for p in self.pools if p is not pool))
+        # The slot is claimed before fork: a quick child may write "Idle" before the parent runs
+        # again, and claiming afterwards would overwrite that with "Starting" for good.
+        pool.scoreboard.claim(slot, 0)
         # Block signals across fork so none reaches the child before it has reset its handlers.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
         try:
@@ -218,7 +223,7 @@ class Master:
             if pid == 0:
                 run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot, self.log,
                            close_in_child)
-            pool.scoreboard.claim(slot, pid)
+            pool.scoreboard.set_pid(slot, pid)
             pool.children[pid] = Child(pid, slot)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

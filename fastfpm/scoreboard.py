@@ -92,7 +92,7 @@ class Scoreboard:
         self._slots = lib.ffpm_slots(self._base)
 
     def claim(self, index: int, pid: int, generation: int = 0) -> None:
-        """Give slot `index` to a new worker (called by the master right after fork)."""
+        """Give slot `index` to a new worker (called by the master before fork)."""
         slot = self._slots[index]
         ffi.memmove(ffi.addressof(slot), b"\0" * ffi.sizeof("ffpm_slot"), ffi.sizeof("ffpm_slot"))
         slot.pid = pid
@@ -100,6 +100,10 @@ class Scoreboard:
         slot.stage = lib.FFPM_STAGE_STARTING
         slot.started_wall = int(time.time())
         slot.content_length = -1
+
+    def set_pid(self, index: int, pid: int) -> None:
+        """Record the pid of the worker forked into a claimed slot (only the master writes it)."""
+        self._slots[index].pid = pid
 
     def release(self, index: int) -> None:
         """Mark slot `index` free once its worker has been reaped."""
@@ -110,7 +114,7 @@ class Scoreboard:
     def free_index(self) -> int | None:
         """The first free slot, or None when every slot is taken."""
         for index in range(self.nslots):
-            if self._slots[index].stage == lib.FFPM_STAGE_FREE and self._slots[index].pid == 0:
+            if self._slots[index].stage == lib.FFPM_STAGE_FREE:
                 return index
         return None
 
