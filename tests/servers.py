@@ -1,0 +1,551 @@
+"""Real processes for the end-to-end tests: a fastfpm master, an nginx in front of it, an HTTP client.
+
+Everything here starts real subprocesses on unix sockets inside a temporary directory or on
+ephemeral 127.0.0.1 ports, so parallel test runs never clash. Processes are started in their own
+process group and stopped by pid (never by name). `RUNNING` lists what is alive right now, so the
+conftest hook can attach the logs of every running server to a failing test's report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = "NOTICE: ready to handle connections"
+NGINX_MISSING = "nginx is not installed (apt-get install nginx); the end-to-end tests need it"
+
+# Servers and nginx instances alive right now (appended on start, removed on stop).
+RUNNING: list[FastFPMServer | Nginx] = []
+
+
+def free_port() -> int:
+    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll predicate until it returns something truthy (returned), or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {message}")
+        time.sleep(interval)
+
+
+def child_pids(parent: int) -> list[int]:
+    """Pids of the live processes whose parent is `parent`, read from /proc/*/stat."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces or parentheses itself.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        state, ppid = fields[0], int(fields[1])
+        if ppid == parent and state != b"Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM (peak resident set size) of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def _tail(path: Path, limit: int = 20000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int | None:
+    """Send sig to proc, wait up to timeout, then SIGKILL its whole process group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever is left of the group (workers of a master that died, say) goes too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    return proc.returncode
+
+
+class FastFPMServer:
+    """`python -m fastfpm serve APP` as a subprocess, listening on a unix socket or a TCP port."""
+
+    def __init__(self, app: str, workdir: Path, transport: str = "unix", max_children: int = 2,
+                 extra_args: Iterable[str] = (), ready_timeout: float = 15.0) -> None:
+        if transport not in ("unix", "tcp"):
+            raise ValueError(f"transport must be 'unix' or 'tcp', not {transport!r}")
+        self.app = app
+        self.workdir = workdir
+        self.transport = transport
+        self.max_children = max_children
+        self.extra_args = list(extra_args)
+        self.ready_timeout = ready_timeout
+        self.log_path = workdir / "fastfpm.log"
+        if transport == "unix":
+            self.socket_path: Path | None = workdir / "fpm.sock"
+            self.port: int | None = None
+            self.address = str(self.socket_path)
+        else:
+            self.socket_path = None
+            self.port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The master's pid."""
+        assert self.proc is not None, "the server was not started"
+        return self.proc.pid
+
+    @property
+    def nginx_pass(self) -> str:
+        """The address as nginx's fastcgi_pass (and upstream `server`) spells it."""
+        return f"unix:{self.socket_path}" if self.socket_path else self.address
+
+    def command(self) -> list[str]:
+        """The command line that starts the server."""
+        app = [self.app] if self.app else []  # no app: the built-in demo
+        return [sys.executable, "-m", "fastfpm", "serve", *app, "--listen", self.address,
+                "--max-children", str(self.max_children), "-R", *self.extra_args]
+
+    def start(self) -> FastFPMServer:
+        """Start the master and wait until its log says every worker is accepting."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONFAULTHANDLER"] = "1"  # a crashing worker leaves its Python stack in the log
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, start_new_session=True)
+        RUNNING.append(self)
+        try:
+            wait_until(self._ready, self.ready_timeout, interval=0.02, message=repr(READY_LINE))
+        except BaseException as exc:
+            self.stop()
+            raise RuntimeError(f"fastfpm did not become ready ({exc}); command: {self.command()}\n"
+                               f"--- log ---\n{self.log_text()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        if READY_LINE in self.log_text():
+            return True
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"fastfpm exited with status {self.proc.returncode}")
+        return False
+
+    def log_text(self) -> str:
+        """The whole error log so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_size(self) -> int:
+        """Bytes in the error log so far (a mark for log_since)."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, mark: int) -> str:
+        """The log written after mark (from log_size())."""
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
+
+    def wait_for_log(self, needle: str, mark: int = 0, timeout: float = 5.0) -> str:
+        """Poll until needle appears in the log after mark; return the log after mark."""
+        def found() -> str:
+            text = self.log_since(mark)
+            return text if needle in text else ""
+
+        return wait_until(found, timeout, message=f"{needle!r} in the fastfpm log")
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the master's live children."""
+        return child_pids(self.pid)
+
+    def settled_workers(self, timeout: float = 10.0) -> list[int]:
+        """Wait until all max_children workers are alive (a respawn may be under way); their pids."""
+        def complete() -> list[int]:
+            pids = self.worker_pids()
+            return pids if len(pids) == self.max_children else []
+
+        return wait_until(complete, timeout, message=f"{self.max_children} workers")
+
+    def signal(self, sig: int) -> None:
+        """Send sig to the master."""
+        os.kill(self.pid, sig)
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        """A plain socket connected to the listen address (for raw FastCGI records)."""
+        if self.socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = str(self.socket_path)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = ("127.0.0.1", self.port)
+        sock.settimeout(timeout)
+        sock.connect(target)
+        return sock
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the master, wait, then SIGKILL whatever is left of its process group."""
+        if self in RUNNING:
+            RUNNING.remove(self)
+        if self.proc is None:
+            return None
+        return _stop_process(self.proc, signal.SIGTERM, timeout)
+
+    def describe(self) -> str:
+        """A title for failure reports."""
+        return f"fastfpm {self.app} on {self.address} ({self.log_path})"
+
+    def report_text(self) -> str:
+        """The log for a failure report."""
+        return _tail(self.log_path)
+
+
+NGINX_CONF = """\
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+
+events {{
+    worker_connections 512;
+}}
+
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body_temp;
+    fastcgi_temp_path {prefix}/fastcgi_temp;
+    proxy_temp_path {prefix}/proxy_temp;
+    uwsgi_temp_path {prefix}/uwsgi_temp;
+    scgi_temp_path {prefix}/scgi_temp;
+    client_max_body_size 200m;
+    fastcgi_connect_timeout 5s;
+    fastcgi_send_timeout 20s;
+    fastcgi_read_timeout 20s;
+
+    upstream fastfpm_keepalive {{
+        server {backend};
+        keepalive 8;
+    }}
+
+    # One FastCGI connection per request (nginx's default).
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+        location / {{
+            include /etc/nginx/fastcgi_params;
+            fastcgi_pass {backend};
+        }}
+    }}
+
+    # Kept-alive FastCGI connections from an upstream pool.
+    server {{
+        listen 127.0.0.1:{keepalive_port};
+        server_name localhost;
+        location / {{
+            include /etc/nginx/fastcgi_params;
+            fastcgi_keep_conn on;
+            fastcgi_pass fastfpm_keepalive;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str:
+    """The nginx binary; skip the test if it is missing, or fail when CI is set."""
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail(NGINX_MISSING + " (CI is set, so they may not be skipped)", pytrace=False)
+    pytest.skip(NGINX_MISSING)
+
+
+class Nginx:
+    """An nginx in front of one fastfpm backend, with stock fastcgi_params.
+
+    `port` passes each request over a fresh FastCGI connection; `keepalive_port` goes through an
+    upstream pool with `keepalive 8` and `fastcgi_keep_conn on`.
+    """
+
+    def __init__(self, binary: str, workdir: Path, backend: str) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.backend = backend
+        self.port = free_port()
+        self.keepalive_port = free_port()
+        while self.keepalive_port == self.port:
+            self.keepalive_port = free_port()
+        self.conf_path = workdir / "nginx.conf"
+        self.error_log = workdir / "error.log"
+        self.access_log = workdir / "access.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        """The nginx.conf text."""
+        # A root master hands its workers to `nobody`, who could not reach the 0660 socket or
+        # the temp directories; these tests run as root, so the workers stay root too.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        return NGINX_CONF.format(user=user, prefix=self.workdir, backend=self.backend,
+                                 port=self.port, keepalive_port=self.keepalive_port)
+
+    def start(self, timeout: float = 10.0) -> Nginx:
+        """Write the config, start nginx and wait until both ports accept connections."""
+        self.conf_path.write_text(self.config())
+        with open(self.workdir / "nginx.stderr", "wb") as out:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_path), "-p", str(self.workdir),
+                 "-e", str(self.error_log)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        RUNNING.append(self)
+        try:
+            wait_until(self._listening, timeout, message="nginx to listen")
+        except BaseException as exc:
+            self.stop()
+            raise RuntimeError(f"nginx did not start ({exc})\n--- error log ---\n"
+                               f"{_tail(self.error_log)}\n--- stderr ---\n"
+                               f"{_tail(self.workdir / 'nginx.stderr')}") from None
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with status {self.proc.returncode}")
+        for port in (self.port, self.keepalive_port):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+        return True
+
+    def error_log_text(self) -> str:
+        """nginx's error log so far."""
+        return _tail(self.error_log, limit=10**9)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Fast shutdown (SIGTERM), then SIGKILL of the group if it lingers."""
+        if self in RUNNING:
+            RUNNING.remove(self)
+        if self.proc is None:
+            return None
+        return _stop_process(self.proc, signal.SIGTERM, timeout)
+
+    def describe(self) -> str:
+        """A title for failure reports."""
+        return f"nginx :{self.port}/:{self.keepalive_port} -> {self.backend} ({self.error_log})"
+
+    def report_text(self) -> str:
+        """The error log for a failure report."""
+        return _tail(self.error_log)
+
+
+@dataclass
+class Stack:
+    """fastfpm with nginx in front of it."""
+
+    fpm: FastFPMServer
+    nginx: Nginx
+
+    @property
+    def port(self) -> int:
+        """nginx's port with one FastCGI connection per request."""
+        return self.nginx.port
+
+
+class Launcher:
+    """Starts servers in fresh temporary directories and stops them all in close()."""
+
+    def __init__(self, make_dir: Callable[[str], Path]) -> None:
+        self._make_dir = make_dir
+        self._started: list[FastFPMServer | Nginx] = []
+
+    def fastfpm(self, app: str, transport: str = "unix", max_children: int = 2,
+                extra_args: Iterable[str] = ()) -> FastFPMServer:
+        """Start a fastfpm server (stopped in close())."""
+        server = FastFPMServer(app, self._make_dir("fpm"), transport, max_children, extra_args)
+        self._started.append(server)
+        return server.start()
+
+    def nginx(self, backend: FastFPMServer) -> Nginx:
+        """Start an nginx in front of backend (stopped in close()); skip or fail if nginx is missing."""
+        server = Nginx(nginx_binary(), self._make_dir("nginx"), backend.nginx_pass)
+        self._started.append(server)
+        return server.start()
+
+    def stack(self, app: str, transport: str = "unix", max_children: int = 2,
+              extra_args: Iterable[str] = ()) -> Stack:
+        """nginx in front of a fresh fastfpm."""
+        binary = nginx_binary()  # skip before starting anything when nginx is missing
+        fpm = self.fastfpm(app, transport, max_children, extra_args)
+        web = Nginx(binary, self._make_dir("nginx"), fpm.nginx_pass)
+        self._started.append(web)
+        return Stack(fpm, web.start())
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop everything started, nginx first."""
+        for server in sorted(reversed(self._started), key=lambda s: not isinstance(s, Nginx)):
+            server.stop()
+        self._started.clear()
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+@dataclass
+class HTTPResult:
+    """A complete HTTP response."""
+
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """One header's value (the first, if repeated)."""
+        return self.headers.get(name)
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            raise AssertionError(f"not JSON ({self.status} {self.reason}): {self.body[:2000]!r}") from None
+
+
+def http_connection(port: int, timeout: float = 30.0) -> http.client.HTTPConnection:
+    """An HTTP/1.1 connection to nginx on 127.0.0.1:port (kept alive between requests)."""
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+
+def http_request(port: int | http.client.HTTPConnection, method: str, path: str,
+                 headers: dict[str, str] | None = None, body: bytes | None = None,
+                 timeout: float = 30.0) -> HTTPResult:
+    """One request; port may be an open connection to reuse (keep-alive), which stays open."""
+    own = not isinstance(port, http.client.HTTPConnection)
+    conn = http_connection(port, timeout) if own else port  # type: ignore[arg-type]
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return HTTPResult(resp.status, resp.reason, resp.msg, data)
+    finally:
+        if own:
+            conn.close()
+
+
+def http_get(port: int | http.client.HTTPConnection, path: str,
+             headers: dict[str, str] | None = None) -> HTTPResult:
+    """GET path."""
+    return http_request(port, "GET", path, headers)
+
+
+def http_upload(port: int, path: str, chunks: Iterable[bytes], length: int,
+                headers: dict[str, str] | None = None, timeout: float = 60.0) -> HTTPResult:
+    """POST a body of exactly `length` bytes, sent chunk by chunk as the iterable yields them."""
+    conn = http_connection(port, timeout)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Length", str(length))
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        for chunk in chunks:
+            conn.send(chunk)
+        resp = conn.getresponse()
+        return HTTPResult(resp.status, resp.reason, resp.msg, resp.read())
+    finally:
+        conn.close()
+
+
+@dataclass
+class Download:
+    """A streamed response body, counted and hashed rather than kept."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    size: int
+    sha256: str
+
+
+def http_download(port: int, path: str, chunk_size: int = 1 << 20, timeout: float = 60.0) -> Download:
+    """GET path and hash the body as it streams in, never holding more than chunk_size of it."""
+    conn = http_connection(port, timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := resp.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+        return Download(resp.status, resp.msg, size, digest.hexdigest())
+    finally:
+        conn.close()
+
+
+def random_chunks(total: int, digest: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Random bytes, `total` of them in chunks, fed to digest as they are produced."""
+    left = total
+    while left > 0:
+        chunk = os.urandom(min(chunk_size, left))
+        digest.update(chunk)
+        left -= len(chunk)
+        yield chunk
