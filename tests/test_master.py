@@ -1,0 +1,180 @@
+"""The master's life through real processes: start-up, respawn, signals, refusals, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fastfpm import __version__
+from fastfpm.client import FastCGIClient, build_params
+from tests.servers import REPO_ROOT, Launcher, wait_until
+
+ROUTER = "tests.apps.router:app"
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m fastfpm ARGS` to completion."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "fastfpm", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def get(address: str, path: str, query: str = "", timeout: float = 10):
+    """One GET through the project's client."""
+    with FastCGIClient(address, timeout=timeout) as client:
+        return client.request(build_params("GET", path, query, {}, None, {}))
+
+
+def test_ready_line_comes_after_every_worker_started(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=3)
+    log = server.log_text()
+    assert log.count("started") == 3
+    assert log.index("ready to handle connections") > log.rindex("started")
+    assert len(server.worker_pids()) == 3
+
+
+def test_worker_killed_with_sigkill_is_replaced(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=2)
+    before = server.worker_pids()
+    mark = server.log_size()
+    os.kill(before[0], signal.SIGKILL)
+    log = server.wait_for_log("started", mark)
+    assert f"child {before[0]} exited on signal 9 (SIGKILL)" in log
+    after = wait_until(lambda: len(server.worker_pids()) == 2 and server.worker_pids(), 5,
+                       message="two workers again")
+    assert before[0] not in after and before[1] in after
+    assert get(server.address, "/env").status == 200
+
+
+def test_sigquit_lets_the_request_in_flight_finish(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(get(server.address, "/slow", "seconds=1.5")))
+    thread.start()
+    # Wait until the worker is inside the request before asking it to stop.
+    wait_until(lambda: server_busy(server), 5, message="the slow request to start")
+    server.signal(signal.SIGQUIT)
+    thread.join(10)
+    assert results and results[0].status == 200 and results[0].body.startswith(b"slept 1.5")
+    assert server.proc is not None and server.proc.wait(10) == 0
+    log = server.log_text()
+    assert "Finishing ..." in log and "exited with code 0" in log and "exiting, bye-bye!" in log
+
+
+def server_busy(server) -> bool:
+    """True once the only worker is sleeping inside the app (its wchan shows it waiting)."""
+    pids = server.worker_pids()
+    if not pids:
+        return False
+    with open(f"/proc/{pids[0]}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Blocked in accept() and blocked in sleep() both show S; the syscall tells them apart.
+    with open(f"/proc/{pids[0]}/syscall") as f:
+        syscall = f.read().split()[0]
+    return fields[0] == "S" and syscall not in ("43", "288")  # not accept(2) / accept4(2)
+
+
+def test_sigterm_stops_at_once_and_cuts_requests(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    errors = []
+
+    def slow() -> None:
+        try:
+            errors.append(get(server.address, "/slow", "seconds=30", timeout=20))
+        except Exception as exc:  # the cut request is the point of this test
+            errors.append(exc)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    wait_until(lambda: server_busy(server), 5, message="the slow request to start")
+    workers = server.worker_pids()
+    server.signal(signal.SIGTERM)
+    assert server.proc is not None and server.proc.wait(10) == 0
+    thread.join(10)
+    assert errors and isinstance(errors[0], Exception)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert "Terminating ..." in server.log_text()
+    assert server.socket_path is not None and not server.socket_path.exists()  # socket file removed
+
+
+def test_unix_socket_mode_defaults_to_0660_and_can_be_set(launcher: Launcher) -> None:
+    default = launcher.fastfpm(ROUTER, max_children=1)
+    assert stat.S_IMODE(os.stat(default.socket_path).st_mode) == 0o660
+    relaxed = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--listen-mode", "0666"])
+    assert stat.S_IMODE(os.stat(relaxed.socket_path).st_mode) == 0o666
+
+
+def test_tcp_listen(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, transport="tcp", max_children=1)
+    assert get(server.address, "/env").status == 200
+
+
+def test_max_requests_recycles_workers(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.slow:app", max_children=1, extra_args=["--max-requests", "2"])
+    pids = [get(server.address, "/", "seconds=0").body.split()[-1] for _ in range(4)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
+    assert "exited with code 0" in server.log_text()
+
+
+def test_application_import_error_stops_the_master(tmp_path) -> None:
+    result = run_cli("serve", "no_such_module_here:app", "--listen", str(tmp_path / "s.sock"),
+                     "--max-children", "2", "-R")
+    assert result.returncode == 1
+    assert "no module named 'no_such_module_here'" in result.stderr
+    assert "could not be loaded" in result.stderr
+
+
+def test_address_in_use_is_reported(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, transport="tcp", max_children=1)
+    result = run_cli("serve", ROUTER, "--listen", server.address, "-R")
+    assert result.returncode == 1
+    assert f"cannot listen on {server.address}" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal applies only when started as root")
+def test_refuses_to_run_workers_as_root_without_R(tmp_path) -> None:
+    result = run_cli("serve", ROUTER, "--listen", str(tmp_path / "s.sock"))
+    assert result.returncode == 2
+    assert "--allow-to-run-as-root" in result.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_request_command_prints_the_response(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    result = run_cli("request", server.address, "/env?x=1", "-H", "X-Probe: yes", "-d", "hello",
+                     "--param", "SCRIPT_FILENAME=/srv/app.py")
+    assert result.returncode == 0, result.stderr
+    assert '"QUERY_STRING": "x=1"' in result.stdout
+    assert '"HTTP_X_PROBE": "yes"' in result.stdout
+    assert '"SCRIPT_FILENAME": "/srv/app.py"' in result.stdout
+    assert '"REQUEST_METHOD": "POST"' in result.stdout and '"body_length": 5' in result.stdout
+
+
+def test_request_command_fails_on_5xx_and_on_no_server(launcher: Launcher, tmp_path) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    assert run_cli("request", server.address, "/raise-before").returncode == 1
+    failed = run_cli("request", str(tmp_path / "nobody.sock"), "/")
+    assert failed.returncode == 1 and "failed" in failed.stderr
+
+
+def test_demo_app_is_served_without_an_app(launcher: Launcher) -> None:
+    demo = launcher.fastfpm("", max_children=1)
+    response = get(demo.address, "/hello/world", "a=b")
+    assert response.status == 200
+    assert f"fastfpm {__version__}".encode() in response.body
+    assert b"PATH_INFO" in response.body and b"/hello/world" in response.body
+    assert b"request(s)" in response.body
+    assert f"fastcgi_pass unix:{demo.address}" in demo.log_text()
+
+
+def test_version_and_help() -> None:
+    assert run_cli("--version").stdout.strip() == f"fastfpm {__version__}"
+    helptext = run_cli("serve", "--help").stdout
+    for option in ("--listen", "--max-children", "--chdir", "--log-level", "--pm", "MODULE:CALLABLE"):
+        assert option in helptext

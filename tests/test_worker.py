@@ -1,0 +1,307 @@
+"""The worker's FastCGI behaviour, through real sockets to a real `fastfpm serve` process.
+
+Every rule of issue 2's protocol list has a test here: roles, FCGI_KEEP_CONN, GET_VALUES,
+CANT_MPX_CONN, ABORT_REQUEST, UNKNOWN_TYPE, malformed input and the limits. A worker that
+survives a bad connection is shown by a good request afterwards, on the only worker there is.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from fastfpm import protocol as p
+from fastfpm.client import FastCGIClient, build_params
+from tests.servers import Launcher, wait_until
+
+ROUTER = "tests.apps.lifecycle:app"
+
+
+def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
+                 timeout: float = 5.0) -> list[p.Record]:
+    """Records from sock until one of until_type arrives or the peer closes."""
+    sock.settimeout(timeout)
+    buf = b""
+    records: list[p.Record] = []
+    offset = 0
+    while True:
+        while (record := p.parse_record(buf, offset)) is not None:
+            records.append(record)
+            offset += record.size
+            if record.type == until_type:
+                return records
+        data = sock.recv(65536)
+        if not data:
+            return records
+        buf += data
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the server closes the connection (EOF or reset) within timeout."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def request_bytes(request_id: int, params: dict[str, str], body: bytes = b"", flags: int = 0,
+                  role: int = p.RESPONDER) -> bytes:
+    """A whole request as a web server sends it: BEGIN, PARAMS, empty PARAMS, STDIN, empty STDIN."""
+    pairs = p.encode_pairs([(k.encode(), v.encode()) for k, v in params.items()])
+    return (p.encode_begin_request(request_id, role, flags) + p.encode_stream(p.PARAMS, request_id, pairs)
+            + p.encode_record(p.PARAMS, request_id) + p.encode_stream(p.STDIN, request_id, body)
+            + p.encode_record(p.STDIN, request_id))
+
+
+def stdout_of(records: list[p.Record], request_id: int = 1) -> bytes:
+    """The STDOUT stream of one request."""
+    return b"".join(r.content for r in records if r.type == p.STDOUT and r.request_id == request_id)
+
+
+def env_params(path: str = "/env", query: str = "") -> dict[str, str]:
+    """Params for the router app, nginx-shaped."""
+    return build_params("GET", path, query, {"Host": "example.test"}, None, {})
+
+
+@pytest.fixture
+def server(launcher: Launcher):
+    """One worker, so 'the worker serves on' means the very worker that saw the bad input."""
+    return launcher.fastfpm(ROUTER, max_children=1, extra_args=["--idle-timeout", "1"])
+
+
+def assert_still_serving(server) -> None:
+    """A normal request on a new connection succeeds."""
+    with FastCGIClient(server.address, timeout=5) as client:
+        response = client.request(env_params())
+    assert response.status == 200
+    assert json.loads(response.body)["environ"]["PATH_INFO"] == "/env"
+
+
+def test_responder_without_keep_conn_closes_after_end_request(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, env_params()))
+        records = read_records(sock)
+        assert records[-1].type == p.END_REQUEST
+        assert p.parse_end_request(records[-1].content) == (0, p.REQUEST_COMPLETE)
+        assert b"Status: 200 OK" in stdout_of(records)
+        # The empty STDOUT record closes the stream before END_REQUEST.
+        assert any(r.type == p.STDOUT and r.content == b"" for r in records)
+        assert closed_by_peer(sock)
+
+
+def test_keep_conn_serves_several_requests_on_one_connection(server) -> None:
+    with FastCGIClient(server.address, keep_conn=True) as client:
+        seen = [json.loads(client.request(env_params(query=f"n={n}")).body) for n in range(5)]
+    assert [s["environ"]["QUERY_STRING"] for s in seen] == [f"n={n}" for n in range(5)]
+    # The same worker, and the same socket inode set: one connection carried all five.
+    assert len({s["pid"] for s in seen}) == 1
+    assert len({tuple(s["sockets"]) for s in seen}) == 1
+
+
+def test_keep_conn_connection_stays_open_after_end_request(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, env_params(), flags=p.KEEP_CONN))
+        assert read_records(sock)[-1].type == p.END_REQUEST
+        sock.sendall(request_bytes(2, env_params(query="second")))
+        records = read_records(sock)
+        seen = json.loads(stdout_of(records, 2).split(b"\r\n\r\n", 1)[1])
+        assert seen["environ"]["QUERY_STRING"] == "second"
+
+
+@pytest.mark.parametrize("role", [p.AUTHORIZER, p.FILTER])
+def test_other_roles_get_unknown_role(server, role: int) -> None:
+    with server.connect() as sock:
+        sock.sendall(p.encode_begin_request(1, role, 0))
+        records = read_records(sock)
+        assert records[-1].type == p.END_REQUEST
+        assert p.parse_end_request(records[-1].content)[1] == p.UNKNOWN_ROLE
+        assert closed_by_peer(sock)
+    assert_still_serving(server)
+
+
+def test_get_values_answers_pool_limits(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=3)
+    with FastCGIClient(server.address) as client:
+        values = client.get_values([b"FCGI_MAX_CONNS", b"FCGI_MAX_REQS", b"FCGI_MPXS_CONNS", b"UNKNOWN_NAME"])
+    assert values == {b"FCGI_MAX_CONNS": b"3", b"FCGI_MAX_REQS": b"3", b"FCGI_MPXS_CONNS": b"0"}
+
+
+def test_unknown_management_record_gets_unknown_type(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(p.encode_record(42, 0, b"whatever"))
+        records = read_records(sock, until_type=p.UNKNOWN_TYPE)
+        assert records[-1].type == p.UNKNOWN_TYPE
+        assert records[-1].content[0] == 42
+        # The connection is still usable for a request.
+        sock.sendall(request_bytes(1, env_params()))
+        assert read_records(sock)[-1].type == p.END_REQUEST
+
+
+def test_second_begin_request_gets_cant_mpx_conn(server) -> None:
+    params = p.encode_pairs([(k.encode(), v.encode()) for k, v in env_params().items()])
+    with server.connect() as sock:
+        sock.sendall(p.encode_begin_request(1, p.RESPONDER, 0) + p.encode_stream(p.PARAMS, 1, params))
+        sock.sendall(p.encode_begin_request(2, p.RESPONDER, 0))
+        sock.sendall(p.encode_record(p.PARAMS, 1) + p.encode_record(p.STDIN, 1))
+        records = read_records(sock)
+        refusals = [r for r in records if r.type == p.END_REQUEST and r.request_id == 2]
+        assert refusals and p.parse_end_request(refusals[0].content)[1] == p.CANT_MPX_CONN
+        ends = [r for r in read_records(sock) + records if r.type == p.END_REQUEST and r.request_id == 1]
+        assert ends and p.parse_end_request(ends[0].content)[1] == p.REQUEST_COMPLETE
+
+
+def test_abort_request_ends_request_and_closes_iterable(server, tmp_path: Path) -> None:
+    closed = tmp_path / "closed.txt"
+    params = build_params("GET", "/stream", f"chunks=50&pause=0.1&closed={closed}", {}, None, {})
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, params, flags=p.KEEP_CONN))
+        first = read_records(sock, until_type=p.STDOUT)
+        assert b"chunk 0" in b"".join(r.content for r in first)
+        sock.sendall(p.encode_record(p.ABORT_REQUEST, 1))
+        records = read_records(sock)
+        assert records[-1].type == p.END_REQUEST
+        body = stdout_of(first + records)
+        assert body.count(b"chunk ") < 50  # the app was stopped early
+    wait_until(closed.exists, 5, message="close() of the aborted iterable")
+    assert closed.read_text() == "closed\n"
+    assert_still_serving(server)
+
+
+def test_abort_before_params_end_is_acknowledged(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(p.encode_begin_request(1, p.RESPONDER, 0) + p.encode_record(p.ABORT_REQUEST, 1))
+        records = read_records(sock)
+        assert records[-1].type == p.END_REQUEST and records[-1].request_id == 1
+        assert stdout_of(records) == b""
+
+
+MALFORMED = {
+    "bad version": b"\x02" + p.encode_begin_request(1)[1:],
+    "content past the end": p.encode_begin_request(1) + b"\x01\x04\x00\x01\xff\xf0\x00\x00" + b"x" * 10,
+    "truncated pairs": (p.encode_begin_request(1) + p.encode_record(p.PARAMS, 1, b"\x05\x7fAB")
+                        + p.encode_record(p.PARAMS, 1) + p.encode_record(p.STDIN, 1)),
+    "unknown request id": p.encode_begin_request(1) + p.encode_record(p.PARAMS, 7, b""),
+    "params before begin": p.encode_record(p.PARAMS, 1, b""),
+    "begin body too short": p.encode_record(p.BEGIN_REQUEST, 1, b"\x00\x01"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_input_closes_connection_logs_once_and_worker_serves_on(server, name: str) -> None:
+    mark = server.log_size()
+    pid_before = server.worker_pids()
+    with server.connect() as sock:
+        sock.sendall(MALFORMED[name])
+        if name == "content past the end":
+            sock.shutdown(socket.SHUT_WR)  # EOF in the middle of the record
+        assert closed_by_peer(sock)
+    log = server.wait_for_log("closing a FastCGI connection", mark)
+    assert log.count("closing a FastCGI connection") == 1
+    assert_still_serving(server)
+    assert server.worker_pids() == pid_before  # the same worker, not a respawn
+
+
+def test_body_longer_than_content_length_closes_connection(server) -> None:
+    params = build_params("POST", "/upload", "", {}, 4, {})
+    mark = server.log_size()
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, params, body=b"0123456789"))
+        records = read_records(sock)
+        assert not any(r.type == p.END_REQUEST for r in records)
+    assert "longer than CONTENT_LENGTH" in server.wait_for_log("CONTENT_LENGTH", mark)
+    assert_still_serving(server)
+
+
+def test_params_over_the_limit_are_refused(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--max-params-size", "4096"])
+    params = env_params()
+    params["HTTP_X_BIG"] = "y" * 5000
+    mark = server.log_size()
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, params))
+        assert closed_by_peer(sock)
+    assert "4096-byte limit" in server.wait_for_log("limit", mark)
+    assert_still_serving(server)
+
+
+def test_silent_connection_is_closed_after_idle_timeout(server) -> None:
+    started = time.monotonic()
+    with server.connect() as sock:
+        assert closed_by_peer(sock, timeout=10)
+    waited = time.monotonic() - started
+    assert waited >= 0.9  # --idle-timeout 1: not before the second is up
+    assert_still_serving(server)
+
+
+def test_idle_connection_does_not_hold_the_only_worker_forever(server) -> None:
+    with server.connect() as silent:
+        # While the silent connection holds the worker, this request waits; after the idle
+        # timeout closes the silent one, it is served.
+        assert_still_serving(server)
+        assert closed_by_peer(silent, timeout=1)
+
+
+def test_streamed_response_arrives_before_the_app_finishes(server) -> None:
+    params = build_params("GET", "/stream", "chunks=3&pause=1", {}, None, {})
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, params))
+        started = time.monotonic()
+        first = read_records(sock, until_type=p.STDOUT)
+        assert b"chunk 0" in b"".join(r.content for r in first)
+        assert time.monotonic() - started < 0.9  # before the second chunk was even produced
+        rest = read_records(sock)
+        assert b"chunk 2" in stdout_of(first + rest)
+
+
+def test_write_callable_and_iterable_are_both_sent(server) -> None:
+    params = build_params("GET", "/write-then-iterate", "", {}, None, {})
+    with FastCGIClient(server.address) as client:
+        response = client.request(params)
+    assert response.body == b"written, then returned"
+
+
+def test_large_stdout_is_split_into_records_of_at_most_65535(server) -> None:
+    params = build_params("GET", "/download", "mb=2", {}, None, {})
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, params))
+        records = read_records(sock, timeout=20)
+    sizes = [len(r.content) for r in records if r.type == p.STDOUT]
+    assert max(sizes) <= 65535
+    assert sum(sizes) > 2 * 1024 * 1024
+    assert all(r.size % 8 == 0 for r in records)  # every record padded to 8 bytes
+
+
+def test_idle_kept_connection_does_not_pin_the_only_worker(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--idle-timeout", "30"])
+    with FastCGIClient(server.address, keep_conn=True) as kept:
+        first = json.loads(kept.request(env_params(query="kept")).body)
+        kept_socket = kept.sock
+        started = time.monotonic()
+        with FastCGIClient(server.address, timeout=5) as other:
+            second = json.loads(other.request(env_params(query="other")).body)
+        # Served at once by the same (only) worker, not after the 30 s idle timeout.
+        assert time.monotonic() - started < 3
+        assert second["pid"] == first["pid"]
+        # ...and the kept connection is still open and still served (the client would quietly
+        # reconnect if the server had closed it, so the socket object must be the same one).
+        again = json.loads(kept.request(env_params(query="kept-again")).body)
+        assert kept.sock is kept_socket
+        assert again["environ"]["QUERY_STRING"] == "kept-again"
+
+
+def test_idle_kept_connection_is_closed_after_idle_timeout(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, env_params(), flags=p.KEEP_CONN))
+        assert read_records(sock)[-1].type == p.END_REQUEST
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        assert 0.9 <= time.monotonic() - started < 5  # --idle-timeout 1
