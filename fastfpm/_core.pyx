@@ -591,6 +591,8 @@ cdef class Worker:
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_READING_HEADERS
         if new_connection:
+            # Counted when the connection brings its first bytes: php-fpm's "accepted conn"
+            # counts requests taken in, and a connect-then-close is not one.
             s.accepted_conn += 1
         s.request_start_ns = mono_ns()
         s.request_start_wall_us = wall_us()

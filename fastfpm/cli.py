@@ -114,9 +114,13 @@ def serve(args: argparse.Namespace) -> int:
         print("fastfpm: --max-children must be at least 1", file=sys.stderr)
         return 2
     if os.geteuid() == 0 and not args.allow_root:
-        print("fastfpm: refusing to run workers as root; start fastfpm as another user, "
-              "or pass --allow-to-run-as-root (-R) if you really mean it", file=sys.stderr)
-        return 2
+        if args.app is not None:
+            print("fastfpm: refusing to run workers as root; start fastfpm as another user, "
+                  "or pass --allow-to-run-as-root (-R) if you really mean it", file=sys.stderr)
+            return 2
+        # The built-in demo only shows a page, so a first try as root is allowed, with a word.
+        print("fastfpm: warning: the demo's workers run as root; an application would need "
+              "--allow-to-run-as-root (-R)", file=sys.stderr)
     pool = pool_from_args(args)
     try:
         address = parse_address(pool.listen)

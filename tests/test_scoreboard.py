@@ -1,0 +1,150 @@
+"""The scoreboard as the master sees it: slots written by a real forked worker, read through cffi."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fastfpm.address import create_listen_socket, parse_address
+from fastfpm.client import FastCGIClient, build_params
+from fastfpm.log import ErrorLog
+from fastfpm.scoreboard import STAGE_IDLE, STAGE_STARTING, Scoreboard
+from fastfpm.worker import environ_template
+from tests.servers import wait_until
+
+RELEASE = threading.Event()
+
+
+def blocking_app(environ, start_response):
+    """Hold the request until the file named by QUERY_STRING exists (the test's go signal)."""
+    while not os.path.exists(environ["QUERY_STRING"]):
+        time.sleep(0.01)
+    start_response("201 Created", [("Content-Type", "text/plain")])
+    return [b"done"]
+
+
+class PoolStub:
+    """The pool settings a worker reads (what fastfpm.config provides in the server)."""
+
+    name = "sb"
+    python_path: list[str] = []
+    idle_timeout = 5.0
+    read_timeout = 60.0
+    max_params_size = 65536
+    mount = ""
+    pm_max_children = 2
+    pm_max_requests = 0
+
+
+@pytest.fixture
+def forked_worker(tmp_path: Path):
+    """A real worker process serving blocking_app from slot 1 of a fresh scoreboard."""
+    from fastfpm._core import Worker
+
+    board = Scoreboard(2, "sb")
+    address = parse_address(str(tmp_path / "sb.sock"))
+    listener = create_listen_socket(address)
+    board.claim(1, 0)
+    pid = os.fork()
+    if pid == 0:  # the worker: serve until killed
+        try:
+            os.set_blocking(listener.fileno(), False)
+            log = ErrorLog(None, "warning")
+            Worker(listener.fileno(), blocking_app, environ_template=environ_template(PoolStub),
+                   log=log.log, log_exception=log.exception, scoreboard=board.mapping,
+                   slot_index=1).serve()
+        finally:
+            os._exit(0)
+    board.set_pid(1, pid)
+    try:
+        yield board, address, pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        listener.close()
+
+
+def test_new_scoreboard_header_and_free_slots() -> None:
+    board = Scoreboard(3, "www")
+    assert board.pool_name == "www"
+    assert board.snapshot() == []
+    assert board.free_index() == 0
+    board.claim(0, 0)
+    assert board.free_index() == 1
+    board.set_pid(0, 1234)
+    (slot,) = board.snapshot()
+    assert (slot.index, slot.pid, slot.stage) == (0, 1234, STAGE_STARTING)
+    board.release(0)
+    assert board.snapshot() == [] and board.free_index() == 0
+
+
+def test_worker_writes_each_stage_and_the_request(forked_worker, tmp_path: Path) -> None:
+    board, address, pid = forked_worker
+    wait_until(lambda: board.read(1).stage == STAGE_IDLE, 10, message="the worker to reach accept()")
+    go = tmp_path / "go"
+    result = []
+    params = build_params("PUT", "/things/7", str(go), {"Host": "h"}, 3,
+                          {"SCRIPT_FILENAME": "/srv/things.py"})
+    thread = threading.Thread(target=lambda: result.append(
+        FastCGIClient(str(address), timeout=10).request(params, b"abc")))
+    thread.start()
+    running = wait_until(lambda: (s := board.read(1)).stage_name == "Running" and s, 10,
+                         message="the Running stage")
+    assert running.busy and running.pid == pid
+    assert running.method == "PUT"
+    assert running.request_uri == "/things/7?" + str(go)
+    assert running.query_string == str(go)
+    assert running.script_filename == "/srv/things.py"
+    assert running.content_length == 3
+    assert running.requests == 0 and running.accepted_conn == 1
+    assert running.request_start_wall_us / 1e6 == pytest.approx(time.time(), abs=30)
+    go.touch()
+    thread.join(10)
+    assert result and result[0].status == 201
+    done = wait_until(lambda: (s := board.read(1)).requests == 1 and s.stage == STAGE_IDLE and s, 10,
+                      message="the request to be counted")
+    assert done.status == 201
+    assert not done.busy
+    assert done.last_request_ns > 0
+    assert done.idle_since_ns >= done.request_start_ns
+
+
+def test_slot_reads_are_consistent_while_the_worker_writes(forked_worker, tmp_path: Path) -> None:
+    board, address, _ = forked_worker
+    wait_until(lambda: board.read(1).stage == STAGE_IDLE, 10, message="the worker to reach accept()")
+    go = tmp_path / "go"
+    go.touch()  # blocking_app answers at once
+    params = build_params("GET", "/x", str(go), {}, None, {})
+    stop = threading.Event()
+
+    def load() -> None:
+        with FastCGIClient(str(address), timeout=10, keep_conn=True) as client:
+            while not stop.is_set():
+                client.request(params)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        # The worker rewrites the slot several times per request. Every copy must be whole (the
+        # seqlock retries torn reads): "Running" always comes with the request's method and URI,
+        # and the request counter never goes back.
+        last_requests, running_seen = 0, 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            slot = board.read(1)
+            if slot.stage_name == "Running":
+                running_seen += 1
+                assert slot.method == "GET" and slot.request_uri.startswith("/x?")
+            assert slot.requests >= last_requests
+            last_requests = slot.requests
+    finally:
+        stop.set()
+        thread.join(10)
+    assert last_requests > 10
+    assert board.read(1).accepted_conn == 1  # one kept-alive connection carried them all
