@@ -5,28 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from fastfpm import __version__
-from fastfpm.app import DEMO_APP
+from fastfpm.config import default_max_children
 
-
-def default_max_children() -> int:
-    """Workers when --max-children is not given: two per CPU, at least 2 and at most 32.
-
-    Workers serve one request at a time, so a pool with about twice as many workers as CPUs keeps
-    the CPUs busy while some workers wait on I/O (gunicorn recommends 2 x cores + 1 for the same
-    reason); the cap keeps a big machine from forking hundreds of copies of an app by default.
-    """
-    return min(32, max(2, 2 * (os.cpu_count() or 1)))
-
-
-def parse_octal(text: str) -> int:
-    """A file mode as php-fpm's listen.mode writes it: 0660."""
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+if TYPE_CHECKING:
+    from fastfpm.config import Config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,36 +27,61 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run a pool of workers serving a WSGI application",
         description="Serve a WSGI application over FastCGI with a pool of pre-forked workers. "
-                    "Without MODULE:CALLABLE it serves a built-in demo page.")
+                    "Without MODULE:CALLABLE it serves a built-in demo page. With -c, pools come from a "
+                    "php-fpm style configuration file, and the flags given override every pool's values.",
+        epilog="Every directive of the configuration file is listed in docs/configuration.md.")
     serve.add_argument("app", nargs="?", metavar="MODULE:CALLABLE",
                        help="the WSGI application, e.g. myapp:application (default: the built-in demo)")
-    serve.add_argument("--listen", default="127.0.0.1:9000", metavar="ADDR",
-                       help="127.0.0.1:9000, [::1]:9000, 9000 (all addresses) or /path/to.sock "
-                            "(default: %(default)s, as php-fpm)")
-    serve.add_argument("--listen-mode", type=parse_octal, default=0o660, metavar="MODE",
-                       help="permissions of a unix socket (default: 0660, as php-fpm)")
-    serve.add_argument("--listen-backlog", type=int, default=511, metavar="N",
-                       help="listen queue length (default: %(default)s, as php-fpm)")
-    serve.add_argument("--pm", choices=["static"], default="static",
-                       help="process manager (default: static, a fixed number of workers)")
-    serve.add_argument("--max-children", type=int, default=None, metavar="N",
-                       help=f"number of workers (default: two per CPU, here {default_max_children()})")
-    serve.add_argument("--max-requests", type=int, default=0, metavar="N",
-                       help="recycle a worker after N requests (default: 0, never)")
-    serve.add_argument("--chdir", metavar="DIR",
-                       help="change to DIR before loading the app; DIR is on sys.path")
-    serve.add_argument("--mount", default="", metavar="PREFIX",
-                       help="serve the app under PREFIX: SCRIPT_NAME=PREFIX, PATH_INFO=the rest")
-    serve.add_argument("--idle-timeout", type=float, default=5.0, metavar="SECONDS",
-                       help="close a connection that sends no request for this long (default: %(default)s)")
-    serve.add_argument("--max-params-size", type=int, default=65536, metavar="BYTES",
-                       help="largest total size of a request's FastCGI params (default: %(default)s)")
-    serve.add_argument("--log-level", default="notice",
-                       choices=["alert", "error", "warning", "notice", "debug"],
-                       help="least severe level written to the error log (default: %(default)s)")
-    serve.add_argument("--error-log", metavar="FILE", help="append the log to FILE (default: stderr)")
+    serve.add_argument("-c", "--config", metavar="FILE", help="php-fpm style configuration file")
+    serve.add_argument("-p", "--prefix", metavar="DIR", help="base for relative paths in the configuration")
+    serve.add_argument("-t", "--test", action="count", default=0,
+                       help="check the configuration and exit; -tt also prints the effective configuration")
     serve.add_argument("-R", "--allow-to-run-as-root", action="store_true", dest="allow_root",
                        help="allow workers to run as root (as php-fpm's -R)")
+    pool = serve.add_argument_group("pool options (override the configuration file)")
+    pool.add_argument("--listen", metavar="ADDR",
+                      help="127.0.0.1:9000, [::1]:9000, 9000 (all addresses) or /path/to.sock "
+                           "(default: 127.0.0.1:9000, as php-fpm)")
+    pool.add_argument("--listen-mode", metavar="MODE", help="permissions of a unix socket (default: 0660)")
+    pool.add_argument("--listen-backlog", metavar="N", help="listen queue length (default: 511)")
+    pool.add_argument("--user", metavar="USER", help="run the workers as USER (when started as root)")
+    pool.add_argument("--group", metavar="GROUP", help="run the workers as GROUP (default: USER's group)")
+    pool.add_argument("--pm", choices=["static", "dynamic", "ondemand"],
+                      help="process manager (default: static)")
+    pool.add_argument("--max-children", metavar="N",
+                      help=f"the most workers (static: all of them; default: two per CPU, here "
+                           f"{default_max_children()})")
+    pool.add_argument("--start-servers", metavar="N", help="dynamic: workers at start")
+    pool.add_argument("--min-spare-servers", metavar="N", help="dynamic: fewest idle workers")
+    pool.add_argument("--max-spare-servers", metavar="N", help="dynamic: most idle workers")
+    pool.add_argument("--process-idle-timeout", metavar="TIME", help="ondemand: stop a worker idle this long")
+    pool.add_argument("--max-requests", metavar="N", help="recycle a worker after N requests (0: never)")
+    pool.add_argument("--request-terminate-timeout", metavar="TIME",
+                      help="end a request running longer (0: off)")
+    pool.add_argument("--request-slowlog-timeout", metavar="TIME",
+                      help="log the traceback of a request running longer (0: off)")
+    pool.add_argument("--slowlog", metavar="FILE", help="where slow requests' tracebacks go")
+    pool.add_argument("--chdir", metavar="DIR",
+                      help="change to DIR before loading the app; DIR is on sys.path")
+    pool.add_argument("--mount", metavar="PREFIX",
+                      help="serve the app under PREFIX: SCRIPT_NAME=PREFIX, PATH_INFO=the rest")
+    pool.add_argument("--idle-timeout", metavar="TIME",
+                      help="close a connection that sends no request for this long (default: 5s)")
+    pool.add_argument("--max-params-size", metavar="BYTES",
+                      help="largest total size of a request's FastCGI params (default: 64K)")
+    pool.add_argument("--catch-workers-output", action="store_const", const="yes",
+                      help="log what the app prints to stdout/stderr")
+    glob = serve.add_argument_group("global options")
+    glob.add_argument("--log-level", choices=["alert", "error", "warning", "notice", "debug"],
+                      help="least severe level written to the error log (default: notice)")
+    glob.add_argument("--error-log", metavar="FILE", help="append the log to FILE (default: stderr)")
+    glob.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
+
+    check = commands.add_parser("check", help="check a configuration file (as serve -t)",
+                                description="Check a configuration file; errors are printed as "
+                                            "file:line: message and the exit status is 1.")
+    check.add_argument("-c", "--config", metavar="FILE", required=True, help="configuration file")
+    check.add_argument("-p", "--prefix", metavar="DIR", help="base for relative paths")
 
     request = commands.add_parser(
         "request", help="send one FastCGI request and print the response (like cgi-fcgi)",
@@ -92,49 +102,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def pool_from_args(args: argparse.Namespace) -> SimpleNamespace:
-    """The pool settings the command-line flags describe."""
-    max_children = args.max_children if args.max_children is not None else default_max_children()
-    return SimpleNamespace(
-        name="www", app=args.app or DEMO_APP, listen=args.listen, listen_mode=args.listen_mode,
-        listen_backlog=args.listen_backlog, pm="static", pm_max_children=max_children,
-        pm_max_requests=args.max_requests, chdir=args.chdir, python_path=[], mount=args.mount,
-        idle_timeout=args.idle_timeout, read_timeout=60.0, max_params_size=args.max_params_size,
-    )
+# The serve flags that map to directives, in the spelling config.apply_options accepts.
+OPTION_FLAGS = ("listen", "listen_mode", "listen_backlog", "user", "group", "pm", "max_children",
+                "start_servers", "min_spare_servers", "max_spare_servers", "process_idle_timeout",
+                "max_requests", "request_terminate_timeout", "request_slowlog_timeout", "slowlog", "chdir",
+                "mount", "idle_timeout", "max_params_size", "catch_workers_output", "log_level",
+                "error_log", "pid")
+
+
+def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """The configuration serve runs: the file (if any) with the command line's flags on top."""
+    from fastfpm import config as config_module
+
+    options = {name: getattr(args, name, None) for name in OPTION_FLAGS}
+    options = {k: v for k, v in options.items() if v is not None}
+    app = getattr(args, "app", None)
+    if args.config is None:
+        return config_module.from_cli(app, **options), options
+    if app is not None:
+        options["app"] = app
+    loaded = config_module.load(args.config, prefix=args.prefix)
+    return config_module.check(config_module.apply_options(loaded, options)), options
+
+
+def check(args: argparse.Namespace) -> int:
+    """The `check` command (and serve -t): report every error as file:line: message."""
+    from fastfpm.config import ConfigError, dump
+
+    try:
+        config, _ = load_config(args)
+    except ConfigError as exc:
+        for problem in exc.errors:
+            print(problem, file=sys.stderr)
+        print(f"fastfpm: configuration file {args.config} test failed", file=sys.stderr)
+        return 1
+    for warning in config.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if getattr(args, "test", 0) >= 2:
+        print(dump(config))
+    print(f"fastfpm: configuration file {args.config or '(command line)'} test is successful",
+          file=sys.stderr)
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
     """The `serve` command."""
-    from fastfpm.address import parse_address
+    from fastfpm.config import ConfigError
     from fastfpm.demo import nginx_snippet
     from fastfpm.log import ErrorLog
     from fastfpm.master import Master
 
-    if args.max_children is not None and args.max_children < 1:
-        print("fastfpm: --max-children must be at least 1", file=sys.stderr)
-        return 2
+    if args.test:
+        return check(args)
+    try:
+        config, options = load_config(args)
+    except ConfigError as exc:
+        for problem in exc.errors:
+            print(problem, file=sys.stderr)
+        return 1
+    demo = args.config is None and args.app is None
     if os.geteuid() == 0 and not args.allow_root:
-        if args.app is not None:
-            print("fastfpm: refusing to run workers as root; start fastfpm as another user, "
-                  "or pass --allow-to-run-as-root (-R) if you really mean it", file=sys.stderr)
+        rootly = [p.name for p in config.pools if not p.user or p.user in ("root", "0")]
+        if rootly and not demo:
+            print(f"fastfpm: [pool {rootly[0]}] please specify user and group other than root, or pass "
+                  "--allow-to-run-as-root (-R) to run the workers as root", file=sys.stderr)
             return 2
-        # The built-in demo only shows a page, so a first try as root is allowed, with a word.
-        print("fastfpm: warning: the demo's workers run as root; an application would need "
-              "--allow-to-run-as-root (-R)", file=sys.stderr)
-    pool = pool_from_args(args)
+        if demo:
+            # The built-in demo only shows a page, so a first try as root is allowed, with a word.
+            print("fastfpm: warning: the demo's workers run as root; an application would need "
+                  "--allow-to-run-as-root (-R)", file=sys.stderr)
+    g = config.global_
+    log = ErrorLog(g.error_log if g.error_log not in (None, "syslog") else None, g.log_level, g.log_limit)
+    for warning in config.warnings:
+        log.warning(warning)
+    if demo:
+        from fastfpm.address import parse_address
+
+        print(f"Serving the built-in demo on {config.pools[0].listen}. To see it through nginx:\n",
+              file=sys.stderr)
+        print(nginx_snippet(parse_address(config.pools[0].listen)), file=sys.stderr)
     try:
-        address = parse_address(pool.listen)
-    except ValueError as exc:
-        print(f"fastfpm: --listen: {exc}", file=sys.stderr)
-        return 2
-    log = ErrorLog(args.error_log, args.log_level)
-    if args.app is None:
-        print(f"Serving the built-in demo on {address}. To see it through nginx:\n", file=sys.stderr)
-        print(nginx_snippet(address), file=sys.stderr)
-    try:
-        master = Master([pool], log)
+        master = Master(config, log, config_path=args.config, cli_options=options)
     except OSError as exc:
-        log.alert(f"[pool {pool.name}] cannot listen on {address}: {exc.strerror or exc}")
+        log.alert(f"cannot listen: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 1
     return master.run()
 
@@ -196,4 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command == "request":
         return request(args)
+    if args.command == "check":
+        return check(args)
     return 2

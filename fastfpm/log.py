@@ -19,14 +19,16 @@ LEVELS = {"alert": 1, "error": 2, "warning": 3, "notice": 4, "debug": 5}
 class ErrorLog:
     """php-fpm-style log lines to a file (appended) or to stderr."""
 
-    def __init__(self, path: str | None = None, level: str = "notice") -> None:
+    def __init__(self, path: str | None = None, level: str = "notice", limit: int = 1024) -> None:
         if level not in LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
         self.path = path
         self.level = level
         self.threshold = LEVELS[level]
+        self.limit = limit
         self.prefix = ""
         self.stream: TextIO = sys.stderr
+        self.worker_fd: int | None = None
         self.open()
 
     def open(self) -> None:
@@ -39,10 +41,6 @@ class ErrorLog:
             self.stream.close()
         self.stream = stream
 
-    def fileno(self) -> int:
-        """The descriptor workers get as their stderr, so wsgi.errors and tracebacks land here too."""
-        return self.stream.fileno()
-
     def enabled(self, level: str) -> bool:
         """Whether a line at `level` would be written."""
         return LEVELS[level] <= self.threshold
@@ -53,9 +51,21 @@ class ErrorLog:
             return
         stamp = time.strftime("%d-%b-%Y %H:%M:%S")
         head = f"[{stamp}] {level.upper()}: {self.prefix}"
-        text = "".join(f"{head}{line}\n" for line in message.rstrip("\n").split("\n"))
+        text = "".join(f"{head}{line[:self.limit]}\n" for line in message.rstrip("\n").split("\n"))
+        if self.worker_fd is not None:
+            # A worker's lines go through its log pipe to the master, which writes the file. Lines
+            # up to PIPE_BUF bytes arrive whole even while other workers write too.
+            try:
+                os.write(self.worker_fd, text.encode("utf-8", "backslashreplace"))
+            except OSError:
+                pass
+            return
+        self.write_line(text.rstrip("\n"))
+
+    def write_line(self, text: str) -> None:
+        """Append one finished line as it is (a worker's, passed through by the master)."""
         try:
-            self.stream.write(text)
+            self.stream.write(text + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a log that cannot be written must not take the server down with it
@@ -64,9 +74,13 @@ class ErrorLog:
         """Log message at error level with the current exception's traceback."""
         self.log("error", f"{message}\n{traceback.format_exc()}")
 
-    def for_worker(self, pool: str) -> ErrorLog:
-        """Turn this log into a worker's (after fork): lines carry the pool and the pid."""
+    def for_worker(self, pool: str, fd: int) -> ErrorLog:
+        """Turn this log into a worker's (after fork): lines carry the pool and the pid and go to
+        the master through fd."""
         self.prefix = f"[pool {pool}] child {os.getpid()}: "
+        self.worker_fd = fd
+        if self.stream is not sys.stderr:
+            self.stream.close()  # the master's file: only the master writes it
         return self
 
     def alert(self, message: str) -> None:
@@ -88,3 +102,32 @@ class ErrorLog:
     def debug(self, message: str) -> None:
         """Log at debug level."""
         self.log("debug", message)
+
+
+class WsgiErrors:
+    """wsgi.errors: a text stream whose lines go to the error log (PEP 3333 asks for write,
+    writelines and flush)."""
+
+    def __init__(self, log: ErrorLog, level: str = "warning") -> None:
+        self.log = log
+        self.level = level
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        """Buffer text; every complete line goes to the log."""
+        self.pending += text
+        if "\n" in self.pending:
+            lines, _, self.pending = self.pending.rpartition("\n")
+            self.log.log(self.level, lines)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        """Write each string in lines."""
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Log a last incomplete line."""
+        if self.pending:
+            self.log.log(self.level, self.pending)
+            self.pending = ""

@@ -2,7 +2,12 @@
 
 It never touches a request. Signal handlers only enqueue (signal.set_wakeup_fd writes the signal
 number into a pipe); the loop reads the pipe and calls handle_<signal>, as gunicorn's arbiter does.
+The process manager's decisions come from fastfpm.pm as actions; this module only carries them out.
 Log lines follow php-fpm's wording so existing log watchers keep working.
+
+Each worker gets three pipes to the master: its own log lines (already formatted, written whole),
+and its stdout and stderr (logged line by line when catch_workers_output is on, else dropped, as
+php-fpm does). Only the master writes the error log, so SIGUSR1 (logrotate) reopens one file.
 """
 
 from __future__ import annotations
@@ -15,18 +20,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastfpm import pm
 from fastfpm.address import create_listen_socket, parse_address
+from fastfpm.config import Config, ConfigError
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
 from fastfpm.worker import EXIT_BOOT_ERROR, run_worker
 
 # Signals the master reacts to; everything else keeps its default action.
-HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
-# How often a graceful stop repeats SIGQUIT: a worker that was between its stop check and
-# accept() when the first one came would otherwise sleep in accept() until the next connection.
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGUSR2)
+# How often a graceful stop repeats SIGQUIT: a worker that was between its stop check and its
+# wait when the first one came would otherwise sleep until its next connection.
 QUIT_REPEAT_SECONDS = 1.0
-# Grace between SIGTERM and SIGKILL on a fast stop, when process_control_timeout is not longer.
+# Grace between SIGTERM and SIGKILL on a fast stop.
 FAST_STOP_GRACE_SECONDS = 1.0
+# Longest line kept from a worker's stdout/stderr before it is cut (php-fpm's log_limit default).
+OUTPUT_LINE_LIMIT = 1024
 
 
 @dataclass
@@ -35,28 +45,56 @@ class Child:
 
     pid: int
     slot: int
+    pool: Pool
     started: float = field(default_factory=time.monotonic)
+    stopping: bool = False          # asked to exit (pm kill, reload, timeout): not replaced
+    killed_by_pm: bool = False
+    pipes: dict[int, str] = field(default_factory=dict)    # read fd -> "log" | "stdout" | "stderr"
+    partial: dict[int, bytes] = field(default_factory=dict)
 
 
 class Pool:
-    """One pool: its config, listen socket, scoreboard and live workers."""
+    """One pool: its config, listen socket, scoreboard, pm state and live workers."""
 
-    def __init__(self, config: Any, log: ErrorLog) -> None:
+    def __init__(self, config: Any, log: ErrorLog, generation: int, sock: Any = None) -> None:
         self.config = config
         self.name: str = config.name
         self.log = log
+        self.generation = generation
         self.address = parse_address(config.listen)
-        self.socket = create_listen_socket(self.address, backlog=config.listen_backlog,
-                                           mode=config.listen_mode)
-        self.scoreboard = Scoreboard(config.pm_max_children, config.name)
+        self.socket = sock if sock is not None else create_listen_socket(
+            self.address, backlog=config.listen_backlog, mode=config.listen_mode,
+            owner=config.listen_owner, group=config.listen_group)
+        # Room for two full generations: during a reload the old workers finish while new ones start.
+        self.scoreboard = Scoreboard(2 * config.pm_max_children, config.name)
+        self.state = pm.PmState()
         self.children: dict[int, Child] = {}
+        self.initial = pm.initial_spawn(config)
+        # While an older generation drains after a reload:
+        self.keep_socket = False         # the new generation took over the socket
+        self.drain_deadline = 0.0        # SIGKILL for whoever is still busy then
+        self.next_quit = 0.0             # the next repeated SIGQUIT
 
-    def wanted(self) -> int:
-        """How many workers should be alive (static pool: pm.max_children)."""
-        return self.config.pm_max_children
+    def snapshot(self) -> pm.PoolSnapshot:
+        """The pool's workers as pm's decisions see them."""
+        workers = []
+        for child in self.children.values():
+            slot = self.scoreboard.read(child.slot)
+            workers.append(pm.worker_from_slot(slot, started=child.started, stopping=child.stopping))
+        return pm.PoolSnapshot(tuple(workers))
 
-    def close(self) -> None:
-        """Close the listen socket and remove a unix socket file (at exit)."""
+    def all_started(self) -> bool:
+        """True once the initial workers have imported the app and wait for connections."""
+        live = [c for c in self.children.values() if not c.stopping]
+        if len(live) < self.initial:
+            return False
+        return all(self.scoreboard.read(c.slot).stage != STAGE_STARTING for c in live)
+
+    def close(self, keep_socket: bool = False) -> None:
+        """Release the scoreboard and (unless reused by a reload) the socket and its file."""
+        self.scoreboard.close()
+        if keep_socket:
+            return
         self.socket.close()
         if self.address.path:
             try:
@@ -66,22 +104,32 @@ class Pool:
 
 
 class Master:
-    """The arbiter: start pools, keep them at size, stop on signals."""
+    """The arbiter: start pools, keep them sized as pm decides, reload and stop on signals."""
 
-    def __init__(self, pool_configs: list[Any], log: ErrorLog, *,
-                 process_control_timeout: float = 0.0) -> None:
+    def __init__(self, config: Config, log: ErrorLog, *, config_path: str | None = None,
+                 cli_options: dict[str, Any] | None = None) -> None:
+        self.config = config
         self.log = log
-        self.process_control_timeout = process_control_timeout
+        self.config_path = config_path
+        self.cli_options = cli_options or {}
+        self.generation = 1
         self.pools: list[Pool] = []
+        self.draining: list[Pool] = []   # pools of an older generation, finishing their requests
         self.stopping: str | None = None  # None, "fast" or "graceful"
         self.stop_deadline: float | None = None
-        self.next_quit: float = 0.0
+        self.next_quit = 0.0
         self.exit_status = 0
         self.ready = False
+        self.process_max_state = pm.ProcessMaxState()
+        self.emergency = pm.EmergencyRestart(config.global_.emergency_restart_threshold,
+                                             config.global_.emergency_restart_interval)
+        self.next_maintenance = 0.0
+        self.next_check = 0.0
+        self.pipes: dict[int, Child] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            for config in pool_configs:
-                self.pools.append(Pool(config, log))
+            for pool_config in config.pools:
+                self.pools.append(Pool(pool_config, log, self.generation))
         except BaseException:
             self.close()
             raise
@@ -91,34 +139,47 @@ class Master:
     def run(self) -> int:
         """Start every pool's workers and run until stopped; returns the process exit status."""
         self.install_signals()
+        self.write_pid_file()
         self.log.notice(f"fpm is running, pid {os.getpid()}")
         try:
-            for pool in self.pools:
-                self.log.debug(f"[pool {pool.name}] listening on {pool.address}")
-                self.maintain(pool)
+            self.spawn_initial(self.pools)
             while True:
-                if not self.ready and not self.stopping and self.all_started():
+                if not self.ready and not self.stopping and all(p.all_started() for p in self.pools):
                     self.ready = True
                     self.log.notice("ready to handle connections")
-                if self.stopping and not any(pool.children for pool in self.pools):
+                if self.stopping and not self.alive():
                     break
-                self.wait_for_signal(0.05 if not self.ready else 1.0)
+                self.wait(self.next_timeout())
+                now = time.monotonic()
+                if not self.stopping and now >= self.next_maintenance:
+                    self.next_maintenance = now + pm.MAINTENANCE_INTERVAL
+                    self.maintain_pools(now)
+                if not self.stopping and now >= self.next_check:
+                    self.check_timeouts(now)
                 self.enforce_stop()
         finally:
             self.kill_all(signal.SIGKILL)
+            self.reap_workers()
             self.close()
+            self.remove_pid_file()
         self.log.notice("exiting, bye-bye!")
         return self.exit_status
 
-    def all_started(self) -> bool:
-        """True once every worker has imported its app and reached accept()."""
-        for pool in self.pools:
-            if len(pool.children) < pool.wanted():
-                return False
-            for child in pool.children.values():
-                if pool.scoreboard.read(child.slot).stage == STAGE_STARTING:
-                    return False
-        return True
+    def alive(self) -> bool:
+        """Any worker of any generation still running."""
+        return any(p.children for p in self.pools + self.draining)
+
+    def next_timeout(self) -> float:
+        """How long the loop may sleep: until the next maintenance tick or timeout check."""
+        if not self.ready:
+            return 0.05
+        now = time.monotonic()
+        wake = self.next_maintenance
+        if pm.check_interval(p.config for p in self.pools) is not None:
+            wake = min(wake, self.next_check)
+        if self.stopping:
+            wake = min(wake, now + 0.2)
+        return max(0.0, min(wake - now, 1.0))
 
     def install_signals(self) -> None:
         """Route signals into the wake-up pipe; the handlers themselves do nothing."""
@@ -127,41 +188,48 @@ class Master:
             signal.signal(sig, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    def wait_for_signal(self, timeout: float) -> None:
-        """Sleep until a signal arrives or timeout passes, then dispatch what arrived."""
+    def wait(self, timeout: float) -> None:
+        """Sleep until a signal, worker output or (ondemand) a connection arrives, then handle it."""
+        ondemand = {p.socket.fileno(): p for p in self.pools
+                    if p.config.pm == "ondemand" and not self.stopping and p.snapshot().idle == 0}
+        watched = [self.wake_r, *self.pipes, *ondemand]
         try:
-            readable, _, _ = select.select([self.wake_r], [], [], timeout)
+            readable, _, _ = select.select(watched, [], [], timeout)
         except InterruptedError:
             readable = [self.wake_r]
-        if not readable:
-            return
+        for fd in readable:
+            if fd == self.wake_r:
+                self.dispatch_signals()
+            elif fd in self.pipes:
+                self.read_worker_output(fd)
+            elif fd in ondemand:
+                pool = ondemand[fd]
+                self.execute(pool, pm.on_connection_pending(pool.snapshot(), pool.config, pool.state))
+
+    def dispatch_signals(self) -> None:
+        """Call handle_<signal> for each signal that arrived (several of one count once)."""
         try:
             data = os.read(self.wake_r, 256)
         except BlockingIOError:
             return
-        # Several of one signal while we slept are one event to handle.
         for signum in dict.fromkeys(data):
-            name = signal.Signals(signum).name
-            handler = getattr(self, f"handle_{name.lower()}", None)
+            handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
             if handler is not None:
                 handler()
 
     # ------------------------------------------------------------------ signal handlers
 
     def handle_sigchld(self) -> None:
-        """Reap every exited worker, log how it ended, and replace it unless stopping."""
+        """Reap every exited worker, log how it ended, and replace it as pm says."""
         self.reap_workers()
-        if not self.stopping:
-            for pool in self.pools:
-                self.maintain(pool)
 
     def handle_sigterm(self) -> None:
         """Fast stop: workers are terminated at once, in-flight requests are cut."""
-        self.fast_stop("Terminating ...")
+        self.fast_stop()
 
     def handle_sigint(self) -> None:
         """Ctrl-C: a fast stop, as SIGTERM."""
-        self.fast_stop("Terminating ...")
+        self.fast_stop()
 
     def handle_sigquit(self) -> None:
         """Graceful stop: workers finish their current request, then exit."""
@@ -169,29 +237,46 @@ class Master:
             return
         self.log.notice("Finishing ...")
         self.stopping = "graceful"
-        if self.process_control_timeout > 0:
-            self.stop_deadline = time.monotonic() + self.process_control_timeout
+        timeout = self.config.global_.process_control_timeout
+        if timeout > 0:
+            self.stop_deadline = time.monotonic() + timeout
         self.kill_all(signal.SIGQUIT)
         self.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
 
-    def fast_stop(self, message: str) -> None:
+    def handle_sigusr1(self) -> None:
+        """Reopen the error log (after logrotate moved it); workers write through the master."""
+        self.log.notice("re-opening log files")
+        self.log.open()
+
+    def handle_sigusr2(self) -> None:
+        """Reload: re-read the configuration and replace every worker with a new generation."""
+        if self.stopping:
+            return
+        self.log.notice("Reloading in progress ...")
+        self.reload()
+
+    # ------------------------------------------------------------------ stopping
+
+    def fast_stop(self) -> None:
         """Send SIGTERM to every worker; SIGKILL follows after a grace period."""
         if self.stopping == "fast":
             return
-        self.log.notice(message)
+        self.log.notice("Terminating ...")
         self.stopping = "fast"
-        self.stop_deadline = time.monotonic() + max(FAST_STOP_GRACE_SECONDS, self.process_control_timeout)
+        self.stop_deadline = time.monotonic() + FAST_STOP_GRACE_SECONDS
         self.kill_all(signal.SIGTERM)
 
     def enforce_stop(self) -> None:
         """While stopping: repeat SIGQUIT, and escalate once the deadline has passed."""
+        now = time.monotonic()
+        for pool in self.draining:
+            self.drain(pool, now)
         if not self.stopping:
             return
-        now = time.monotonic()
         if self.stop_deadline is not None and now >= self.stop_deadline:
             if self.stopping == "graceful":
                 self.log.warning("process_control_timeout passed; terminating the workers still busy")
-                self.fast_stop("Terminating ...")
+                self.fast_stop()
             else:
                 self.kill_all(signal.SIGKILL)
                 self.stop_deadline = None
@@ -199,38 +284,184 @@ class Master:
             self.kill_all(signal.SIGQUIT)
             self.next_quit = now + QUIT_REPEAT_SECONDS
 
-    # ------------------------------------------------------------------ workers
+    # ------------------------------------------------------------------ reload
 
-    def maintain(self, pool: Pool) -> None:
-        """Bring the pool up to the number of workers it should have."""
-        while len(pool.children) < pool.wanted() and not self.stopping:
-            self.spawn_worker(pool)
+    def reload(self) -> None:
+        """Load the config again; on success the old workers finish and a new generation serves.
 
-    def spawn_worker(self, pool: Pool) -> None:
-        """Fork one worker into a free scoreboard slot."""
+        A config with errors is logged and ignored: the running generation keeps serving. Sockets
+        whose address is unchanged are handed to the new generation, so no connection is refused.
+        """
+        if self.config_path is None:
+            new_config = self.config
+        else:
+            from fastfpm import config as config_module
+
+            try:
+                new_config = config_module.load(self.config_path)
+                if self.cli_options:
+                    config_module.check(config_module.apply_options(new_config, self.cli_options))
+            except (ConfigError, OSError) as exc:
+                problems = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+                for problem in problems:
+                    self.log.error(problem)
+                self.log.error("reload aborted: the configuration has errors; still serving the old one")
+                return
+        self.generation += 1
+        sockets = {str(p.address): p for p in self.pools}
+        new_pools = []
+        try:
+            for pool_config in new_config.pools:
+                old = sockets.pop(str(parse_address(pool_config.listen)), None)
+                new_pools.append(Pool(pool_config, self.log, self.generation,
+                                      sock=old.socket if old is not None else None))
+        except OSError as exc:
+            self.log.error(f"reload aborted: {exc}")
+            for pool in new_pools:
+                pool.close(keep_socket=pool.socket in [p.socket for p in self.pools])
+            self.generation -= 1
+            return
+        reused = {id(p.socket) for p in new_pools}
+        for pool in self.pools:
+            pool.keep_socket = id(pool.socket) in reused
+            for child in pool.children.values():
+                child.stopping = True
+                self.signal_child(child, signal.SIGQUIT)
+            pool.drain_deadline = time.monotonic() + max(
+                self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS)
+            pool.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
+            self.draining.append(pool)
+        self.config = new_config
+        self.pools = new_pools
+        self.emergency = pm.EmergencyRestart(new_config.global_.emergency_restart_threshold,
+                                             new_config.global_.emergency_restart_interval)
+        self.ready = False
+        self.spawn_initial(self.pools)
+        self.log.notice(f"reloaded: generation {self.generation}")
+
+    def drain(self, pool: Pool, now: float) -> None:
+        """Move an old generation along: SIGQUIT again each second, SIGKILL after the timeout."""
+        if not pool.children:
+            self.draining.remove(pool)
+            pool.close(keep_socket=pool.keep_socket)
+            return
+        if now >= pool.drain_deadline:
+            for child in pool.children.values():
+                self.signal_child(child, signal.SIGKILL)
+        elif now >= pool.next_quit:
+            pool.next_quit = now + QUIT_REPEAT_SECONDS
+            for child in pool.children.values():
+                self.signal_child(child, signal.SIGQUIT)
+
+    # ------------------------------------------------------------------ process management
+
+    def spawn_initial(self, pools: list[Pool]) -> None:
+        """Start each pool's initial workers (pm.start_servers, max_children, or none)."""
+        wanted = {p.name: [pm.Spawn(p.initial)] if p.initial else [] for p in pools}
+        capped = pm.cap_spawns(wanted, self.total_workers(), self.config.global_.process_max,
+                               self.process_max_state)
+        for pool in pools:
+            self.execute(pool, capped.get(pool.name, []))
+
+    def total_workers(self) -> int:
+        """Workers alive in every pool and generation (what process.max counts)."""
+        return sum(len(p.children) for p in self.pools + self.draining)
+
+    def maintain_pools(self, now: float) -> None:
+        """The once-a-second idle-server maintenance of every pool."""
+        actions = {p.name: pm.decide(p.snapshot(), p.config, p.state, now) for p in self.pools}
+        capped = pm.cap_spawns(actions, self.total_workers(), self.config.global_.process_max,
+                               self.process_max_state)
+        for pool in self.pools:
+            self.execute(pool, capped.get(pool.name, []))
+            pool.scoreboard.header.max_children_reached = pool.state.max_children_reached
+
+    def check_timeouts(self, now: float) -> None:
+        """request_terminate_timeout and request_slowlog_timeout, at php-fpm's heartbeat."""
+        interval = pm.check_interval(p.config for p in self.pools)
+        if interval is None:
+            self.next_check = now + 3600
+            return
+        self.next_check = now + interval
+        for pool in self.pools:
+            self.execute(pool, pm.overdue(pool.snapshot(), pool.config, now, pool.state))
+            pool.scoreboard.header.slow_requests = pool.state.slow_requests
+
+    def execute(self, pool: Pool, actions: list[Any]) -> None:
+        """Carry out pm's actions for one pool."""
+        for action in actions:
+            if isinstance(action, pm.Spawn):
+                for _ in range(action.n):
+                    if not self.spawn_worker(pool):
+                        break
+            elif isinstance(action, pm.Kill):
+                child = self.find_child(pool, action.pid)
+                if child is not None:
+                    child.stopping = child.killed_by_pm = True
+                    self.signal_child(child, signal.SIGQUIT)
+            elif isinstance(action, pm.Warn):
+                self.log.warning(action.message)
+            elif isinstance(action, pm.Terminate):
+                child = self.find_child(pool, action.pid)
+                if child is not None:
+                    self.log.warning(action.message)
+                    child.stopping = True
+                    self.signal_child(child, signal.SIGKILL if action.force else signal.SIGTERM)
+            elif isinstance(action, pm.SlowlogDump):
+                child = self.find_child(pool, action.pid)
+                if child is not None:
+                    self.log.warning(action.message)
+                    from fastfpm.slowlog import SLOWLOG_SIGNAL
+
+                    self.signal_child(child, SLOWLOG_SIGNAL)
+
+    @staticmethod
+    def find_child(pool: Pool, pid: int) -> Child | None:
+        """The pool's child with this pid, if still alive."""
+        return pool.children.get(pid)
+
+    def spawn_worker(self, pool: Pool) -> bool:
+        """Fork one worker into a free scoreboard slot, with its log and output pipes."""
         slot = pool.scoreboard.free_index()
         if slot is None:
             self.log.error(f"[pool {pool.name}] no free scoreboard slot; not spawning")
-            return
-        close_in_child = (self.wake_r, self.wake_w, *(p.socket.fileno() for p in self.pools if p is not pool))
+            return False
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # log, stdout, stderr
         # The slot is claimed before fork: a quick child may write "Idle" before the parent runs
         # again, and claiming afterwards would overwrite that with "Starting" for good.
-        pool.scoreboard.claim(slot, 0)
+        pool.scoreboard.claim(slot, 0, pool.generation)
+        keep_in_child = {pool.socket.fileno(), *(w for _, w in pipes)}
         # Block signals across fork so none reaches the child before it has reset its handlers.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
         try:
             pid = os.fork()
             if pid == 0:
-                run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot, self.log,
-                           close_in_child)
-            pool.scoreboard.set_pid(slot, pid)
-            pool.children[pid] = Child(pid, slot)
+                self.close_in_child(keep_in_child)
+                run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot,
+                           self.log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1])
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        pool.scoreboard.set_pid(slot, pid)
+        child = Child(pid, slot, pool)
+        for (read_fd, write_fd), kind in zip(pipes, ("log", "stdout", "stderr"), strict=True):
+            os.close(write_fd)
+            os.set_blocking(read_fd, False)
+            child.pipes[read_fd] = kind
+            self.pipes[read_fd] = child
+        pool.children[pid] = child
         self.log.notice(f"[pool {pool.name}] child {pid} started")
+        return True
+
+    def close_in_child(self, keep: set[int]) -> None:
+        """In a new child: close the master's descriptors the worker must not hold."""
+        for fd in (self.wake_r, self.wake_w, *self.pipes):
+            os.close(fd)
+        for pool in self.pools + self.draining:
+            if pool.socket.fileno() not in keep:
+                pool.socket.close()
 
     def reap_workers(self) -> None:
-        """waitpid() every exited child; log its end as php-fpm does."""
+        """waitpid() every exited child; log its end as php-fpm does; replace it as pm says."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -238,49 +469,132 @@ class Master:
                 return
             if pid == 0:
                 return
-            for pool in self.pools:
+            for pool in self.pools + self.draining:
                 child = pool.children.pop(pid, None)
                 if child is not None:
-                    pool.scoreboard.release(child.slot)
-                    self.log_exit(pool, child, status)
+                    self.bury(pool, child, status)
                     break
 
+    def bury(self, pool: Pool, child: Child, status: int) -> None:
+        """Everything that follows a worker's exit: its last output, the log line, a replacement."""
+        for fd in list(child.pipes):
+            self.read_worker_output(fd, final=True)
+        pool.scoreboard.release(child.slot)
+        self.log_exit(pool, child, status)
+        signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        if self.emergency.record(time.monotonic(), signum) and not self.stopping:
+            self.log.warning(self.emergency.message)
+            self.reload()
+            return
+        if self.stopping or pool in self.draining:
+            return
+        if not os.WIFSIGNALED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+            self.log.alert(f"[pool {pool.name}] the application could not be loaded (see above); stopping")
+            self.exit_status = 1
+            self.fast_stop()
+            return
+        actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=child.killed_by_pm)
+        capped = pm.cap_spawns({pool.name: actions}, self.total_workers(),
+                               self.config.global_.process_max, self.process_max_state)
+        self.execute(pool, capped[pool.name])
+
     def log_exit(self, pool: Pool, child: Child, status: int) -> None:
-        """One line per ended worker; a worker that could not load the app stops the master."""
+        """One line per ended worker, as php-fpm's fpm_children_bury writes it."""
         uptime = time.monotonic() - child.started
         if os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)
-            expected = self.stopping and signum in (signal.SIGTERM, signal.SIGKILL)
-            level = "notice" if expected else "warning"
-            self.log.log(level, f"[pool {pool.name}] child {child.pid} exited on signal {signum} "
-                                f"({signal.Signals(signum).name}) after {uptime:.6f} seconds from start")
+            expected = (self.stopping or child.stopping) and signum in (signal.SIGTERM, signal.SIGKILL)
+            self.log.log("notice" if expected else "warning",
+                         f"[pool {pool.name}] child {child.pid} exited on signal {signum} "
+                         f"({signal.Signals(signum).name}) after {uptime:.6f} seconds from start")
             return
         code = os.WEXITSTATUS(status)
-        level = "notice" if code == 0 else "warning"
-        self.log.log(level, f"[pool {pool.name}] child {child.pid} exited with code {code} "
-                            f"after {uptime:.6f} seconds from start")
-        if code == EXIT_BOOT_ERROR and not self.stopping:
-            self.log.alert(f"[pool {pool.name}] the application could not be loaded (see above); stopping")
-            self.exit_status = 1
-            self.fast_stop("Terminating ...")
+        self.log.log("notice" if code == 0 else "warning",
+                     f"[pool {pool.name}] child {child.pid} exited with code {code} "
+                     f"after {uptime:.6f} seconds from start")
+
+    def read_worker_output(self, fd: int, final: bool = False) -> None:
+        """Pass a worker's log lines through, and its stdout/stderr lines as catch_workers_output says."""
+        child = self.pipes.get(fd)
+        if child is None:
+            return
+        kind = child.pipes[fd]
+        chunks = [child.partial.pop(fd, b"")]
+        eof = False
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            if not final:
+                break
+        data = b"".join(chunks)
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if rest and not (eof or final) and len(rest) < OUTPUT_LINE_LIMIT:
+            child.partial[fd] = rest
+        elif rest:
+            lines.append(rest)
+        pool = child.pool
+        for line in lines:
+            text = line.decode("utf-8", "backslashreplace")
+            if kind == "log":
+                self.log.write_line(text)
+            elif pool.config.catch_workers_output:
+                if pool.config.decorate_workers_output:
+                    self.log.warning(f"[pool {pool.name}] child {child.pid} said into {kind}: \"{text}\"")
+                else:
+                    self.log.write_line(text)
+        if eof or final:
+            del self.pipes[fd]
+            del child.pipes[fd]
+            os.close(fd)
+
+    def signal_child(self, child: Child, sig: int) -> None:
+        """kill() one worker; one that is already gone is no error."""
+        try:
+            os.kill(child.pid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
 
     def kill_all(self, sig: int) -> None:
-        """Send sig to every live worker of every pool."""
-        for pool in self.pools:
-            for pid in list(pool.children):
-                try:
-                    os.kill(pid, sig)
-                except OSError as exc:
-                    if exc.errno != errno.ESRCH:
-                        raise
+        """Send sig to every live worker of every pool and generation."""
+        for pool in self.pools + self.draining:
+            for child in pool.children.values():
+                self.signal_child(child, sig)
+
+    # ------------------------------------------------------------------ files
+
+    def write_pid_file(self) -> None:
+        """php-fpm's pid directive: the master's pid, for init scripts and logrotate."""
+        path = self.config.global_.pid
+        if path:
+            with open(path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def remove_pid_file(self) -> None:
+        """Remove the pid file at exit."""
+        path = self.config.global_.pid
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def close(self) -> None:
-        """Release sockets, scoreboards and the wake-up pipe."""
+        """Release sockets, scoreboards, pipes and the wake-up pipe."""
         signal.set_wakeup_fd(-1)
-        for fd in (self.wake_r, self.wake_w):
+        for fd in (self.wake_r, self.wake_w, *self.pipes):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        for pool in self.pools:
+        self.pipes.clear()
+        for pool in self.pools + self.draining:
             pool.close()
+        self.pools, self.draining = [], []

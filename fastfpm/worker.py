@@ -6,6 +6,7 @@ Everything here runs once per worker; the per-request path is fastfpm._core.Work
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 from typing import Any, NoReturn
@@ -13,23 +14,23 @@ from typing import Any, NoReturn
 from fastfpm import __version__
 from fastfpm._core import FileWrapper, Worker
 from fastfpm.app import AppLoadError, load_app
-from fastfpm.log import ErrorLog
+from fastfpm.log import ErrorLog, WsgiErrors
 
 # Exit status of a worker whose application failed to import: the master stops rather than
 # respawning it in a loop (gunicorn does the same with its WORKER_BOOT_ERROR).
 EXIT_BOOT_ERROR = 3
 
 
-def environ_template(pool: Any) -> dict[str, Any]:
+def environ_template(pool: Any, errors: Any = None) -> dict[str, Any]:
     """The environ entries every request starts from, copied once per request.
 
     The CGI defaults cover servers that leave out variables PEP 3333 requires; the params a
-    request carries overwrite them.
+    request carries overwrite them. errors is wsgi.errors (the error log; stderr when None).
     """
     return {
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
-        "wsgi.errors": sys.stderr,
+        "wsgi.errors": errors if errors is not None else sys.stderr,
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
@@ -62,8 +63,23 @@ def reset_signals(on_graceful_stop: Any) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog,
-               close_fds: tuple[int, ...] = ()) -> NoReturn:
+def redirect_output(pool: Any, stdout_fd: int, stderr_fd: int) -> None:
+    """Point fds 1 and 2 at the master's pipes (catch_workers_output) or at /dev/null (php-fpm's
+    default: what an app prints is dropped, its log lines and tracebacks still reach the log)."""
+    if pool.catch_workers_output:
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+    else:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    os.close(stdout_fd)
+    os.close(stderr_fd)
+
+
+def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog, *,
+               log_fd: int, stdout_fd: int, stderr_fd: int) -> NoReturn:
     """Serve pool's application on listen_fd until told to stop, then exit the process."""
     worker: Worker | None = None
 
@@ -74,16 +90,10 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             os._exit(0)  # still importing the application: nothing in flight to finish
 
     reset_signals(graceful_stop)
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    log.for_worker(pool.name)
-    if log.path is not None:
-        os.dup2(log.fileno(), 2)  # tracebacks and wsgi.errors go to the error log
+    log.for_worker(pool.name, log_fd)
     status = 1
     try:
+        redirect_output(pool, stdout_fd, stderr_fd)
         if pool.chdir:
             os.chdir(pool.chdir)
         # The working directory is importable, as with gunicorn and `python -m`.
@@ -99,11 +109,11 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         # Non-blocking, so the loop can wait on it and its kept-alive connections in one poll().
         os.set_blocking(listen_fd, False)
         worker = Worker(
-            listen_fd, app, environ_template=environ_template(pool), log=log.log,
+            listen_fd, app, environ_template=environ_template(pool, WsgiErrors(log)), log=log.log,
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
             idle_timeout=pool.idle_timeout, read_timeout=pool.read_timeout,
             max_params_size=pool.max_params_size, mount=pool.mount or "",
-            max_conns=pool.pm_max_children, max_requests=pool.pm_max_requests,
+            max_conns=pool.pm_max_children, max_requests=max_requests(pool),
         )
         worker.serve()
         worker.mark_ending()
@@ -116,3 +126,12 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def max_requests(pool: Any) -> int:
+    """pm.max_requests plus a random share of pm.max_requests_jitter, so workers started together
+    do not all restart together (0: never)."""
+    if not pool.pm_max_requests:
+        return 0
+    jitter = getattr(pool, "pm_max_requests_jitter", 0)
+    return pool.pm_max_requests + (random.randint(0, jitter) if jitter else 0)
