@@ -121,6 +121,8 @@ class FastFPMServer:
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
         self.log_path = workdir / "fastfpm.log"
+        if "--error-log" in self.extra_args:  # fastfpm writes its log there; stdout/stderr too
+            self.log_path = Path(self.extra_args[self.extra_args.index("--error-log") + 1])
         if transport == "unix":
             self.socket_path: Path | None = workdir / "fpm.sock"
             self.port: int | None = None
@@ -145,6 +147,8 @@ class FastFPMServer:
     def command(self) -> list[str]:
         """The command line that starts the server."""
         app = [self.app] if self.app else []  # no app: the built-in demo
+        if "-c" in self.extra_args:  # the configuration file sets the addresses and the sizes
+            return [sys.executable, "-m", "fastfpm", "serve", *app, "-R", *self.extra_args]
         return [sys.executable, "-m", "fastfpm", "serve", *app, "--listen", self.address,
                 "--max-children", str(self.max_children), "-R", *self.extra_args]
 

@@ -1,0 +1,209 @@
+"""php-fpm's process management through real processes: pm modes, timeouts, reload, logs, config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from fastfpm.client import FastCGIClient, build_params
+from tests.servers import Launcher, wait_until
+from tests.test_master import run_cli
+
+ROUTER = "tests.apps.router:app"
+
+
+def get(address: str, path: str, query: str = "", timeout: float = 20):
+    """One GET through the project's client."""
+    with FastCGIClient(address, timeout=timeout) as client:
+        return client.request(build_params("GET", path, query, {}, None, {}))
+
+
+def background_gets(address: str, count: int, seconds: float) -> list[threading.Thread]:
+    """count concurrent slow requests, each holding a worker for `seconds`."""
+    threads = [threading.Thread(target=get, args=(address, "/slow", f"seconds={seconds}"))
+               for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def write_config(path: Path, body: str) -> Path:
+    """A config file with the given text (dedented by the caller)."""
+    path.write_text(body)
+    return path
+
+
+def test_dynamic_starts_start_servers_spawns_under_load_and_trims_idle(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=6, extra_args=[
+        "--pm", "dynamic", "--start-servers", "2", "--min-spare-servers", "1", "--max-spare-servers", "2"])
+    assert len(server.worker_pids()) == 2
+    threads = background_gets(server.address, 4, 3.0)
+    # Busy workers leave fewer than min_spare idle: the master spawns (1, 2, 4 ... per second).
+    wait_until(lambda: len(server.worker_pids()) >= 5, 8, message="dynamic spawning under load")
+    for thread in threads:
+        thread.join(15)
+    # Idle above max_spare: one idle worker stopped per second, down to max_spare_servers.
+    wait_until(lambda: len(server.worker_pids()) == 2, 15, message="idle workers trimmed to max_spare")
+    log = server.log_text()
+    assert "exited with code 0" in log
+
+
+def test_dynamic_warns_once_when_max_children_is_reached(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=2, extra_args=[
+        "--pm", "dynamic", "--start-servers", "1", "--min-spare-servers", "1", "--max-spare-servers", "1"])
+    threads = background_gets(server.address, 3, 3.0)
+    log = server.wait_for_log("reached pm.max_children setting (2)", timeout=10)
+    for thread in threads:
+        thread.join(15)
+    assert log.count("reached pm.max_children") == 1
+    assert len(server.worker_pids()) <= 2
+
+
+def test_ondemand_starts_none_spawns_on_connection_and_stops_idle(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=3, extra_args=[
+        "--pm", "ondemand", "--process-idle-timeout", "1s"])
+    assert server.worker_pids() == []
+    response = get(server.address, "/env")
+    assert response.status == 200
+    assert len(server.worker_pids()) == 1
+    wait_until(lambda: server.worker_pids() == [], 10, message="the idle ondemand worker to stop")
+
+
+def test_request_terminate_timeout_ends_a_stuck_request(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--request-terminate-timeout", "1s"])
+    started = time.monotonic()
+    try:
+        response = get(server.address, "/slow", "seconds=30")
+        ended = response.status
+    except Exception as exc:  # the connection is cut with the worker
+        ended = exc
+    assert time.monotonic() - started < 10
+    assert not isinstance(ended, int) or ended >= 500
+    log = server.wait_for_log("execution timed out")
+    assert "terminating" in log
+    wait_until(lambda: len(server.worker_pids()) == 1, 5, message="a replacement worker")
+    assert get(server.address, "/env").status == 200
+
+
+def test_sigusr2_reloads_with_a_new_generation_and_leaves_no_old_worker(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=2)
+    old = set(server.worker_pids())
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("reloaded: generation 2", mark)
+    new = wait_until(lambda: (pids := set(server.worker_pids())) and not pids & old and len(pids) == 2
+                     and pids, 10, message="only new workers")
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in old)
+    assert len(new) == 2
+    assert get(server.address, "/env").status == 200
+
+
+def test_reload_lets_a_request_in_flight_finish(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(get(server.address, "/slow", "seconds=1.5")))
+    thread.start()
+    time.sleep(0.3)  # the request is in the worker (the slow app sleeps 1.5 s)
+    server.signal(signal.SIGUSR2)
+    thread.join(10)
+    assert results and results[0].status == 200
+    assert get(server.address, "/env").status == 200
+
+
+def test_reload_with_a_broken_config_keeps_serving(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "fastfpm.conf", f"[www]\nlisten = {tmp_path}/r.sock\napp = {ROUTER}\n"
+                        "pm = static\npm.max_children = 1\n")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "r.sock")  # from the file, not the harness's default
+    pids = server.worker_pids()
+    conf.write_text(conf.read_text() + "pm.max_children = lots\n")
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    log = server.wait_for_log("reload aborted", mark)
+    assert f"{conf}:6:" in log and "pm.max_children" in log
+    assert server.worker_pids() == pids
+    assert get(server.address, "/env").status == 200
+
+
+def test_sigusr1_reopens_the_error_log(launcher: Launcher, tmp_path: Path) -> None:
+    log_path = tmp_path / "error.log"
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--error-log", str(log_path)])
+    wait_until(lambda: log_path.exists() and "ready to handle" in log_path.read_text(), 5,
+               message="the error log file")
+    rotated = tmp_path / "error.log.1"
+    log_path.rename(rotated)
+    server.signal(signal.SIGUSR1)
+    wait_until(log_path.exists, 5, message="the reopened log")
+    get(server.address, "/raise-before", "marker=after-rotation")
+    wait_until(lambda: "after-rotation" in log_path.read_text(), 5, message="the traceback in the new log")
+    assert "after-rotation" not in rotated.read_text()
+
+
+def test_catch_workers_output_logs_stdout_and_stderr(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.printing:app", max_children=1,
+                              extra_args=["--catch-workers-output"])
+    get(server.address, "/")
+    log = server.wait_for_log('said into stderr: "to stderr"')
+    assert 'said into stdout: "to stdout"' in server.wait_for_log("said into stdout")
+    assert f"child {server.worker_pids()[0]} said into stderr" in log
+
+
+def test_worker_output_is_dropped_without_catch_workers_output(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.printing:app", max_children=1)
+    assert get(server.address, "/").status == 200
+    time.sleep(0.3)
+    assert "to stderr" not in server.log_text() and "to stdout" not in server.log_text()
+
+
+def test_pid_file_is_written_and_removed(launcher: Launcher, tmp_path: Path) -> None:
+    pid_path = tmp_path / "fastfpm.pid"
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--pid", str(pid_path)])
+    assert pid_path.read_text().strip() == str(server.pid)
+    server.stop()
+    assert not pid_path.exists()
+
+
+def test_config_file_with_two_pools(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "fastfpm.conf", f"""
+[alpha]
+listen = {tmp_path}/alpha.sock
+app = {ROUTER}
+pm = static
+pm.max_children = 1
+
+[beta]
+listen = {tmp_path}/beta.sock
+app = tests.apps.slow:app
+pm = static
+pm.max_children = 2
+""")
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    assert get(str(tmp_path / "alpha.sock"), "/env").status == 200
+    assert get(str(tmp_path / "beta.sock"), "/", "seconds=0").body.startswith(b"slept")
+    assert len(server.worker_pids()) == 3
+
+
+def test_config_errors_are_reported_with_file_and_line(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "bad.conf", "[www]\nlisten = 127.0.0.1:9\napp = x:y\n"
+                        "pm = dynamic\npm.max_children = 2\npm.min_spare_servers = 5\n"
+                        "php_value[memory_limit] = 1G\n"
+                        "no_such_directive = 1\n")
+    result = run_cli("serve", "-c", str(conf), "-R")
+    assert result.returncode == 1
+    assert f"{conf}:7:" in result.stderr and "PHP" in result.stderr
+    assert f"{conf}:8:" in result.stderr and "no_such_directive" in result.stderr
+    assert "pm.min_spare_servers" in result.stderr
+    assert "ready to handle" not in result.stderr  # nothing started
+
+
+def test_serve_tt_dumps_the_effective_configuration(tmp_path: Path) -> None:
+    result = run_cli("serve", "tests.apps.router:app", "--pm", "dynamic", "--max-children", "8", "-tt")
+    assert result.returncode == 0, result.stderr
+    assert "pm = dynamic" in result.stdout and "pm.max_children = 8" in result.stdout
+    assert "pm.start_servers" in result.stdout
