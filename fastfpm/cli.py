@@ -172,7 +172,8 @@ def serve(args: argparse.Namespace) -> int:
             print("fastfpm: warning: the demo's workers run as root; an application would need "
                   "--allow-to-run-as-root (-R)", file=sys.stderr)
     g = config.global_
-    log = ErrorLog(g.error_log if g.error_log not in (None, "syslog") else None, g.log_level, g.log_limit)
+    log = ErrorLog(g.error_log, g.log_level, g.log_limit, syslog_ident=g.syslog_ident,
+                   syslog_facility=g.syslog_facility)
     for warning in config.warnings:
         log.warning(warning)
     if demo:
@@ -186,7 +187,36 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.alert(f"cannot listen: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 1
+    if g.daemonize:
+        if g.error_log is None:
+            log.warning("daemonize is on but error_log is unset: the log goes to /dev/null")
+        return daemonize(master)
     return master.run()
+
+
+def daemonize(master: Any) -> int:
+    """php-fpm's daemonize: detach, and let the starting process exit 0 only once the master in the
+    background is ready (1 if it failed), so init scripts see a start that really worked."""
+    ready_r, ready_w = os.pipe()
+    if os.fork():
+        os.close(ready_w)
+        started = os.read(ready_r, 1) == b"1"
+        return 0 if started else 1
+    os.close(ready_r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+    def tell_ready() -> None:
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+
+    master.on_ready = tell_ready
+    os._exit(master.run())
 
 
 def request(args: argparse.Namespace) -> int:

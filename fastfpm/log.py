@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import os
 import sys
+import syslog
 import time
 import traceback
 from typing import TextIO
 
 LEVELS = {"alert": 1, "error": 2, "warning": 3, "notice": 4, "debug": 5}
+SYSLOG_PRIORITIES = {"alert": syslog.LOG_ALERT, "error": syslog.LOG_ERR, "warning": syslog.LOG_WARNING,
+                     "notice": syslog.LOG_NOTICE, "debug": syslog.LOG_DEBUG}
 
 
 class ErrorLog:
     """php-fpm-style log lines to a file (appended) or to stderr."""
 
-    def __init__(self, path: str | None = None, level: str = "notice", limit: int = 1024) -> None:
+    def __init__(self, path: str | None = None, level: str = "notice", limit: int = 1024, *,
+                 syslog_ident: str = "fastfpm", syslog_facility: str = "daemon") -> None:
         if level not in LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
         self.path = path
@@ -29,12 +33,18 @@ class ErrorLog:
         self.prefix = ""
         self.stream: TextIO = sys.stderr
         self.worker_fd: int | None = None
+        self.syslog_ident = syslog_ident
+        self.syslog_facility = getattr(syslog, f"LOG_{syslog_facility.upper()}")
         self.open()
 
     def open(self) -> None:
         """(Re)open the log file: at start and after logrotate renamed it (SIGUSR1)."""
         if self.path is None:
             self.stream = sys.stderr
+            return
+        if self.path == "syslog":
+            # php-fpm's error_log = syslog: one message per line, the level as the priority.
+            syslog.openlog(self.syslog_ident, syslog.LOG_PID, self.syslog_facility)
             return
         stream = open(self.path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
         if self.stream is not sys.stderr:
@@ -52,6 +62,10 @@ class ErrorLog:
         stamp = time.strftime("%d-%b-%Y %H:%M:%S")
         head = f"[{stamp}] {level.upper()}: {self.prefix}"
         text = "".join(f"{head}{line[:self.limit]}\n" for line in message.rstrip("\n").split("\n"))
+        if self.path == "syslog" and self.worker_fd is None:
+            for line in message.rstrip("\n").split("\n"):
+                syslog.syslog(SYSLOG_PRIORITIES[level], f"{level.upper()}: {self.prefix}{line[:self.limit]}")
+            return
         if self.worker_fd is not None:
             # A worker's lines go through its log pipe to the master, which writes the file. Lines
             # up to PIPE_BUF bytes arrive whole even while other workers write too.
@@ -64,6 +78,12 @@ class ErrorLog:
 
     def write_line(self, text: str) -> None:
         """Append one finished line as it is (a worker's, passed through by the master)."""
+        if self.path == "syslog":
+            # A worker's line arrives stamped "[date] LEVEL: ..."; syslog stamps its own.
+            _, _, rest = text.partition("] ")
+            level = rest.partition(":")[0].lower()
+            syslog.syslog(SYSLOG_PRIORITIES.get(level, syslog.LOG_NOTICE), rest or text)
+            return
         try:
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -79,7 +99,7 @@ class ErrorLog:
         the master through fd."""
         self.prefix = f"[pool {pool}] child {os.getpid()}: "
         self.worker_fd = fd
-        if self.stream is not sys.stderr:
+        if self.path != "syslog" and self.stream is not sys.stderr:
             self.stream.close()  # the master's file: only the master writes it
         return self
 

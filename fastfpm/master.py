@@ -120,6 +120,7 @@ class Master:
         self.next_quit = 0.0
         self.exit_status = 0
         self.ready = False
+        self.on_ready: Any = None        # called once, when first ready (daemonize's parent waits)
         self.process_max_state = pm.ProcessMaxState()
         self.emergency = pm.EmergencyRestart(config.global_.emergency_restart_threshold,
                                              config.global_.emergency_restart_interval)
@@ -147,6 +148,9 @@ class Master:
                 if not self.ready and not self.stopping and all(p.all_started() for p in self.pools):
                     self.ready = True
                     self.log.notice("ready to handle connections")
+                    if self.on_ready is not None:
+                        self.on_ready()
+                        self.on_ready = None
                 if self.stopping and not self.alive():
                     break
                 self.wait(self.next_timeout())

@@ -207,3 +207,77 @@ def test_serve_tt_dumps_the_effective_configuration(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "pm = dynamic" in result.stdout and "pm.max_children = 8" in result.stdout
     assert "pm.start_servers" in result.stdout
+
+
+def test_daemonize_returns_once_ready_and_the_master_serves_in_the_background(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "d.conf", f"""
+[global]
+daemonize = yes
+pid = {tmp_path}/d.pid
+error_log = {tmp_path}/d.log
+
+[www]
+listen = {tmp_path}/d.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    result = run_cli("serve", "-c", str(conf), "-R")
+    assert result.returncode == 0, result.stderr
+    pid = int((tmp_path / "d.pid").read_text())
+    try:
+        assert "ready to handle connections" in (tmp_path / "d.log").read_text()
+        assert get(str(tmp_path / "d.sock"), "/env").status == 200
+        assert os.getsid(pid) != os.getsid(0)  # detached: a session of its own, not ours
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, message="the daemon to exit")
+
+
+def test_error_log_to_syslog(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    from tests.servers import REPO_ROOT
+
+    if os.path.exists("/dev/log"):
+        pytest.skip("a system syslog owns /dev/log; this test needs to stand in for it")
+    conf = write_config(tmp_path / "s.conf", f"""
+[global]
+error_log = syslog
+syslog.ident = ffpm-test
+syslog.facility = local3
+
+[www]
+listen = {tmp_path}/s.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as fake_syslog:
+        fake_syslog.bind("/dev/log")
+        fake_syslog.settimeout(10)
+        proc = subprocess.Popen([sys.executable, "-m", "fastfpm", "serve", "-c", str(conf), "-R"],
+                                cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        try:
+            messages: list[bytes] = []
+            while not any(b"ready to handle connections" in m for m in messages):
+                messages.append(fake_syslog.recv(4096))
+            text = b"\n".join(messages).decode()
+            assert "ffpm-test[" in text and "NOTICE: fpm is running" in text
+            assert "<157>" in text  # facility local3 (19) * 8 + notice (5)
+            # A worker's line reaches syslog through the master too.
+            get(str(tmp_path / "s.sock"), "/raise-before", "marker=via-syslog")
+            while not any(b"via-syslog" in m for m in messages):
+                messages.append(fake_syslog.recv(4096))
+        finally:
+            # Stop standing in for syslog first: a full, unread /dev/log would block the master.
+            os.unlink("/dev/log")
+            fake_syslog.close()
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise

@@ -17,8 +17,6 @@ from fastfpm.scoreboard import STAGE_IDLE, STAGE_STARTING, Scoreboard
 from fastfpm.worker import environ_template
 from tests.servers import wait_until
 
-RELEASE = threading.Event()
-
 
 def blocking_app(environ, start_response):
     """Hold the request until the file named by QUERY_STRING exists (the test's go signal)."""
