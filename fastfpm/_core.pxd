@@ -163,3 +163,22 @@ cdef extern from "<errno.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+        EPOLLEXCLUSIVE
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)

@@ -355,6 +355,7 @@ cdef class Connection:
     cdef bint logged          # the reason for closing is already in the log
     cdef bint in_request
     cdef bint fresh           # accepted just now (counted in the slot's accepted_conn)
+    cdef bint watched         # in the worker's epoll set
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
     # request body (FCGI_STDIN) streaming state
     cdef size_t stdin_left    # content bytes left in the current STDIN record
@@ -380,6 +381,7 @@ cdef class Connection:
         self.request_id = 0
         self.keep_conn = False
         self.broken = False
+        self.watched = False
         self.logged = False
         self.in_request = False
 
@@ -511,12 +513,14 @@ cdef class Worker:
     cdef Connection conn
     cdef Connection spare
     cdef list kept                   # idle kept-alive connections, oldest first
+    cdef int epfd                    # epoll set: the listen socket and the kept connections
 
     def __cinit__(self):
         self.wbuf = <uint8_t *>malloc(WBUF_INITIAL)
         self.wcap = WBUF_INITIAL
         self.pbuf = NULL
         self.scratch = NULL
+        self.epfd = -1
         if self.wbuf == NULL:
             raise MemoryError()
         memset(self.keys, 0, sizeof(self.keys))
@@ -531,6 +535,8 @@ cdef class Worker:
                 Py_DECREF(<object>self.keys[i].key)
             if self.keys[i].value_str != NULL:
                 Py_DECREF(<object>self.keys[i].value_str)
+        if self.epfd >= 0:
+            close(self.epfd)
         free(self.wbuf)
         free(self.pbuf)
         free(self.scratch)
@@ -581,6 +587,8 @@ cdef class Worker:
 
     cdef inline void sb_idle(self) noexcept:
         cdef ffpm_slot *s = self.slot
+        if s.stage == FFPM_STAGE_IDLE:
+            return  # still idle (a wait timed out): idle_since stays when it began
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_IDLE
         s.idle_since_ns = mono_ns()
@@ -650,8 +658,8 @@ cdef class Worker:
     def serve(self):
         """Accept and serve connections until stopping is set or max_requests is reached.
 
-        The listen socket is non-blocking (fastfpm.worker sets it), so one poll() can wait on it
-        and on the kept-alive connections this worker holds idle: a kept connection with no
+        A worker waits on the listen socket and the kept-alive connections it holds idle
+        together (see next_ready): a kept connection with no
         request on it does not pin the worker while others wait (php-fpm's workers stay stuck on
         theirs until the web server sends something or closes).
         """
@@ -690,6 +698,9 @@ cdef class Worker:
     cdef int keep(self, Connection conn) except -1:
         """Hold a kept-alive connection idle until its next request or its idle timeout."""
         cdef Connection oldest
+        if not conn.watched:
+            self.watch(conn.fd, EPOLLIN)
+            conn.watched = True
         conn.idle_deadline_ns = mono_ns() + <int64_t>self.idle_timeout_ms * 1000000
         if len(self.kept) >= MAX_KEPT:
             # The web server's pool is larger than we hold: let go of the longest idle one.
@@ -699,10 +710,16 @@ cdef class Worker:
         return 0
 
     cdef Connection accept_one(self):
-        """accept() once on the non-blocking listen socket: a new connection, or None."""
+        """accept() once: a new connection, or None.
+
+        The listen socket is blocking, with a receive timeout (SO_RCVTIMEO, set by
+        fastfpm.worker) that bounds the wait: a blocking accept() wakes exactly one waiting
+        worker per connection, where a readiness wait would wake several to race for it.
+        """
         cdef int fd, err
         cdef Connection conn
-        fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+        with nogil:
+            fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
         if fd >= 0:
             conn = self.spare if self.spare is not None else Connection()
             self.spare = None
@@ -724,20 +741,38 @@ cdef class Worker:
             raise OSError(err, "accept() failed")
         return None
 
+    cdef int watch(self, int fd, uint32_t events) except -1:
+        """Add fd to this worker's epoll set (a closed fd leaves the set by itself)."""
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl() failed")
+        return 0
+
     cdef Connection next_ready(self):
         """The next connection with something to read: a new one, or a kept one whose next request
-        has arrived. None when a signal, a timeout or a lost accept() race woke us up instead."""
+        has arrived. None when a signal, a timeout or a lost accept() race woke us up instead.
+
+        A worker holding kept connections waits in its own epoll set with them and the listen
+        socket (EPOLLEXCLUSIVE, so a new connection wakes one such worker rather than all). If
+        another worker takes the connection first, the accept() that follows returns within the
+        listen socket's receive timeout.
+        """
         cdef Connection conn
-        cdef pollfd fds[MAX_KEPT + 1]
-        cdef Py_ssize_t i, n = len(self.kept)
+        cdef epoll_event events[MAX_KEPT + 1]
+        cdef Py_ssize_t i, j, n = len(self.kept)
         cdef int rc, timeout_ms = -1
         cdef int64_t now, wait_ns
+        cdef bint listen_ready = False
+        if self.epfd < 0:
+            self.epfd = epoll_create1(EPOLL_CLOEXEC)
+            if self.epfd < 0:
+                raise OSError(errno, "epoll_create1() failed")
+            self.watch(self.listen_fd, EPOLLIN | EPOLLEXCLUSIVE)
         if n == 0:
-            # Nothing kept: under load a connection is usually queued already, so try accept()
-            # before paying for poll().
-            conn = self.accept_one()
-            if conn is not None:
-                return conn
+            # Nothing kept: wait in accept() itself (see accept_one).
+            return self.accept_one()
         else:
             now = mono_ns()
             for i in range(n):
@@ -747,34 +782,33 @@ cdef class Worker:
                     wait_ns = 0
                 if timeout_ms < 0 or wait_ns // 1000000 + 1 < timeout_ms:
                     timeout_ms = <int>(wait_ns // 1000000 + 1)
-        fds[0].fd = self.listen_fd
-        fds[0].events = POLLIN
-        fds[0].revents = 0
-        for i in range(n):
-            fds[i + 1].fd = (<Connection>self.kept[i]).fd
-            fds[i + 1].events = POLLIN
-            fds[i + 1].revents = 0
         with nogil:
-            rc = poll(fds, n + 1, timeout_ms)
+            rc = epoll_wait(self.epfd, events, MAX_KEPT + 1, timeout_ms)
         if rc < 0:
             if errno != EINTR:
-                raise OSError(errno, "poll() failed")
+                raise OSError(errno, "epoll_wait() failed")
             PyErr_CheckSignals()
             return None
         # Kept connections first: their requests were sent to us specifically, and serving them
         # keeps the web server's pool warm. Idle ones past their deadline are closed.
-        if n:
-            now = mono_ns()
-            for i in range(n - 1, -1, -1):
+        for j in range(rc):
+            if events[j].data.fd == self.listen_fd:
+                listen_ready = True
+                continue
+            for i in range(len(self.kept)):
                 conn = self.kept[i]
-                if fds[i + 1].revents:
+                if conn.fd == events[j].data.fd:
                     del self.kept[i]
                     conn.fresh = False
                     return conn
+        if n:
+            now = mono_ns()
+            for i in range(len(self.kept) - 1, -1, -1):
+                conn = self.kept[i]
                 if conn.idle_deadline_ns <= now:
                     del self.kept[i]
                     self.discard(conn)
-        if fds[0].revents:
+        if listen_ready:
             return self.accept_one()
         return None
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
+import struct
 import sys
 from typing import Any, NoReturn
 
@@ -106,8 +108,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         except BaseException:
             log.exception(f"importing the application {pool.app!r} failed")
             os._exit(EXIT_BOOT_ERROR)
-        # Non-blocking, so the loop can wait on it and its kept-alive connections in one poll().
-        os.set_blocking(listen_fd, False)
+        set_accept_timeout(listen_fd)
         worker = Worker(
             listen_fd, app, environ_template=environ_template(pool, WsgiErrors(log)), log=log.log,
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
@@ -126,6 +127,26 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+# How long a worker's accept() waits before it looks at its stop flag and kept connections again.
+ACCEPT_TIMEOUT_SECONDS = 0.1
+
+
+def set_accept_timeout(listen_fd: int) -> None:
+    """Bound accept() with SO_RCVTIMEO, which Linux applies to accept on a blocking socket.
+
+    The worker loop blocks in accept() (one waiter woken per connection, no thundering herd),
+    but must not sleep there forever: after losing a race for a connection its kept-alive
+    connections would wait, and a stop signal that lands just before accept() would go unseen.
+    """
+    sock = socket.socket(fileno=os.dup(listen_fd))
+    try:
+        sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", 0, int(ACCEPT_TIMEOUT_SECONDS * 1_000_000)))
+    finally:
+        sock.close()
 
 
 def max_requests(pool: Any) -> int:

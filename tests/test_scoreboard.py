@@ -14,7 +14,7 @@ from fastfpm.address import create_listen_socket, parse_address
 from fastfpm.client import FastCGIClient, build_params
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_IDLE, STAGE_STARTING, Scoreboard
-from fastfpm.worker import environ_template
+from fastfpm.worker import environ_template, set_accept_timeout
 from tests.servers import wait_until
 
 
@@ -51,7 +51,7 @@ def forked_worker(tmp_path: Path):
     pid = os.fork()
     if pid == 0:  # the worker: serve until killed
         try:
-            os.set_blocking(listener.fileno(), False)
+            set_accept_timeout(listener.fileno())
             log = ErrorLog(None, "warning")
             Worker(listener.fileno(), blocking_app, environ_template=environ_template(PoolStub),
                    log=log.log, log_exception=log.exception, scoreboard=board.mapping,
