@@ -479,6 +479,7 @@ cdef class Worker:
     cdef dict template
     cdef object log                  # log(level: str, message: str), error paths only
     cdef object log_exception        # log_exception(message: str) with the current traceback
+    cdef object client_filter        # None, or client_filter(fd) -> bool (listen.allowed_clients)
     cdef int idle_timeout_ms         # waiting for the start of a request
     cdef int read_timeout_ms         # waiting for the rest of a request
     cdef size_t max_params_size
@@ -544,8 +545,12 @@ cdef class Worker:
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
-                 int max_conns=1, uint64_t max_requests=0):
-        """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot."""
+                 int max_conns=1, uint64_t max_requests=0, client_filter=None):
+        """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
+
+        client_filter(fd) -> bool, when given, is asked about every accepted connection
+        (listen.allowed_clients); a refused one is closed before anything is read.
+        """
         cdef Py_buffer view
         self.listen_fd = listen_fd
         self.app = app
@@ -568,6 +573,7 @@ cdef class Worker:
         self.mount = mount.rstrip("/")
         self.mount_bytes = self.mount.encode("latin-1")
         self.max_requests = max_requests
+        self.client_filter = client_filter
         self.rec_start = NO_RECORD
         self.kept = []
         self.start_response_cb = self.start_response
@@ -720,6 +726,9 @@ cdef class Worker:
         cdef Connection conn
         with nogil:
             fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+        if fd >= 0 and self.client_filter is not None and not self.client_filter(fd):
+            close(fd)
+            return None
         if fd >= 0:
             conn = self.spare if self.spare is not None else Connection()
             self.spare = None
