@@ -127,6 +127,7 @@ class Master:
         self.next_maintenance = 0.0
         self.next_check = 0.0
         self.pipes: dict[int, Child] = {}
+        self.respawn_due: set[str] = set()   # pools that lost a worker it did not ask to exit
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             for pool_config in config.pools:
@@ -154,6 +155,7 @@ class Master:
                 if self.stopping and not self.alive():
                     break
                 self.wait(self.next_timeout())
+                self.respawn()
                 now = time.monotonic()
                 if not self.stopping and now >= self.next_maintenance:
                     self.next_maintenance = now + pm.MAINTENANCE_INTERVAL
@@ -497,10 +499,28 @@ class Master:
             self.exit_status = 1
             self.fast_stop()
             return
-        actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=child.killed_by_pm)
-        capped = pm.cap_spawns({pool.name: actions}, self.total_workers(),
-                               self.config.global_.process_max, self.process_max_state)
-        self.execute(pool, capped[pool.name])
+        if not child.killed_by_pm:
+            self.respawn_due.add(pool.name)
+
+    def respawn(self) -> None:
+        """Replace the workers that exited unasked, once signals that came with them are handled.
+
+        A SIGTERM sent to the whole process group (Ctrl-\\, `timeout`, a supervisor) kills the
+        workers too, and their SIGCHLD may be read before the master's own SIGTERM: a moment's
+        wait for more signals keeps the master from forking workers it is about to stop.
+        """
+        if not self.respawn_due:
+            return
+        self.wait(0.02)
+        due, self.respawn_due = self.respawn_due, set()
+        if self.stopping:
+            return
+        for pool in self.pools:
+            if pool.name in due:
+                actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=False)
+                capped = pm.cap_spawns({pool.name: actions}, self.total_workers(),
+                                       self.config.global_.process_max, self.process_max_state)
+                self.execute(pool, capped[pool.name])
 
     def log_exit(self, pool: Pool, child: Child, status: int) -> None:
         """One line per ended worker, as php-fpm's fpm_children_bury writes it."""
