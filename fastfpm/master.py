@@ -367,7 +367,10 @@ class Master:
         capped = pm.cap_spawns(wanted, self.total_workers(), self.config.global_.process_max,
                                self.process_max_state)
         for pool in pools:
-            self.execute(pool, capped.get(pool.name, []))
+            actions = capped.get(pool.name, [])
+            # What process.max left is what "ready" waits for.
+            pool.initial = sum(a.n for a in actions if isinstance(a, pm.Spawn))
+            self.execute(pool, actions)
 
     def total_workers(self) -> int:
         """Workers alive in every pool and generation (what process.max counts)."""

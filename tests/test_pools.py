@@ -281,3 +281,95 @@ pm.max_children = 1
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise
+
+
+def test_emergency_restart_reloads_after_repeated_crashes(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "e.conf", f"""
+[global]
+emergency_restart_threshold = 2
+emergency_restart_interval = 1m
+
+[www]
+listen = {tmp_path}/e.sock
+app = tests.apps.crash:app
+pm.max_children = 2
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    address = str(tmp_path / "e.sock")
+    for _ in range(2):
+        try:
+            get(address, "/crash")
+        except Exception:
+            pass  # the worker died mid-request: that is the point
+    log = server.wait_for_log("initiating reload")
+    assert "failed processes threshold (2 in 60 sec) is reached" in log
+    assert log.count("exited on signal 11 (SIGSEGV)") == 2
+    server.wait_for_log("reloaded: generation 2")
+    assert get(address, "/").status == 200
+
+
+def test_process_max_caps_all_pools_together(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "m.conf", f"""
+[global]
+process.max = 3
+
+[one]
+listen = {tmp_path}/one.sock
+app = {ROUTER}
+pm.max_children = 2
+
+[two]
+listen = {tmp_path}/two.sock
+app = {ROUTER}
+pm.max_children = 2
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    log = server.wait_for_log("process.max")
+    assert "The maximum number of processes has been reached" in log
+    assert len(server.worker_pids()) == 3
+    # Only the first pool got all it asked for; the second still serves with what was left.
+    assert get(str(tmp_path / "one.sock"), "/env").status == 200
+    assert get(str(tmp_path / "two.sock"), "/env").status == 200
+
+
+def test_listen_owner_group_and_mode_of_the_unix_socket(launcher: Launcher, tmp_path: Path) -> None:
+    import grp
+    import pwd
+    import stat
+
+    conf = write_config(tmp_path / "o.conf", f"""
+[www]
+listen = {tmp_path}/o.sock
+listen.owner = nobody
+listen.group = nogroup
+listen.mode = 0600
+app = {ROUTER}
+pm.max_children = 1
+""")
+    launcher.fastfpm("", extra_args=["-c", str(conf)])
+    info = os.stat(tmp_path / "o.sock")
+    assert pwd.getpwuid(info.st_uid).pw_name == "nobody"
+    assert grp.getgrgid(info.st_gid).gr_name == "nogroup"
+    assert stat.S_IMODE(info.st_mode) == 0o600
+
+
+def test_max_requests_jitter_spreads_recycling(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "j.conf", f"""
+[www]
+listen = {tmp_path}/j.sock
+app = tests.apps.crash:app
+pm.max_children = 1
+pm.max_requests = 2
+pm.max_requests_jitter = 3
+""")
+    launcher.fastfpm("", extra_args=["-c", str(conf)])
+    pids = [get(str(tmp_path / "j.sock"), "/").body for _ in range(40)]
+    runs = []
+    for pid in pids:
+        if runs and runs[-1][0] == pid:
+            runs[-1][1] += 1
+        else:
+            runs.append([pid, 1])
+    quotas = [count for _, count in runs[:-1]]  # the last worker may not have reached its quota
+    assert quotas and all(2 <= q <= 5 for q in quotas)
+    assert len(set(quotas)) > 1  # not every worker got the same quota
