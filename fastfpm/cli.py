@@ -219,6 +219,17 @@ def daemonize(master: Any) -> int:
     os._exit(master.run())
 
 
+def split_items(items: list[str], separator: str, flag: str, form: str) -> dict[str, str]:
+    """`Name: value` or `NAME=VALUE` command-line items as a dict; ValueError names the bad one."""
+    parsed = {}
+    for item in items:
+        name, sep, value = item.partition(separator)
+        if not sep:
+            raise ValueError(f"{flag} {item!r}: expected {form}")
+        parsed[name.strip()] = value.strip()
+    return parsed
+
+
 def request(args: argparse.Namespace) -> int:
     """The `request` command: one FastCGI request, the response on stdout."""
     from fastfpm.address import parse_address
@@ -233,20 +244,12 @@ def request(args: argparse.Namespace) -> int:
             body = args.data.encode()
     method = args.method or ("POST" if args.data is not None else "GET")
     path, _, query = args.path.partition("?")
-    headers = {}
-    for line in args.header:
-        name, sep, value = line.partition(":")
-        if not sep:
-            print(f"fastfpm: -H {line!r}: expected 'Name: value'", file=sys.stderr)
-            return 2
-        headers[name.strip()] = value.strip()
-    extra = {}
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep:
-            print(f"fastfpm: --param {item!r}: expected NAME=VALUE", file=sys.stderr)
-            return 2
-        extra[name] = value
+    try:
+        headers = split_items(args.header, ":", "-H", "'Name: value'")
+        extra = split_items(args.param, "=", "--param", "NAME=VALUE")
+    except ValueError as exc:
+        print(f"fastfpm: {exc}", file=sys.stderr)
+        return 2
     try:
         address = parse_address(args.address)
         # No body: an empty CONTENT_LENGTH, as nginx sends for a GET.

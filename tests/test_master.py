@@ -25,7 +25,7 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
                           capture_output=True, text=True, timeout=timeout)
 
 
-def get(address: str, path: str, query: str = "", timeout: float = 10):
+def get(address: str, path: str, query: str = "", timeout: float = 20):
     """One GET through the project's client."""
     with FastCGIClient(address, timeout=timeout) as client:
         return client.request(build_params("GET", path, query, {}, None, {}))

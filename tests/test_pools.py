@@ -8,17 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-from fastfpm.client import FastCGIClient, build_params
 from tests.servers import Launcher, wait_until
-from tests.test_master import run_cli
+from tests.test_master import get, run_cli, server_busy
 
 ROUTER = "tests.apps.router:app"
-
-
-def get(address: str, path: str, query: str = "", timeout: float = 20):
-    """One GET through the project's client."""
-    with FastCGIClient(address, timeout=timeout) as client:
-        return client.request(build_params("GET", path, query, {}, None, {}))
 
 
 def background_gets(address: str, count: int, seconds: float) -> list[threading.Thread]:
@@ -106,7 +99,7 @@ def test_reload_lets_a_request_in_flight_finish(launcher: Launcher) -> None:
     results = []
     thread = threading.Thread(target=lambda: results.append(get(server.address, "/slow", "seconds=1.5")))
     thread.start()
-    time.sleep(0.3)  # the request is in the worker (the slow app sleeps 1.5 s)
+    wait_until(lambda: server_busy(server), 5, message="the slow request to start")
     server.signal(signal.SIGUSR2)
     thread.join(10)
     assert results and results[0].status == 200
