@@ -165,6 +165,14 @@ cdef extern from "<unistd.h>" nogil:
     int close(int fd)
 
 
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        F_GETFL
+        F_SETFL
+        O_NONBLOCK
+    int fcntl(int fd, int cmd, ...)
+
+
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
         void *ptr

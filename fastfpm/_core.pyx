@@ -818,8 +818,26 @@ cdef class Worker:
                     del self.kept[i]
                     self.discard(conn)
         if listen_ready:
-            return self.accept_one()
+            return self.accept_now()
         return None
+
+    cdef Connection accept_now(self):
+        """accept() without waiting, for a worker whose kept connections must not wait on it.
+
+        epoll may wake several workers for one connection; the ones that lose the race must get
+        EAGAIN, not sleep in accept() while their kept connections' requests queue up. The listen
+        socket's O_NONBLOCK is shared with every worker, so it is set just around this call: a
+        worker that enters accept() in that instant gets EAGAIN and simply waits again.
+        """
+        cdef int flags = fcntl(self.listen_fd, F_GETFL)
+        cdef Connection conn
+        if flags < 0 or fcntl(self.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
+            raise OSError(errno, "fcntl() on the listen socket failed")
+        try:
+            conn = self.accept_one()
+        finally:
+            fcntl(self.listen_fd, F_SETFL, flags & ~O_NONBLOCK)
+        return conn
 
     cdef int wait_readable(self, int fd, int timeout_ms) except -2:
         """poll() one fd for input: 1 readable, 0 timed out."""
