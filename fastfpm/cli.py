@@ -160,22 +160,42 @@ def serve(args: argparse.Namespace) -> int:
         for problem in exc.errors:
             print(problem, file=sys.stderr)
         return 1
+    from fastfpm.process import SetupError, check_root, prepare_master, resolve_identity
+
     demo = args.config is None and args.app is None
-    if os.geteuid() == 0 and not args.allow_root:
-        rootly = [p.name for p in config.pools if not p.user or p.user in ("root", "0")]
-        if rootly and not demo:
-            print(f"fastfpm: [pool {rootly[0]}] please specify user and group other than root, or pass "
-                  "--allow-to-run-as-root (-R) to run the workers as root", file=sys.stderr)
-            return 2
-        if demo:
-            # The built-in demo only shows a page, so a first try as root is allowed, with a word.
-            print("fastfpm: warning: the demo's workers run as root; an application would need "
-                  "--allow-to-run-as-root (-R)", file=sys.stderr)
+    # The built-in demo only shows a page, so a first try as root is allowed, with a word.
+    allow_root = args.allow_root or demo
+    identities = {}
+    problems = []
+    for pool in config.pools:
+        try:
+            identities[pool.name] = resolve_identity(pool)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        for level, message in check_root(pool, identities[pool.name], allow_root):
+            if level == "error":
+                problems.append(f"{message}, or pass --allow-to-run-as-root (-R) to run the workers as root")
+            else:
+                print(f"fastfpm: {level}: {message}", file=sys.stderr)
+    if problems:
+        for problem in problems:
+            print(f"fastfpm: {problem}", file=sys.stderr)
+        return 2
+    if demo and os.geteuid() == 0 and not args.allow_root:
+        print("fastfpm: warning: the demo's workers run as root; an application would need "
+              "--allow-to-run-as-root (-R)", file=sys.stderr)
     g = config.global_
     log = ErrorLog(g.error_log, g.log_level, g.log_limit, syslog_ident=g.syslog_ident,
                    syslog_facility=g.syslog_facility)
     for warning in config.warnings:
         log.warning(warning)
+    try:
+        for level, message in prepare_master(g):
+            log.log(level, message)
+    except SetupError as exc:
+        log.alert(str(exc))
+        return 1
     if demo:
         from fastfpm.address import parse_address
 
@@ -183,7 +203,7 @@ def serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         print(nginx_snippet(parse_address(config.pools[0].listen)), file=sys.stderr)
     try:
-        master = Master(config, log, config_path=args.config, cli_options=options)
+        master = Master(config, log, config_path=args.config, cli_options=options, identities=identities)
     except OSError as exc:
         log.alert(f"cannot listen: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 1

@@ -56,8 +56,10 @@ class Child:
 class Pool:
     """One pool: its config, listen socket, scoreboard, pm state and live workers."""
 
-    def __init__(self, config: Any, log: ErrorLog, generation: int, sock: Any = None) -> None:
+    def __init__(self, config: Any, log: ErrorLog, generation: int, sock: Any = None,
+                 identity: Any = None) -> None:
         self.config = config
+        self.identity = identity         # the user/group workers switch to (fastfpm.process)
         self.name: str = config.name
         self.log = log
         self.generation = generation
@@ -107,7 +109,7 @@ class Master:
     """The arbiter: start pools, keep them sized as pm decides, reload and stop on signals."""
 
     def __init__(self, config: Config, log: ErrorLog, *, config_path: str | None = None,
-                 cli_options: dict[str, Any] | None = None) -> None:
+                 cli_options: dict[str, Any] | None = None, identities: dict[str, Any] | None = None) -> None:
         self.config = config
         self.log = log
         self.config_path = config_path
@@ -131,7 +133,8 @@ class Master:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             for pool_config in config.pools:
-                self.pools.append(Pool(pool_config, log, self.generation))
+                self.pools.append(Pool(pool_config, log, self.generation,
+                                       identity=(identities or {}).get(pool_config.name)))
         except BaseException:
             self.close()
             raise
@@ -313,6 +316,8 @@ class Master:
                     self.log.error(problem)
                 self.log.error("reload aborted: the configuration has errors; still serving the old one")
                 return
+        from fastfpm.process import resolve_identity
+
         self.generation += 1
         sockets = {str(p.address): p for p in self.pools}
         new_pools = []
@@ -320,8 +325,9 @@ class Master:
             for pool_config in new_config.pools:
                 old = sockets.pop(str(parse_address(pool_config.listen)), None)
                 new_pools.append(Pool(pool_config, self.log, self.generation,
-                                      sock=old.socket if old is not None else None))
-        except OSError as exc:
+                                      sock=old.socket if old is not None else None,
+                                      identity=resolve_identity(pool_config)))
+        except (OSError, ValueError) as exc:
             self.log.error(f"reload aborted: {exc}")
             for pool in new_pools:
                 pool.close(keep_socket=pool.socket in [p.socket for p in self.pools])
@@ -447,7 +453,8 @@ class Master:
             if pid == 0:
                 self.close_in_child(keep_in_child)
                 run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot,
-                           self.log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1])
+                           self.log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1],
+                           identity=pool.identity)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         pool.scoreboard.set_pid(slot, pid)

@@ -17,6 +17,7 @@ from fastfpm import __version__
 from fastfpm._core import FileWrapper, Worker
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
+from fastfpm.process import REFUSED_MESSAGE, AllowedClients, SetupError, prepare_worker
 
 # Exit status of a worker whose application failed to import: the master stops rather than
 # respawning it in a loop (gunicorn does the same with its WORKER_BOOT_ERROR).
@@ -81,7 +82,7 @@ def redirect_output(pool: Any, stdout_fd: int, stderr_fd: int) -> None:
 
 
 def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog, *,
-               log_fd: int, stdout_fd: int, stderr_fd: int) -> NoReturn:
+               log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None) -> NoReturn:
     """Serve pool's application on listen_fd until told to stop, then exit the process."""
     worker: Worker | None = None
 
@@ -96,8 +97,14 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
     status = 1
     try:
         redirect_output(pool, stdout_fd, stderr_fd)
-        if pool.chdir:
-            os.chdir(pool.chdir)
+        # rlimits, chdir, priority, then the switch to the pool's user, then env[]/clear_env:
+        # all before the application's code runs, as php-fpm orders it.
+        try:
+            for level, message in prepare_worker(pool, identity):
+                log.log(level, message)
+        except SetupError as exc:
+            log.alert(str(exc))
+            os._exit(EXIT_BOOT_ERROR)
         # The working directory is importable, as with gunicorn and `python -m`.
         python_path = [*pool.python_path, os.getcwd()]
         try:
@@ -115,6 +122,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             idle_timeout=pool.idle_timeout, read_timeout=pool.read_timeout,
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
+            client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
+                lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),
         )
         worker.serve()
         worker.mark_ending()

@@ -366,3 +366,55 @@ pm.max_requests_jitter = 3
     quotas = [count for _, count in runs[:-1]]  # the last worker may not have reached its quota
     assert quotas and all(2 <= q <= 5 for q in quotas)
     assert len(set(quotas)) > 1  # not every worker got the same quota
+
+
+def test_workers_switch_to_the_pool_user_with_its_env(launcher: Launcher, tmp_path: Path) -> None:
+    import ast
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("switching workers to another user needs the master to run as root")
+    os.chmod(tmp_path, 0o755)
+    conf = write_config(tmp_path / "u.conf", f"""
+[www]
+user = nobody
+listen = {tmp_path}/u.sock
+listen.owner = nobody
+app = tests.apps.whoami:app
+chdir = /tmp
+pm.max_children = 1
+clear_env = yes
+env[FROM_POOL] = yes
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    seen = ast.literal_eval(get(str(tmp_path / "u.sock"), "/").body.decode())
+    assert (seen["uid"], seen["gid"]) == (nobody.pw_uid, nobody.pw_gid)
+    assert seen["cwd"] == "/tmp"
+    assert seen["FROM_POOL"] == "yes" and seen["PATH"] is None  # clear_env: only env[] is passed
+    assert seen["HOME"] == nobody.pw_dir
+    worker = server.worker_pids()[0]
+    assert os.stat(f"/proc/{worker}").st_uid == nobody.pw_uid
+    assert os.stat(f"/proc/{server.pid}").st_uid == 0  # the master stays root, as php-fpm's
+
+
+def test_listen_allowed_clients_drops_others(launcher: Launcher, tmp_path: Path) -> None:
+    import socket
+
+    from tests.servers import free_port
+
+    port = free_port()
+    conf = write_config(tmp_path / "a.conf", f"""
+[www]
+listen = 127.0.0.1:{port}
+listen.allowed_clients = 10.1.2.3
+app = {ROUTER}
+pm.max_children = 1
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        assert sock.recv(10) == b""  # closed before anything is read
+    log = server.wait_for_log("Connection disallowed")
+    assert "IP address '127.0.0.1' has been dropped." in log
