@@ -1,0 +1,1 @@
+"""fastfpm's benchmark suite: run ``python benchmarks/run.py --help``."""

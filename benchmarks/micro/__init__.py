@@ -1,0 +1,1 @@
+"""Micro-benchmarks (pytest-benchmark): ``python -m pytest benchmarks/micro --benchmark-enable``."""
