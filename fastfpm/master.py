@@ -72,10 +72,22 @@ class Pool:
         self.state = pm.PmState()
         self.children: dict[int, Child] = {}
         self.initial = pm.initial_spawn(config)
+        self.prepare_slowlog()
         # While an older generation drains after a reload:
         self.keep_socket = False         # the new generation took over the socket
         self.drain_deadline = 0.0        # SIGKILL for whoever is still busy then
         self.next_quit = 0.0             # the next repeated SIGQUIT
+
+    def prepare_slowlog(self) -> None:
+        """Create the slowlog file for the workers, which append to it as the pool's user."""
+        if not (self.config.slowlog and self.config.request_slowlog_timeout):
+            return
+        fd = os.open(self.config.slowlog, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            if self.identity is not None:
+                os.fchown(fd, self.identity.uid, self.identity.gid)
+        finally:
+            os.close(fd)
 
     def snapshot(self) -> pm.PoolSnapshot:
         """The pool's workers as pm's decisions see them."""

@@ -467,7 +467,8 @@ def worker_from_slot(slot: Any, *, started: float, stopping: bool = False) -> Wo
         idle_since=slot.idle_since_ns / 1e9 if slot.idle_since_ns else None,
         request_started=slot.request_start_ns / 1e9 if busy and slot.request_start_ns else None,
         requests=slot.requests, stopping=stopping,
-        request=f"{method} {uri}{'?' + query if query else ''}" if method else "",
+        # REQUEST_URI already carries the query string when the web server sends it whole (nginx).
+        request=f"{method} {uri}{'?' + query if query and '?' not in uri else ''}" if method else "",
         script=getattr(slot, "script_filename", "") or "",
     )
 

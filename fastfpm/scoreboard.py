@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastfpm._scoreboard_cffi import ffi, lib
 
@@ -73,6 +74,25 @@ def _text(field: object) -> str:
     return ffi.string(field).decode("latin-1")
 
 
+def _decode(index: int, copy: Any) -> SlotSnapshot:
+    return SlotSnapshot(
+        index=index, pid=copy.pid, generation=copy.generation, stage=copy.stage,
+        requests=copy.requests, accepted_conn=copy.accepted_conn, started_wall=copy.started_wall,
+        request_start_ns=copy.request_start_ns, request_start_wall_us=copy.request_start_wall_us,
+        last_request_ns=copy.last_request_ns, idle_since_ns=copy.idle_since_ns,
+        content_length=copy.content_length, status=copy.status, keepalive=bool(copy.keepalive),
+        method=_text(copy.method), request_uri=_text(copy.request_uri),
+        query_string=_text(copy.query_string), script_filename=_text(copy.script_filename),
+    )
+
+
+def read_slot(mapping: Any, index: int) -> SlotSnapshot:
+    """A consistent copy of slot `index` of an existing mapping (a worker reading its own slot)."""
+    copy = ffi.new("ffpm_slot *")
+    lib.ffpm_slot_read(ffi.addressof(lib.ffpm_slots(ffi.from_buffer(mapping))[index]), copy)
+    return _decode(index, copy)
+
+
 class Scoreboard:
     """One pool's shared mapping: a header and `nslots` worker slots."""
 
@@ -122,15 +142,7 @@ class Scoreboard:
         """A consistent copy of one slot (seqlock read, no lock taken)."""
         copy = ffi.new("ffpm_slot *")
         lib.ffpm_slot_read(ffi.addressof(self._slots[index]), copy)
-        return SlotSnapshot(
-            index=index, pid=copy.pid, generation=copy.generation, stage=copy.stage,
-            requests=copy.requests, accepted_conn=copy.accepted_conn, started_wall=copy.started_wall,
-            request_start_ns=copy.request_start_ns, request_start_wall_us=copy.request_start_wall_us,
-            last_request_ns=copy.last_request_ns, idle_since_ns=copy.idle_since_ns,
-            content_length=copy.content_length, status=copy.status, keepalive=bool(copy.keepalive),
-            method=_text(copy.method), request_uri=_text(copy.request_uri),
-            query_string=_text(copy.query_string), script_filename=_text(copy.script_filename),
-        )
+        return _decode(index, copy)
 
     def snapshot(self) -> list[SlotSnapshot]:
         """Copies of every slot that has a worker."""

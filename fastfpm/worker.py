@@ -105,6 +105,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         except SetupError as exc:
             log.alert(str(exc))
             os._exit(EXIT_BOOT_ERROR)
+        if pool.slowlog and pool.request_slowlog_timeout:
+            install_slowlog(pool, scoreboard, slot_index, log)
         # The working directory is importable, as with gunicorn and `python -m`.
         python_path = [*pool.python_path, os.getcwd()]
         try:
@@ -156,6 +158,20 @@ def set_accept_timeout(listen_fd: int) -> None:
                         struct.pack("ll", 0, int(ACCEPT_TIMEOUT_SECONDS * 1_000_000)))
     finally:
         sock.close()
+
+
+def install_slowlog(pool: Any, scoreboard: Any, slot_index: int, log: ErrorLog) -> None:
+    """Start the thread that appends this worker's traceback to the slowlog when the master asks
+    (the master decides a request is slow from the scoreboard; see fastfpm.slowlog)."""
+    from fastfpm.scoreboard import read_slot
+    from fastfpm.slowlog import install
+
+    def describe_request() -> tuple[str, str]:
+        slot = read_slot(scoreboard, slot_index)
+        return slot.script_filename or slot.request_uri or pool.app, slot.method
+
+    install(pool.name, pool.slowlog, pool.request_slowlog_trace_depth, describe_request,
+            on_error=log.error)
 
 
 def max_requests(pool: Any) -> int:
