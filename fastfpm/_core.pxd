@@ -184,7 +184,6 @@ cdef extern from "<sys/epoll.h>" nogil:
         epoll_data_t data
     enum:
         EPOLLIN
-        EPOLLEXCLUSIVE
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
     int epoll_create1(int flags)

@@ -738,8 +738,10 @@ cdef class Worker:
         err = errno
         if err == EINTR:
             PyErr_CheckSignals()
-        elif err == EAGAIN or err == ECONNABORTED:  # another worker was quicker, or the peer left
-            pass
+        elif err == EAGAIN or err == ECONNABORTED:
+            # The receive timeout ran out, another worker was quicker, or the peer left. A signal
+            # that landed just before accept() did not interrupt it: run its handler now.
+            PyErr_CheckSignals()
         elif err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
             # Out of descriptors or memory: say so and back off, as nginx does, rather than
             # spinning on a listen socket that stays readable.
@@ -764,9 +766,8 @@ cdef class Worker:
         has arrived. None when a signal, a timeout or a lost accept() race woke us up instead.
 
         A worker holding kept connections waits in its own epoll set with them and the listen
-        socket (EPOLLEXCLUSIVE, so a new connection wakes one such worker rather than all). If
-        another worker takes the connection first, the accept() that follows returns within the
-        listen socket's receive timeout.
+        socket; after a wake-up it accepts without blocking (accept_now), so losing the race for
+        a new connection costs an EAGAIN, not a wait.
         """
         cdef Connection conn
         cdef epoll_event events[MAX_KEPT + 1]
@@ -778,7 +779,12 @@ cdef class Worker:
             self.epfd = epoll_create1(EPOLL_CLOEXEC)
             if self.epfd < 0:
                 raise OSError(errno, "epoll_create1() failed")
-            self.watch(self.listen_fd, EPOLLIN | EPOLLEXCLUSIVE)
+            # Not EPOLLEXCLUSIVE: an exclusive wake-up is spent on the first exclusive waiter
+            # in the socket's queue, and an epoll registration stays there while its worker is
+            # busy serving, so an idle worker blocked in accept() was left asleep for its whole
+            # receive timeout (100 ms tails in the keep-alive benchmark). Workers holding kept
+            # connections all wake for a new one; those that lose the race get EAGAIN.
+            self.watch(self.listen_fd, EPOLLIN)
         if n == 0:
             # Nothing kept: wait in accept() itself (see accept_one).
             return self.accept_one()
@@ -798,18 +804,25 @@ cdef class Worker:
                 raise OSError(errno, "epoll_wait() failed")
             PyErr_CheckSignals()
             return None
-        # Kept connections first: their requests were sent to us specifically, and serving them
-        # keeps the web server's pool warm. Idle ones past their deadline are closed.
+        # A new connection first: its request has usually waited in the accept queue longer than
+        # any on a kept connection, and a worker that always finds a kept request ready would
+        # otherwise leave new connections queued (the benchmark saw 80 ms tails from that).
         for j in range(rc):
             if events[j].data.fd == self.listen_fd:
                 listen_ready = True
-                continue
+        if listen_ready:
+            conn = self.accept_now()
+            if conn is not None:
+                return conn
+        for j in range(rc):
             for i in range(len(self.kept)):
                 conn = self.kept[i]
                 if conn.fd == events[j].data.fd:
                     del self.kept[i]
                     conn.fresh = False
                     return conn
+        PyErr_CheckSignals()  # as in accept_one: a signal may have come between two waits
+        # Idle ones past their deadline are closed.
         if n:
             now = mono_ns()
             for i in range(len(self.kept) - 1, -1, -1):
@@ -817,8 +830,6 @@ cdef class Worker:
                 if conn.idle_deadline_ns <= now:
                     del self.kept[i]
                     self.discard(conn)
-        if listen_ready:
-            return self.accept_now()
         return None
 
     cdef Connection accept_now(self):
