@@ -202,8 +202,15 @@ def serve(args: argparse.Namespace) -> int:
         print(f"Serving the built-in demo on {config.pools[0].listen}. To see it through nginx:\n",
               file=sys.stderr)
         print(nginx_snippet(parse_address(config.pools[0].listen)), file=sys.stderr)
+    from fastfpm.systemd import listen_fds_with_names
+
     try:
-        master = Master(config, log, config_path=args.config, cli_options=options, identities=identities)
+        inherited = listen_fds_with_names()  # socket activation: LISTEN_FDS from systemd
+        master = Master(config, log, config_path=args.config, cli_options=options, identities=identities,
+                        inherited_sockets=inherited)
+    except ValueError as exc:  # LISTEN_FDS that make no sense
+        log.alert(f"socket activation: {exc}")
+        return 1
     except OSError as exc:
         log.alert(f"cannot listen: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 1

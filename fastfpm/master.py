@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastfpm import pm
+from fastfpm import pm, systemd
 from fastfpm.address import create_listen_socket, parse_address
 from fastfpm.config import Config, ConfigError
 from fastfpm.log import ErrorLog
@@ -57,8 +57,10 @@ class Pool:
     """One pool: its config, listen socket, scoreboard, pm state and live workers."""
 
     def __init__(self, config: Any, log: ErrorLog, generation: int, sock: Any = None,
-                 identity: Any = None) -> None:
+                 identity: Any = None, inherited: bool = False) -> None:
         self.config = config
+        # A socket systemd passed in (socket activation) is systemd's: never unlink its file.
+        self.inherited = inherited
         self.identity = identity         # the user/group workers switch to (fastfpm.process)
         self.name: str = config.name
         self.log = log
@@ -109,6 +111,9 @@ class Pool:
         self.scoreboard.close()
         if keep_socket:
             return
+        if self.inherited:
+            self.socket.close()
+            return
         self.socket.close()
         if self.address.path:
             try:
@@ -121,7 +126,8 @@ class Master:
     """The arbiter: start pools, keep them sized as pm decides, reload and stop on signals."""
 
     def __init__(self, config: Config, log: ErrorLog, *, config_path: str | None = None,
-                 cli_options: dict[str, Any] | None = None, identities: dict[str, Any] | None = None) -> None:
+                 cli_options: dict[str, Any] | None = None, identities: dict[str, Any] | None = None,
+                 inherited_sockets: list[tuple[str, Any]] | None = None) -> None:
         self.config = config
         self.log = log
         self.config_path = config_path
@@ -142,11 +148,26 @@ class Master:
         self.next_check = 0.0
         self.pipes: dict[int, Child] = {}
         self.respawn_due: set[str] = set()   # pools that lost a worker it did not ask to exit
+        # systemd: READY/RELOADING/STOPPING, STATUS= lines every systemd_interval, watchdog pings.
+        self.notifier = systemd.Notifier.from_environ(unset=True)
+        self.heartbeat = systemd.Heartbeat(config.global_.systemd_interval if self.notifier else 0,
+                                           systemd.watchdog_interval(unset=True) if self.notifier else None,
+                                           time.monotonic())
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            inherited = [sock for _, sock in inherited_sockets or []]
             for pool_config in config.pools:
-                self.pools.append(Pool(pool_config, log, self.generation,
-                                       identity=(identities or {}).get(pool_config.name)))
+                sock = systemd.match_socket(inherited, pool_config.listen) if inherited else None
+                if sock is not None:
+                    inherited.remove(sock)
+                    log.notice(f"[pool {pool_config.name}] using the socket systemd passed for "
+                               f"{pool_config.listen}")
+                self.pools.append(Pool(pool_config, log, self.generation, sock=sock,
+                                       identity=(identities or {}).get(pool_config.name),
+                                       inherited=sock is not None))
+            for sock in inherited:
+                log.warning(f"no pool listens on the socket systemd passed as fd {sock.fileno()}; closing it")
+                sock.close()
         except BaseException:
             self.close()
             raise
@@ -164,6 +185,7 @@ class Master:
                 if not self.ready and not self.stopping and all(p.all_started() for p in self.pools):
                     self.ready = True
                     self.log.notice("ready to handle connections")
+                    self.notify("ready")
                     if self.on_ready is not None:
                         self.on_ready()
                         self.on_ready = None
@@ -177,6 +199,7 @@ class Master:
                     self.maintain_pools(now)
                 if not self.stopping and now >= self.next_check:
                     self.check_timeouts(now)
+                self.beat(now)
                 self.enforce_stop()
         finally:
             self.kill_all(signal.SIGKILL)
@@ -200,7 +223,30 @@ class Master:
             wake = min(wake, self.next_check)
         if self.stopping:
             wake = min(wake, now + 0.2)
+        beat = self.heartbeat.timeout(now)
+        if beat is not None:
+            wake = min(wake, now + beat)
         return max(0.0, min(wake - now, 1.0))
+
+    def notify(self, what: str) -> None:
+        """Tell systemd (when it started us with NOTIFY_SOCKET) that we are ready, reloading or stopping."""
+        if self.notifier is None:
+            return
+        sent = getattr(self.notifier, what)()
+        if not sent:
+            self.log.warning(f"could not notify systemd ({what}): {self.notifier.last_error}")
+
+    def beat(self, now: float) -> None:
+        """systemd_interval status lines and watchdog pings, when due."""
+        if self.notifier is None or not self.heartbeat.enabled:
+            return
+        slots = [p.scoreboard.read(c.slot) for p in self.pools for c in p.children.values()]
+        due = self.heartbeat.beat(now, active=sum(1 for s in slots if s.busy),
+                                  idle=sum(1 for s in slots if s.stage_name == "Idle"),
+                                  requests=sum(s.requests for s in slots),
+                                  slow=sum(p.state.slow_requests for p in self.pools))
+        if due and not self.notifier.notify(*due):
+            self.log.warning(f"could not notify systemd: {self.notifier.last_error}")
 
     def install_signals(self) -> None:
         """Route signals into the wake-up pipe; the handlers themselves do nothing."""
@@ -257,6 +303,7 @@ class Master:
         if self.stopping:
             return
         self.log.notice("Finishing ...")
+        self.notify("stopping")
         self.stopping = "graceful"
         timeout = self.config.global_.process_control_timeout
         if timeout > 0:
@@ -274,6 +321,7 @@ class Master:
         if self.stopping:
             return
         self.log.notice("Reloading in progress ...")
+        self.notify("reloading")
         self.reload()
 
     # ------------------------------------------------------------------ stopping
@@ -283,6 +331,7 @@ class Master:
         if self.stopping == "fast":
             return
         self.log.notice("Terminating ...")
+        self.notify("stopping")
         self.stopping = "fast"
         self.stop_deadline = time.monotonic() + FAST_STOP_GRACE_SECONDS
         self.kill_all(signal.SIGTERM)
@@ -327,6 +376,7 @@ class Master:
                 for problem in problems:
                     self.log.error(problem)
                 self.log.error("reload aborted: the configuration has errors; still serving the old one")
+                self.notify("ready")
                 return
         from fastfpm.process import resolve_identity
 
@@ -338,9 +388,11 @@ class Master:
                 old = sockets.pop(str(parse_address(pool_config.listen)), None)
                 new_pools.append(Pool(pool_config, self.log, self.generation,
                                       sock=old.socket if old is not None else None,
-                                      identity=resolve_identity(pool_config)))
+                                      identity=resolve_identity(pool_config),
+                                      inherited=old is not None and old.inherited))
         except (OSError, ValueError) as exc:
             self.log.error(f"reload aborted: {exc}")
+            self.notify("ready")
             for pool in new_pools:
                 pool.close(keep_socket=pool.socket in [p.socket for p in self.pools])
             self.generation -= 1

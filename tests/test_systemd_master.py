@@ -1,0 +1,90 @@
+"""The master under systemd: readiness notifications, status lines, and socket activation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.servers import REPO_ROOT
+from tests.test_master import get
+from tests.test_pools import ROUTER, write_config
+
+
+def start(args: list[str], env: dict[str, str], **popen: object) -> subprocess.Popen[bytes]:
+    """fastfpm serve as systemd would start it."""
+    return subprocess.Popen([sys.executable, "-m", "fastfpm", "serve", *args, "-R"], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)  # type: ignore[arg-type]
+
+
+def test_notify_ready_status_and_stopping(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "n.conf", f"""
+[global]
+systemd_interval = 1s
+
+[www]
+listen = {tmp_path}/n.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(10)
+        proc = start(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        try:
+            ready = notify.recv(4096).decode()
+            assert "READY=1" in ready and f"MAINPID={proc.pid}" in ready
+            assert get(str(tmp_path / "n.sock"), "/env").status == 200
+            status = notify.recv(4096).decode()  # systemd_interval: php-fpm's status line
+            assert status.startswith("STATUS=Processes active: ") and "idle: " in status
+            proc.send_signal(signal.SIGQUIT)
+            while "STOPPING=1" not in (message := notify.recv(4096).decode()):
+                assert "STATUS=" in message
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_socket_activation_uses_the_passed_socket_and_keeps_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    os.chmod(path, 0o600)  # systemd's SocketMode, which fastfpm must not change
+    conf = write_config(tmp_path / "a.conf", f"""
+[www]
+listen = {path}
+app = {ROUTER}
+pm.max_children = 1
+""")
+    fd = listener.fileno()
+
+    def as_fd_3() -> None:
+        os.dup2(fd, 3)  # systemd passes sockets from fd 3 (SD_LISTEN_FDS_START)
+
+    # LISTEN_PID must be the server's own pid: the shell exports its $$, then exec keeps it.
+    command = (f"LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m fastfpm serve -c {conf} -R")
+    proc = subprocess.Popen(["sh", "-c", command], cwd=REPO_ROOT, preexec_fn=as_fd_3, pass_fds=(fd, 3),
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        listener.close()  # from here only fastfpm holds the socket
+        log = b""
+        while b"ready to handle connections" not in log:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line, log.decode()
+            log += line
+        assert b"using the socket systemd passed" in log
+        assert get(str(path), "/env").status == 200
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert path.exists()  # the socket file is systemd's; fastfpm leaves it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
