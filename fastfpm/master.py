@@ -305,9 +305,8 @@ class Master:
         self.log.notice("Finishing ...")
         self.notify("stopping")
         self.stopping = "graceful"
-        timeout = self.config.global_.process_control_timeout
-        if timeout > 0:
-            self.stop_deadline = time.monotonic() + timeout
+        # As php-fpm: SIGTERM follows after process_control_timeout (0: at once, php-fpm's default).
+        self.stop_deadline = time.monotonic() + self.config.global_.process_control_timeout
         self.kill_all(signal.SIGQUIT)
         self.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
 

@@ -438,3 +438,26 @@ def test_slowlog_gets_the_traceback_of_a_request_blocked_in_c(launcher: Launcher
     frames = [line for line in entry.splitlines() if line.startswith("[0x")]
     assert frames[0].startswith("[0x") and " app() " in frames[0]
     assert "tests/apps/slow.py:" in frames[0] and "tests/apps/router.py:" in frames[1]
+
+
+def test_graceful_stop_terminates_after_process_control_timeout(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "p.conf", f"""
+[global]
+process_control_timeout = 1s
+
+[www]
+listen = {tmp_path}/p.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "p.sock")
+    threads = background_gets(server.address, 1, 30.0)
+    wait_until(lambda: server_busy(server), 5, message="the long request to start")
+    started = time.monotonic()
+    server.signal(signal.SIGQUIT)
+    assert server.proc is not None and server.proc.wait(15) == 0
+    assert 0.9 <= time.monotonic() - started < 10
+    assert "process_control_timeout passed" in server.log_text()
+    for thread in threads:
+        thread.join(5)
