@@ -179,6 +179,9 @@ class Master:
         self.install_signals()
         self.write_pid_file()
         self.log.notice(f"fpm is running, pid {os.getpid()}")
+        for pool in self.pools:
+            self.log.debug(f"[pool {pool.name}] listening on {pool.address}, pm {pool.config.pm}, "
+                           f"pm.max_children {pool.config.pm_max_children}")
         try:
             self.spawn_initial(self.pools)
             while True:

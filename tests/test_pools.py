@@ -470,3 +470,25 @@ pm.max_children = 1
     assert "process_control_timeout passed" in server.log_text()
     thread.join(5)
     assert outcome and isinstance(outcome[0], Exception)  # cut, not answered
+
+
+def test_undecorated_worker_output_is_logged_as_is(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "d.conf", f"""
+[www]
+listen = {tmp_path}/d.sock
+app = tests.apps.printing:app
+pm.max_children = 1
+catch_workers_output = yes
+decorate_workers_output = no
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    get(str(tmp_path / "d.sock"), "/")
+    log = server.wait_for_log("to stderr")
+    assert "\nto stderr\n" in log and "said into" not in log
+
+
+def test_log_level_filters_lines(launcher: Launcher) -> None:
+    default = launcher.fastfpm(ROUTER, max_children=1)
+    assert "DEBUG: " not in default.log_text()
+    chatty = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--log-level", "debug"])
+    assert f"DEBUG: [pool www] listening on {chatty.address}" in chatty.log_text()
