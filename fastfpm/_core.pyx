@@ -353,7 +353,6 @@ cdef class Connection:
     cdef bint keep_conn
     cdef bint broken          # malformed input or I/O error: close without further ado
     cdef bint logged          # the reason for closing is already in the log
-    cdef bint in_request
     cdef bint fresh           # accepted just now (counted in the slot's accepted_conn)
     cdef bint watched         # in the worker's epoll set
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
@@ -383,7 +382,6 @@ cdef class Connection:
         self.broken = False
         self.watched = False
         self.logged = False
-        self.in_request = False
 
 
 cdef class InputStream:
@@ -493,7 +491,6 @@ cdef class Worker:
     cdef uint64_t request_serial
     cdef object start_response_cb, write_cb
     cdef KeyEntry keys[KEY_CACHE_SIZE]
-    cdef size_t key_count
     # The cache entry of the i-th param of the previous request. A web server sends its params in
     # the same order every time, so checking the predicted entry first skips the hash lookup.
     cdef KeyEntry *key_order[PREDICTED_PARAMS]
