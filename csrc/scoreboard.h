@@ -67,8 +67,28 @@ typedef struct {
     uint64_t slow_requests;    /* master: requests that hit request_slowlog_timeout */
     uint64_t listen_queue_max; /* master: the deepest listen queue seen */
     char pool_name[64];
-    uint8_t reserved[256 - 4 * 4 - 4 * 8 - 64];
+    /* Workers: held (CLOCK_MONOTONIC ns of taking it, 0 when free) by the one worker making the
+     * shared listen socket non-blocking for a moment (see ffpm_accept_lock). */
+    int64_t accept_lock_ns;
+    uint8_t reserved[256 - 4 * 4 - 5 * 8 - 64];
 } ffpm_pool_header;
+
+/*
+ * A worker holding kept-alive connections must not sleep in accept(), so it makes the listen
+ * socket non-blocking around one accept() call. O_NONBLOCK belongs to the socket every worker
+ * shares: two workers doing this at once could leave it blocking under the second's accept().
+ * This lock lets one do it at a time; a holder that died is ignored after stale_ns.
+ */
+static inline int ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t stale_ns)
+{
+    int64_t seen = __atomic_load_n(&h->accept_lock_ns, __ATOMIC_RELAXED);
+    if (seen != 0 && now_ns - seen < stale_ns)
+        return 0;
+    return __atomic_compare_exchange_n(&h->accept_lock_ns, &seen, now_ns, 0, __ATOMIC_ACQUIRE,
+                                       __ATOMIC_RELAXED);
+}
+
+static inline void ffpm_accept_unlock(ffpm_pool_header *h) { __atomic_store_n(&h->accept_lock_ns, 0, __ATOMIC_RELEASE); }
 
 static inline ffpm_slot *ffpm_slots(void *base) { return (ffpm_slot *)((char *)base + sizeof(ffpm_pool_header)); }
 

@@ -92,7 +92,12 @@ cdef extern from "scoreboard.h" nogil:
         char query_string[256]
         char script_filename[256]
 
+    ctypedef struct ffpm_pool_header:
+        int64_t accept_lock_ns
+
     ffpm_slot *ffpm_slots(void *base)
+    bint ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t stale_ns)
+    void ffpm_accept_unlock(ffpm_pool_header *h)
     void ffpm_slot_write_begin(ffpm_slot *s)
     void ffpm_slot_write_end(ffpm_slot *s)
     void ffpm_copy_field(char *dst, size_t cap, const char *src, size_t len)
@@ -184,6 +189,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         epoll_data_t data
     enum:
         EPOLLIN
+        EPOLLET
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
     int epoll_create1(int flags)

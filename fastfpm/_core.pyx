@@ -474,6 +474,8 @@ cdef class Worker:
     cdef ffpm_slot *slot
     cdef object scoreboard_view      # keeps the shared mapping alive
     cdef ffpm_slot dummy_slot        # written when no scoreboard is given (tests, tools)
+    cdef ffpm_pool_header *header    # the pool's scoreboard header (the accept lock)
+    cdef ffpm_pool_header dummy_header
     cdef dict template
     cdef object log                  # log(level: str, message: str), error paths only
     cdef object log_exception        # log_exception(message: str) with the current traceback
@@ -512,6 +514,7 @@ cdef class Worker:
     cdef Connection spare
     cdef list kept                   # idle kept-alive connections, oldest first
     cdef int epfd                    # epoll set: the listen socket and the kept connections
+    cdef bint listen_pending         # accepted after an edge: the accept queue may hold more
 
     def __cinit__(self):
         self.wbuf = <uint8_t *>malloc(WBUF_INITIAL)
@@ -525,6 +528,8 @@ cdef class Worker:
         memset(self.key_order, 0, sizeof(self.key_order))
         memset(&self.dummy_slot, 0, sizeof(self.dummy_slot))
         self.slot = &self.dummy_slot
+        memset(&self.dummy_header, 0, sizeof(self.dummy_header))
+        self.header = &self.dummy_header
 
     def __dealloc__(self):
         cdef size_t i
@@ -582,6 +587,7 @@ cdef class Worker:
             PyObject_GetBuffer(scoreboard, &view, PyBUF_SIMPLE)
             try:
                 self.slot = ffpm_slots(view.buf) + slot_index
+                self.header = <ffpm_pool_header *>view.buf
             finally:
                 PyBuffer_Release(&view)
 
@@ -781,10 +787,18 @@ cdef class Worker:
             # busy serving, so an idle worker blocked in accept() was left asleep for its whole
             # receive timeout (100 ms tails in the keep-alive benchmark). Workers holding kept
             # connections all wake for a new one; those that lose the race get EAGAIN.
-            self.watch(self.listen_fd, EPOLLIN)
+            # Edge-triggered: a worker that lost the race or the accept lock is not woken again
+            # and again for the same queued connection; the one that accepted keeps accepting
+            # (listen_pending) until the queue is empty.
+            self.watch(self.listen_fd, EPOLLIN | EPOLLET)
         if n == 0:
             # Nothing kept: wait in accept() itself (see accept_one).
             return self.accept_one()
+        if self.listen_pending:
+            conn = self.accept_now()
+            if conn is not None:
+                return conn
+            self.listen_pending = False
         else:
             now = mono_ns()
             for i in range(n):
@@ -810,6 +824,7 @@ cdef class Worker:
         if listen_ready:
             conn = self.accept_now()
             if conn is not None:
+                self.listen_pending = True  # more may be queued behind it
                 return conn
         for j in range(rc):
             for i in range(len(self.kept)):
@@ -837,14 +852,23 @@ cdef class Worker:
         socket's O_NONBLOCK is shared with every worker, so it is set just around this call: a
         worker that enters accept() in that instant gets EAGAIN and simply waits again.
         """
-        cdef int flags = fcntl(self.listen_fd, F_GETFL)
+        cdef int flags
         cdef Connection conn
-        if flags < 0 or fcntl(self.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
-            raise OSError(errno, "fcntl() on the listen socket failed")
+        # One worker at a time (see ffpm_accept_lock): otherwise a second one could accept()
+        # after the first had made the socket blocking again, and sleep there. Whoever is busy
+        # with the lock, or an idle worker in accept(), takes the connection instead.
+        if not ffpm_accept_lock(self.header, mono_ns(), 50000000):
+            return None  # the holder accepts, and keeps accepting while more are queued
         try:
-            conn = self.accept_one()
+            flags = fcntl(self.listen_fd, F_GETFL)
+            if flags < 0 or fcntl(self.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
+                raise OSError(errno, "fcntl() on the listen socket failed")
+            try:
+                conn = self.accept_one()
+            finally:
+                fcntl(self.listen_fd, F_SETFL, flags & ~O_NONBLOCK)
         finally:
-            fcntl(self.listen_fd, F_SETFL, flags & ~O_NONBLOCK)
+            ffpm_accept_unlock(self.header)
         return conn
 
     cdef int wait_readable(self, int fd, int timeout_ms) except -2:

@@ -140,10 +140,9 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             os._exit(status)
 
 
-# How long a worker's accept() waits before it looks at its stop flag again. Short, because the
-# keep-alive benchmark still shows rare waits of this length when nginx's keepalive pool is smaller
-# than its concurrency (not yet explained; see the issue notes); an idle wake-up costs ~5 µs.
-ACCEPT_TIMEOUT_SECONDS = 0.02
+# How long a worker's accept() waits before it looks at its stop flag again (a signal that lands
+# just before accept() does not interrupt it).
+ACCEPT_TIMEOUT_SECONDS = 0.1
 
 
 def set_accept_timeout(listen_fd: int) -> None:
