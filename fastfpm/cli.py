@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from fastfpm import __version__
+from fastfpm import NotBuiltError, __version__
 from fastfpm.config import default_max_children
 
 if TYPE_CHECKING:
@@ -302,10 +302,14 @@ def request(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m fastfpm` and the `fastfpm` script."""
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "request":
-        return request(args)
-    if args.command == "check":
-        return check(args)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "request":
+            return request(args)
+        if args.command == "check":
+            return check(args)
+    except NotBuiltError as exc:
+        print(f"fastfpm: {exc}", file=sys.stderr)
+        return 2
     return 2

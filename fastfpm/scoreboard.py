@@ -13,7 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastfpm._scoreboard_cffi import ffi, lib
+from fastfpm import not_built
+
+try:
+    from fastfpm._scoreboard_cffi import ffi, lib
+except ModuleNotFoundError as exc:
+    raise not_built(exc) from None
 
 # php-fpm's names for the stages, as its status page prints them.
 STAGE_NAMES = {

@@ -13,8 +13,12 @@ import struct
 import sys
 from typing import Any, NoReturn
 
-from fastfpm import __version__
-from fastfpm._core import FileWrapper, Worker
+from fastfpm import __version__, not_built
+
+try:
+    from fastfpm._core import FileWrapper, Worker
+except ModuleNotFoundError as exc:
+    raise not_built(exc) from None
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
 from fastfpm.process import REFUSED_MESSAGE, AllowedClients, SetupError, prepare_worker

@@ -178,3 +178,20 @@ def test_version_and_help() -> None:
     helptext = run_cli("serve", "--help").stdout
     for option in ("--listen", "--max-children", "--chdir", "--log-level", "--pm", "MODULE:CALLABLE"):
         assert option in helptext
+
+
+def test_an_unbuilt_source_copy_says_how_to_build_it(tmp_path) -> None:
+    # `pip install .` then `python -m fastfpm` in the checkout imports the unbuilt package in the
+    # current directory: that must say what to run, not end in a traceback.
+    package = tmp_path / "fastfpm"
+    package.mkdir()
+    for source in (REPO_ROOT / "fastfpm").glob("*.py"):
+        (package / source.name).write_bytes(source.read_bytes())
+    # -S: no site-packages, so neither an installed nor an editable copy can fill the gap.
+    result = subprocess.run([sys.executable, "-S", "-m", "fastfpm", "serve", "--listen",
+                             str(tmp_path / "demo.sock")], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "compiled module fastfpm._" in result.stderr and "pip install -e ." in result.stderr
