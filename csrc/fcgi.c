@@ -28,6 +28,32 @@ long fcgi_parse_record(const uint8_t *buf, size_t len, fcgi_header *hdr)
     return (long)total;
 }
 
+int fcgi_check_header(const fcgi_header *hdr)
+{
+    if (hdr->request_id == 0)
+        return 0; /* a management record: known types are answered, others get UNKNOWN_TYPE */
+    switch (hdr->type) {
+    case FCGI_GET_VALUES:
+    case FCGI_GET_VALUES_RESULT:
+    case FCGI_UNKNOWN_TYPE:
+        return FCGI_ERR_REQUEST_ID;
+    case FCGI_BEGIN_REQUEST:
+    case FCGI_END_REQUEST:
+        return hdr->content_length == 8 ? 0 : FCGI_ERR_LENGTH;
+    default:
+        return 0;
+    }
+}
+
+int fcgi_parse_begin_request(const uint8_t *content, size_t len, int *role, int *flags)
+{
+    if (len != 8)
+        return FCGI_ERR_LENGTH;
+    *role = (content[0] << 8) | content[1];
+    *flags = content[2];
+    return 0;
+}
+
 /* Reads a 1- or 4-byte length at buf[*pos]; returns 0 on success, -1 when truncated. */
 static int read_length(const uint8_t *buf, size_t len, size_t *pos, size_t *out)
 {
@@ -105,6 +131,12 @@ size_t fcgi_write_stream(uint8_t *out, int type, int request_id, const uint8_t *
         len -= chunk;
     }
     return written;
+}
+
+size_t fcgi_write_begin_request(uint8_t *out, int request_id, int role, int flags)
+{
+    uint8_t body[8] = {(uint8_t)(role >> 8), (uint8_t)role, (uint8_t)flags, 0, 0, 0, 0, 0};
+    return fcgi_write_record(out, FCGI_BEGIN_REQUEST, request_id, body, sizeof body);
 }
 
 size_t fcgi_write_end_request(uint8_t *out, int request_id, uint32_t app_status, int protocol_status)

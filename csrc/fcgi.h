@@ -40,7 +40,8 @@ enum {
     FCGI_NEED_MORE = -1,     /* not an error: feed more bytes */
     FCGI_ERR_VERSION = -2,   /* version byte is not 1 */
     FCGI_ERR_TRUNCATED = -3, /* a name/value length runs past the end of the content */
-    FCGI_ERR_LENGTH = -4     /* a length field is out of range */
+    FCGI_ERR_LENGTH = -4,    /* a length field is out of range for the record's type */
+    FCGI_ERR_REQUEST_ID = -5 /* a management record (GET_VALUES ...) with a non-zero request id */
 };
 
 typedef struct {
@@ -65,6 +66,21 @@ long fcgi_parse_record(const uint8_t *buf, size_t len, fcgi_header *hdr);
 long fcgi_parse_header(const uint8_t *buf, size_t len, fcgi_header *hdr);
 
 /*
+ * The spec's rules on a parsed header that need no connection state: 0 when sound,
+ * FCGI_ERR_REQUEST_ID for GET_VALUES, GET_VALUES_RESULT or UNKNOWN_TYPE with a request id other
+ * than 0, FCGI_ERR_LENGTH for a BEGIN_REQUEST, END_REQUEST or UNKNOWN_TYPE body that is not the
+ * 8 bytes the spec fixes (a record with request id 0 is a management record whatever its type,
+ * and is answered with UNKNOWN_TYPE rather than checked here). Whether the request id belongs to
+ * the request in progress is the caller's business.
+ */
+int fcgi_check_header(const fcgi_header *hdr);
+
+/*
+ * The role and flags of a BEGIN_REQUEST body: 0, or FCGI_ERR_LENGTH unless len is 8.
+ */
+int fcgi_parse_begin_request(const uint8_t *content, size_t len, int *role, int *flags);
+
+/*
  * Parse one name/value pair at buf[0..len). Returns the bytes consumed and sets the name and value
  * offsets and lengths (relative to buf), or FCGI_ERR_TRUNCATED when the lengths run past len.
  */
@@ -86,6 +102,9 @@ size_t fcgi_stream_size(size_t len);
 
 /* Frame data as a stream (STDOUT, STDERR): records of at most FCGI_MAX_CONTENT bytes, each padded. */
 size_t fcgi_write_stream(uint8_t *out, int type, int request_id, const uint8_t *data, size_t len);
+
+/* BEGIN_REQUEST record (16 bytes): what a web server sends; for clients and tests. */
+size_t fcgi_write_begin_request(uint8_t *out, int request_id, int role, int flags);
 
 /* END_REQUEST record (16 bytes). */
 size_t fcgi_write_end_request(uint8_t *out, int request_id, uint32_t app_status, int protocol_status);

@@ -32,6 +32,7 @@ cdef extern from "fcgi.h" nogil:
         FCGI_ERR_VERSION
         FCGI_ERR_TRUNCATED
         FCGI_ERR_LENGTH
+        FCGI_ERR_REQUEST_ID
 
     ctypedef struct fcgi_header:
         uint8_t version
@@ -42,6 +43,8 @@ cdef extern from "fcgi.h" nogil:
 
     long fcgi_parse_header(const uint8_t *buf, size_t len, fcgi_header *hdr)
     long fcgi_parse_record(const uint8_t *buf, size_t len, fcgi_header *hdr)
+    int fcgi_check_header(const fcgi_header *hdr)
+    int fcgi_parse_begin_request(const uint8_t *content, size_t len, int *role, int *flags)
     long fcgi_parse_pair(const uint8_t *buf, size_t len, size_t *name_off, size_t *name_len,
                          size_t *value_off, size_t *value_len)
     unsigned fcgi_padding(size_t content_length)
@@ -50,6 +53,7 @@ cdef extern from "fcgi.h" nogil:
     size_t fcgi_write_record(uint8_t *out, int type, int request_id, const uint8_t *content, size_t len)
     size_t fcgi_stream_size(size_t len)
     size_t fcgi_write_stream(uint8_t *out, int type, int request_id, const uint8_t *data, size_t len)
+    size_t fcgi_write_begin_request(uint8_t *out, int request_id, int role, int flags)
     size_t fcgi_write_end_request(uint8_t *out, int request_id, uint32_t app_status, int protocol_status)
     size_t fcgi_write_unknown_type(uint8_t *out, int record_type)
     size_t fcgi_pair_size(size_t name_len, size_t value_len)

@@ -14,7 +14,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeLatin1
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
@@ -140,22 +140,36 @@ def encode_stream(int record_type, int request_id, data):
     return out
 
 
+def check_header(int record_type, int request_id, int content_length):
+    """Raise ProtocolError when a record header breaks a rule that needs no connection state."""
+    cdef fcgi_header hdr
+    cdef int rc
+    hdr.version = FCGI_VERSION_1
+    hdr.type = <uint8_t>record_type
+    hdr.request_id = <uint16_t>request_id
+    hdr.content_length = <uint16_t>content_length
+    hdr.padding_length = 0
+    rc = fcgi_check_header(&hdr)
+    if rc == FCGI_ERR_REQUEST_ID:
+        raise ProtocolError(f"management record type {record_type} with request id {request_id}")
+    if rc == FCGI_ERR_LENGTH:
+        raise ProtocolError(f"record type {record_type} with a {content_length}-byte body, expected 8")
+
+
 def encode_begin_request(int request_id, int role=FCGI_RESPONDER, int flags=0):
     """A BEGIN_REQUEST record."""
-    cdef uint8_t body[8]
-    memset(body, 0, 8)
-    body[0] = <uint8_t>(role >> 8)
-    body[1] = <uint8_t>role
-    body[2] = <uint8_t>flags
-    return encode_record(FCGI_BEGIN_REQUEST, request_id, PyBytes_FromStringAndSize(<char *>body, 8))
+    out = PyBytes_FromStringAndSize(NULL, 16)
+    fcgi_write_begin_request(<uint8_t *>PyBytes_AS_STRING(out), request_id, role, flags)
+    return out
 
 
 def parse_begin_request(content):
     """(role, flags) from a BEGIN_REQUEST body."""
     cdef bytes body = bytes(content)
-    if len(body) != 8:
+    cdef int role, flags
+    if fcgi_parse_begin_request(<const uint8_t *>PyBytes_AS_STRING(body), len(body), &role, &flags) < 0:
         raise ProtocolError(f"BEGIN_REQUEST body of {len(body)} bytes, expected 8")
-    return (body[0] << 8) | body[1], body[2]
+    return role, flags
 
 
 def encode_end_request(int request_id, uint32_t app_status=0, int protocol_status=FCGI_REQUEST_COMPLETE):
@@ -332,6 +346,7 @@ cdef inline uint64_t key_hash(const uint8_t *p, size_t n) noexcept nogil:
 
 
 cdef enum:
+    REFUSED_KEPT = 8        # refused request ids a connection remembers
     MAX_KEPT = 64           # idle kept-alive connections one worker holds at most
     PREDICTED_PARAMS = 64
     ENVIRON_ROOM = 64       # entries an environ holds without growing (nginx sends about 30 params)
@@ -362,6 +377,11 @@ cdef class Connection:
     cdef bint stdin_done      # the empty STDIN record has been read
     cdef int64_t stdin_total
     cdef int64_t content_length
+    # Requests refused on this connection (CANT_MPX_CONN, UNKNOWN_ROLE) whose PARAMS and STDIN
+    # may still be on their way: dropped unread rather than taken for a protocol error. A ring of
+    # the last few; 0 is a free entry (request id 0 is for management records, never refused).
+    cdef uint16_t refused[REFUSED_KEPT]
+    cdef unsigned refused_next
 
     def __cinit__(self):
         self.rbuf = <uint8_t *>malloc(RBUF_SIZE)
@@ -382,6 +402,22 @@ cdef class Connection:
         self.broken = False
         self.watched = False
         self.logged = False
+        memset(self.refused, 0, sizeof(self.refused))
+        self.refused_next = 0
+
+    cdef inline bint is_refused(self, int request_id) noexcept:
+        cdef int i
+        for i in range(REFUSED_KEPT):
+            if self.refused[i] == request_id:
+                return True
+        return False
+
+    cdef void forget_refused(self, int request_id) noexcept:
+        """A new BEGIN_REQUEST reuses the id: its records are a new request's from here on."""
+        cdef int i
+        for i in range(REFUSED_KEPT):
+            if self.refused[i] == request_id:
+                self.refused[i] = 0
 
 
 cdef class InputStream:
@@ -619,6 +655,13 @@ cdef class Worker:
         s.request_uri[0] = 0
         s.query_string[0] = 0
         s.script_filename[0] = 0
+        ffpm_slot_write_end(s)
+
+    cdef inline void sb_info(self) noexcept:
+        """php-fpm's "Getting request informations": the params are in, the environ is being built."""
+        cdef ffpm_slot *s = self.slot
+        ffpm_slot_write_begin(s)
+        s.stage = FFPM_STAGE_INFO
         ffpm_slot_write_end(s)
 
     cdef inline void sb_running(self, int64_t content_length, bint keepalive) noexcept:
@@ -970,13 +1013,45 @@ cdef class Worker:
             self.handle_request(c)
             self.served += 1
             self.sb_request_done()
-            if c.broken or not c.keep_conn or self.stopping:
+            if c.broken:
+                return 0
+            if not c.keep_conn or self.stopping:
+                if c.rend > c.rstart:
+                    self.refuse_queued(c)
                 return 0
             if self.max_requests and self.served >= self.max_requests:
                 return 0
             if c.rend == c.rstart:
                 return 0  # nothing more buffered: back to the idle set until the next request
             # The web server already sent the next request (pipelined): serve it now.
+
+    cdef int refuse(self, Connection c, int request_id, int protocol_status) except -1:
+        """End a request we will not serve (END_REQUEST with protocol_status) and drop its records."""
+        cdef uint8_t reply[16]
+        fcgi_write_end_request(reply, request_id, 0, protocol_status)
+        self.send_all(c, reply, 16)
+        c.refused[c.refused_next % REFUSED_KEPT] = <uint16_t>request_id
+        c.refused_next += 1
+        return 0
+
+    cdef int refuse_queued(self, Connection c) except -1:
+        """Before closing a connection: refuse the requests queued behind the one just served.
+
+        A client that multiplexes sends the next BEGIN_REQUEST without waiting; without
+        FCGI_KEEP_CONN the connection closes after this request, and those requests must hear
+        FCGI_CANT_MPX_CONN rather than see the connection vanish.
+        """
+        cdef fcgi_header hdr
+        cdef long rc
+        while c.rend > c.rstart and not c.broken:
+            rc = fcgi_parse_record(c.rbuf + c.rstart, c.rend - c.rstart, &hdr)
+            if rc <= 0:
+                return 0
+            c.rstart += rc
+            if (hdr.type == FCGI_BEGIN_REQUEST and hdr.request_id != 0 and hdr.request_id != c.request_id
+                    and not c.is_refused(hdr.request_id)):
+                self.refuse(c, hdr.request_id, FCGI_CANT_MPX_CONN)
+        return 0
 
     cdef int management_record(self, Connection c, fcgi_header *hdr, const uint8_t *content) except -2:
         """Answer a record with request id 0: GET_VALUES, or UNKNOWN_TYPE for anything else."""
@@ -1009,7 +1084,7 @@ cdef class Worker:
         cdef bint begun = False, started = False
         cdef const uint8_t *content
         cdef uint8_t reply[16]
-        cdef int role
+        cdef int role, flags, check
         self.plen = 0
         while True:
             rc = fcgi_parse_record(c.rbuf + c.rstart, c.rend - c.rstart, &hdr)
@@ -1037,26 +1112,33 @@ cdef class Worker:
                 if self.management_record(c, &hdr, content) < 0:
                     return -1
                 continue
+            check = fcgi_check_header(&hdr)
+            if check < 0:
+                self.malformed(c, f"record type {hdr.type} for request id {hdr.request_id} with a "
+                               f"{hdr.content_length}-byte body" if check == FCGI_ERR_LENGTH else
+                               f"management record type {hdr.type} with request id {hdr.request_id}")
+                return -1
             if hdr.type == FCGI_BEGIN_REQUEST:
-                if hdr.content_length != 8:
-                    self.malformed(c, f"BEGIN_REQUEST body of {hdr.content_length} bytes")
-                    return -1
+                c.forget_refused(hdr.request_id)
                 if begun:
+                    if hdr.request_id == c.request_id:
+                        self.malformed(c, f"a second BEGIN_REQUEST for request id {hdr.request_id}")
+                        return -1
                     # One request per connection at a time (FCGI_MPXS_CONNS=0): refuse the second.
-                    fcgi_write_end_request(reply, hdr.request_id, 0, FCGI_CANT_MPX_CONN)
-                    self.send_all(c, reply, 16)
+                    self.refuse(c, hdr.request_id, FCGI_CANT_MPX_CONN)
                     continue
-                role = (content[0] << 8) | content[1]
-                c.keep_conn = (content[2] & FCGI_KEEP_CONN) != 0
+                fcgi_parse_begin_request(content, hdr.content_length, &role, &flags)
+                c.keep_conn = (flags & FCGI_KEEP_CONN) != 0
                 if role != FCGI_RESPONDER:
-                    fcgi_write_end_request(reply, hdr.request_id, 0, FCGI_UNKNOWN_ROLE)
-                    self.send_all(c, reply, 16)
+                    self.refuse(c, hdr.request_id, FCGI_UNKNOWN_ROLE)
                     if not c.keep_conn:
                         return 0
                     continue
                 begun = True
                 c.request_id = hdr.request_id
                 continue
+            if (not begun or hdr.request_id != c.request_id) and c.is_refused(hdr.request_id):
+                continue  # the PARAMS, STDIN or DATA of a request we refused
             if hdr.type == FCGI_ABORT_REQUEST and not begun:
                 # The web server gave up on a request we had already finished: the two crossed on
                 # the wire, which is no protocol error. Nothing is left to end.
@@ -1066,6 +1148,7 @@ cdef class Worker:
                 return -1
             if hdr.type == FCGI_PARAMS:
                 if hdr.content_length == 0:
+                    self.sb_info()
                     return 1
                 if self.plen + hdr.content_length > self.max_params_size:
                     self.malformed(c, f"request params over the {self.max_params_size}-byte limit")
@@ -1339,10 +1422,12 @@ cdef class Worker:
                 c.stdin_done = True
                 self.aborted = True
                 raise RequestAborted("the web server aborted the request")
-            if hdr.type == FCGI_BEGIN_REQUEST:
-                fcgi_write_end_request(reply, hdr.request_id, 0, FCGI_CANT_MPX_CONN)
-                self.send_all(c, reply, 16)
+            if hdr.type == FCGI_BEGIN_REQUEST and hdr.request_id != c.request_id:
+                c.forget_refused(hdr.request_id)
+                self.refuse(c, hdr.request_id, FCGI_CANT_MPX_CONN)
                 continue
+            if hdr.request_id != c.request_id and c.is_refused(hdr.request_id):
+                continue  # the PARAMS, STDIN or DATA of a request we refused
             self.malformed(c, f"record type {hdr.type} for request id {hdr.request_id} in the body")
             raise RequestAborted("malformed record from the web server")
 
@@ -1572,7 +1657,10 @@ cdef class Worker:
                 if not c.logged:
                     self.log("warning", f"request {self.describe(env)} ended early: {exc}")
                 c.broken = True
-        except Exception:
+        except (Exception, SystemExit):
+            # SystemExit too: an app that calls sys.exit() in a request fails that request, as
+            # any other exception does; it does not take the worker (and its kept connections)
+            # down with it.
             failed = True
             if self.headers_sent:
                 self.log_exception(f"the application failed after sending headers for "

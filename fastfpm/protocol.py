@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 __all__ = [
-    "ProtocolError", "Record", "parse_record", "parse_pairs", "encode_pairs", "encode_record",
+    "ProtocolError", "Record", "parse_record", "check_header", "parse_pairs", "encode_pairs", "encode_record",
     "encode_stream", "encode_begin_request", "parse_begin_request", "encode_end_request",
     "parse_end_request", "encode_unknown_type", "encode_get_values", "encode_get_values_result",
 ]
@@ -103,6 +103,22 @@ def _parse_record(view: memoryview, offset: int) -> Record | None:
         return None
     start = offset + HEADER_LEN
     return Record(record_type, request_id, bytes(view[start:start + content_length]), size)
+
+
+def check_header(record_type: int, request_id: int, content_length: int) -> None:
+    """Raise ProtocolError when a record header breaks a rule that needs no connection state.
+
+    Management records (GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE) carry request id 0 (spec
+    section 3.3), and BEGIN_REQUEST and END_REQUEST bodies are exactly 8 bytes (sections 5.1,
+    5.5). A record with request id 0 is a management record whatever its type: the reply to an
+    unknown one is UNKNOWN_TYPE, so it is not an error here.
+    """
+    if request_id == NULL_REQUEST_ID:
+        return
+    if record_type in (GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE):
+        raise ProtocolError(f"management record type {record_type} with request id {request_id}")
+    if record_type in (BEGIN_REQUEST, END_REQUEST) and content_length != 8:
+        raise ProtocolError(f"record type {record_type} with a {content_length}-byte body, expected 8")
 
 
 def _read_length(view: memoryview, pos: int) -> tuple[int, int] | None:

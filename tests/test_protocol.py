@@ -338,6 +338,51 @@ def test_begin_request_wrong_length(codec, length):
         codec.parse_begin_request(b"\x00" * length)
 
 
+# ------------------------------------------------------------------------ header rules
+
+
+@pytest.mark.parametrize("rtype", ALL_TYPES)
+def test_check_header_accepts_any_management_record_with_id_zero(codec, rtype):
+    # Request id 0 is a management record whatever its type: an unknown one is answered with
+    # UNKNOWN_TYPE by the loop, not refused as malformed.
+    codec.check_header(rtype, 0, 3)
+
+
+@pytest.mark.parametrize("rtype", [protocol.GET_VALUES, protocol.GET_VALUES_RESULT, protocol.UNKNOWN_TYPE])
+def test_check_header_refuses_management_records_with_a_request_id(codec, rtype):
+    with pytest.raises(ProtocolError, match="management record"):
+        codec.check_header(rtype, 1, 0)
+
+
+@pytest.mark.parametrize("rtype", [protocol.BEGIN_REQUEST, protocol.END_REQUEST])
+@pytest.mark.parametrize("length", [0, 7, 9, 65535])
+def test_check_header_refuses_fixed_bodies_of_the_wrong_size(codec, rtype, length):
+    with pytest.raises(ProtocolError, match="expected 8"):
+        codec.check_header(rtype, 1, length)
+
+
+@pytest.mark.parametrize("rtype", [protocol.BEGIN_REQUEST, protocol.END_REQUEST, protocol.PARAMS,
+                                   protocol.STDIN, protocol.STDOUT, protocol.ABORT_REQUEST, 99])
+def test_check_header_accepts_application_records(codec, rtype):
+    length = 8 if rtype in (protocol.BEGIN_REQUEST, protocol.END_REQUEST) else 100
+    codec.check_header(rtype, 65535, length)
+
+
+def test_check_header_agrees_between_codecs(both):
+    py, c = both
+    rng = random.Random(99)
+    for _ in range(3000):
+        args = (rng.randrange(256), rng.choice([0, 1, 2, 65535]), rng.choice([0, 8, rng.randrange(65536)]))
+        outcomes = []
+        for codec in (py, c):
+            try:
+                codec.check_header(*args)
+                outcomes.append("ok")
+            except ProtocolError:
+                outcomes.append("error")
+        assert outcomes[0] == outcomes[1], args
+
+
 @pytest.mark.parametrize("app_status", [0, 1, 255, 256, 0x12345678, 0xFFFFFFFF])
 @pytest.mark.parametrize("protocol_status", [0, 1, 2, 3])
 def test_end_request(codec, app_status, protocol_status):

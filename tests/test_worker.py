@@ -159,6 +159,65 @@ def test_second_begin_request_gets_cant_mpx_conn(server) -> None:
         assert ends and p.parse_end_request(ends[0].content)[1] == p.REQUEST_COMPLETE
 
 
+def test_a_whole_second_request_is_refused_and_the_first_still_served(server) -> None:
+    # A multiplexing client sends request 2 complete (BEGIN, PARAMS, STDIN) before request 1's
+    # PARAMS end: request 2 hears CANT_MPX_CONN, its records are dropped, request 1 is answered.
+    pairs = p.encode_pairs([(k.encode(), v.encode()) for k, v in env_params(query="first").items()])
+    with server.connect() as sock:
+        sock.sendall(p.encode_begin_request(1, p.RESPONDER, p.KEEP_CONN)
+                     + p.encode_stream(p.PARAMS, 1, pairs))
+        sock.sendall(request_bytes(2, env_params(query="second")))
+        sock.sendall(p.encode_record(p.PARAMS, 1) + p.encode_record(p.STDIN, 1))
+        records = read_records(sock)
+        while not any(r.type == p.END_REQUEST and r.request_id == 1 for r in records):
+            more = read_records(sock)
+            assert more, "the connection closed before request 1 was answered"
+            records += more
+        refusals = [r for r in records if r.type == p.END_REQUEST and r.request_id == 2]
+        assert [p.parse_end_request(r.content)[1] for r in refusals] == [p.CANT_MPX_CONN]
+        seen = json.loads(stdout_of(records, 1).split(b"\r\n\r\n", 1)[1])
+        assert seen["environ"]["QUERY_STRING"] == "first"
+        assert stdout_of(records, 2) == b""
+        # The connection is still good: the refused id may be used again for a real request.
+        sock.sendall(request_bytes(2, env_params(query="again")))
+        again = read_records(sock)
+        assert json.loads(stdout_of(again, 2).split(b"\r\n\r\n", 1)[1])["environ"]["QUERY_STRING"] == "again"
+
+
+def test_a_request_queued_behind_one_without_keep_conn_is_refused_before_closing(server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, env_params()) + request_bytes(2, env_params()))
+        records = read_records(sock, until_type=-1)  # everything until the worker closes
+        ends = {r.request_id: p.parse_end_request(r.content)[1] for r in records if r.type == p.END_REQUEST}
+        assert ends == {1: p.REQUEST_COMPLETE, 2: p.CANT_MPX_CONN}
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("role", [p.AUTHORIZER, p.FILTER])
+def test_a_refused_role_on_a_kept_connection_does_not_spoil_the_next_request(server, role: int) -> None:
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, env_params(), flags=p.KEEP_CONN, role=role))
+        if role == p.FILTER:
+            sock.sendall(p.encode_record(p.DATA, 1, b"filter data") + p.encode_record(p.DATA, 1))
+        records = read_records(sock)
+        assert p.parse_end_request(records[-1].content)[1] == p.UNKNOWN_ROLE
+        sock.sendall(request_bytes(1, env_params(query="next")))
+        records = read_records(sock)
+        assert p.parse_end_request(records[-1].content) == (0, p.REQUEST_COMPLETE)
+        assert json.loads(stdout_of(records).split(b"\r\n\r\n", 1)[1])["environ"]["QUERY_STRING"] == "next"
+
+
+def test_an_app_calling_sys_exit_gets_a_500_and_the_worker_serves_on(server) -> None:
+    pids = server.worker_pids()
+    mark = server.log_size()
+    with FastCGIClient(server.address, timeout=5) as client:
+        response = client.request(env_params(path="/exit"))
+    assert response.status == 500
+    assert "SystemExit: 3" in server.wait_for_log("SystemExit", mark)
+    assert_still_serving(server)
+    assert server.worker_pids() == pids
+
+
 def test_abort_request_ends_request_and_closes_iterable(server, tmp_path: Path) -> None:
     closed = tmp_path / "closed.txt"
     params = build_params("GET", "/stream", f"chunks=50&pause=0.1&closed={closed}", {}, None, {})
@@ -192,6 +251,9 @@ MALFORMED = {
     "unknown request id": p.encode_begin_request(1) + p.encode_record(p.PARAMS, 7, b""),
     "params before begin": p.encode_record(p.PARAMS, 1, b""),
     "begin body too short": p.encode_record(p.BEGIN_REQUEST, 1, b"\x00\x01"),
+    "management record with a request id": p.encode_get_values([b"FCGI_MAX_CONNS"])[:2] + b"\x00\x05"
+    + p.encode_get_values([b"FCGI_MAX_CONNS"])[4:],
+    "a second begin for the same id": (p.encode_begin_request(1) + p.encode_begin_request(1)),
 }
 
 

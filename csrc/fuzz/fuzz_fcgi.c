@@ -36,6 +36,17 @@ static void walk(const uint8_t *data, size_t size)
         check(rc >= FCGI_HEADER_LEN && (size_t)rc <= size - pos, "record size within the buffer");
         check((size_t)rc == FCGI_HEADER_LEN + hdr.content_length + hdr.padding_length, "record size");
         const uint8_t *content = data + pos + FCGI_HEADER_LEN;
+        int verdict = fcgi_check_header(&hdr);
+        check(verdict == 0 || verdict == FCGI_ERR_LENGTH || verdict == FCGI_ERR_REQUEST_ID, "header verdict");
+        check(hdr.request_id != 0 || verdict == 0, "management records are never refused");
+        int role, flags;
+        int begin = fcgi_parse_begin_request(content, hdr.content_length, &role, &flags);
+        check(begin == (hdr.content_length == 8 ? 0 : FCGI_ERR_LENGTH), "BEGIN_REQUEST body length rule");
+        if (begin == 0) {
+            uint8_t again[16];
+            check(fcgi_write_begin_request(again, hdr.request_id, role, flags) == 16, "BEGIN_REQUEST size");
+            check(memcmp(again + FCGI_HEADER_LEN, content, 3) == 0, "BEGIN_REQUEST round trip");
+        }
         size_t cpos = 0;
         while (cpos < hdr.content_length) {
             size_t noff, nlen, voff, vlen;

@@ -49,7 +49,7 @@ def write_then_iterate(environ: dict[str, Any], start_response: Callable[..., An
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-    """The router's applications plus /stream and /write-then-iterate."""
+    """The router's applications plus /stream, /write-then-iterate and /exit."""
     from tests.apps import router
 
     path = environ.get("PATH_INFO", "")
@@ -57,4 +57,6 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return stream(environ, start_response)
     if path == "/write-then-iterate":
         return write_then_iterate(environ, start_response)
+    if path == "/exit":
+        raise SystemExit(3)  # an app that calls sys.exit() inside a request
     return router.app(environ, start_response)
