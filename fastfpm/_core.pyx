@@ -1600,14 +1600,51 @@ cdef class Worker:
                 self.wlen = 0
         return 0
 
-    cdef int end_request(self, Connection c, uint32_t app_status) except -1:
-        """Close the stdout stream, add END_REQUEST and send what is buffered in one call."""
+    cdef int out_end(self, int request_id, uint32_t app_status) except -1:
+        """Close the stdout stream and append the empty STDOUT record and END_REQUEST."""
         self.out_close_record()
         self.out_reserve(2 * FCGI_HEADER_LEN + 8)
-        self.wlen += fcgi_write_header(self.wbuf + self.wlen, FCGI_STDOUT, c.request_id, 0, 0)
-        self.wlen += fcgi_write_end_request(self.wbuf + self.wlen, c.request_id, app_status,
+        self.wlen += fcgi_write_header(self.wbuf + self.wlen, FCGI_STDOUT, request_id, 0, 0)
+        self.wlen += fcgi_write_end_request(self.wbuf + self.wlen, request_id, app_status,
                                             FCGI_REQUEST_COMPLETE)
+        return 0
+
+    cdef int end_request(self, Connection c, uint32_t app_status) except -1:
+        """Close the stdout stream, add END_REQUEST and send what is buffered in one call."""
+        self.out_end(c.request_id, app_status)
         return self.flush(c)
+
+    def response_for(self, status, headers, body, int request_id=1):
+        """The bytes the loop sends for a list-of-chunks response (head, body, END_REQUEST), no I/O.
+
+        The same start_response, header checks and record framing as a served request, for tests
+        and the response-path micro-benchmark. The body must stay under the 256 KiB at which the
+        loop would flush to a socket.
+        """
+        cdef Connection c
+        if self.spare is None:
+            self.spare = Connection()
+        c = self.spare
+        c.reset(-1)
+        c.request_id = request_id
+        self.conn = c
+        self.status = None
+        self.headers = None
+        self.headers_sent = False
+        self.wlen = 0
+        self.rec_start = NO_RECORD
+        try:
+            self.start_response(status, headers)
+            for chunk in body:
+                self.body_chunk(c, chunk)
+            if not self.headers_sent:
+                self.emit_head()
+            self.out_end(request_id, 0)
+            return PyBytes_FromStringAndSize(<char *>self.wbuf, self.wlen)
+        finally:
+            self.wlen = 0
+            self.rec_start = NO_RECORD
+            self.conn = None
 
     cdef int send_iterable(self, Connection c, object result) except -1:
         cdef Py_ssize_t count = 0

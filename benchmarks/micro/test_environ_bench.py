@@ -3,18 +3,22 @@
 Run with `python -m pytest benchmarks/micro --benchmark-enable`. The same params are built twice in
 a row in a real worker too (the key cache and value sharing are warm after the first request), so
 the measured number is the steady state; a cold first build is measured separately. The response
-path is measured with the whole request in test_request_bench.py.
+path is test_response_bench.py; the whole request over a socket, test_request_bench.py.
 """
 
 from __future__ import annotations
 
 import socket
 
+import pytest
+
 from benchmarks.micro.nginx_request import NGINX_PARAMS
 from fastfpm import protocol
-from fastfpm._core import Worker
 from fastfpm.log import ErrorLog
-from fastfpm.worker import environ_template
+
+core = pytest.importorskip("fastfpm._core", reason="fastfpm's compiled core is not built (pip install -e .)")
+Worker = core.Worker
+from fastfpm.worker import environ_template  # noqa: E402 - needs the compiled core too
 
 PARAMS_BLOCK = protocol.encode_pairs(NGINX_PARAMS)
 

@@ -4,8 +4,8 @@ A fastfpm pool with one worker serves ``benchmarks.apps:hello`` on a unix socket
 the bytes nginx would send (stock fastcgi_params plus browser headers) and reads the answer up to
 FCGI_END_REQUEST. The raw C responder (benchmarks/responders/raw_hello.c, the floor) answers the same
 bytes in the same group, so the difference is what fastfpm spends per request on top of the syscalls
-and the Python client both share. Until fastfpm exposes in-process hooks for environ building and
-the response path, this is how a regression there shows up before a wrk run.
+and the Python client both share. The parts are also measured in-process: environ building in
+test_environ_bench.py, the response path in test_response_bench.py.
 
 Run with ``python -m pytest benchmarks/micro --benchmark-enable``.
 """
