@@ -444,7 +444,11 @@ DIRECTIVES: tuple[Directive, ...] = (
        note="php-fpm's default is php-fpm."),
     _d("log_level", G, Choice("alert", "error", "warning", "notice", "debug", aliases={"warn": "warning"}),
        "notice", "Least severe level written to the error log."),
-    _d("log_limit", G, Int(512), 1024, "Longest log line in characters; longer lines are wrapped."),
+    _d("log_limit", G, Int(512), 1024,
+       "Longest error log line (characters, newline included): as php-fpm, a longer message line is cut "
+       "and ends in `...`, a longer line of worker output is split over several lines, each decorated again.",
+       note="php-fpm counts bytes; fastfpm counts characters, so a UTF-8 character is never cut in two. "
+            "php-fpm only cuts its own messages past 2048 bytes; fastfpm holds every line to log_limit."),
     Directive("log_buffering", G, Bool(), True, "", status="ignored",
               note="fastfpm always writes a log line with a single write(); the directive is accepted "
                    "and has no effect."),

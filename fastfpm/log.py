@@ -3,6 +3,12 @@
 One writer for the master and its workers. php-fpm's levels, from most to least severe, are
 alert, error, warning, notice and debug; a line is written when its level is at or above the
 configured one. Workers prefix their lines with `[pool NAME] child PID`, as php-fpm does.
+
+log_limit, as php-fpm's zlog.c applies it: no line, its newline included, is longer than the
+limit. A message line that is longer is cut and ends in "..." (`truncate`); a line of a worker's
+stdout or stderr (catch_workers_output) is split over as many lines as it takes, each with the
+decoration again (`wrap`, php-fpm's fpm_stdio wrapping), so nothing the application printed is lost.
+php-fpm counts bytes; fastfpm counts characters, so a UTF-8 character is never cut in two.
 """
 
 from __future__ import annotations
@@ -17,6 +23,28 @@ from typing import TextIO
 LEVELS = {"alert": 1, "error": 2, "warning": 3, "notice": 4, "debug": 5}
 SYSLOG_PRIORITIES = {"alert": syslog.LOG_ALERT, "error": syslog.LOG_ERR, "warning": syslog.LOG_WARNING,
                      "notice": syslog.LOG_NOTICE, "debug": syslog.LOG_DEBUG}
+# What php-fpm puts at the end of a line it cut.
+CUT_MARK = "..."
+
+
+def truncate(line: str, limit: int) -> str:
+    """line cut so that it and its newline fit in limit characters, ending in "..." when cut (zlog)."""
+    if len(line) < limit:
+        return line
+    return line[:max(limit - 1 - len(CUT_MARK), 0)] + CUT_MARK
+
+
+def wrap(text: str, limit: int, head: str = "", tail: str = "") -> list[str]:
+    """text split into head + piece + tail lines that each fit in limit characters with the newline.
+
+    php-fpm's worker output wrapping (zlog_stream with wrap on): a long line of output becomes
+    several log lines, each decorated and quoted again, and nothing is dropped.
+    """
+    # At least one character per line, so a decoration longer than the limit cannot loop forever
+    # (php-fpm refuses log_limit below 512 for this; the config does too).
+    room = max(limit - 1 - len(head) - len(tail), 1)
+    pieces = [text[i:i + room] for i in range(0, len(text), room)] or [""]
+    return [f"{head}{piece}{tail}" for piece in pieces]
 
 
 class ErrorLog:
@@ -56,16 +84,20 @@ class ErrorLog:
         return LEVELS[level] <= self.threshold
 
     def log(self, level: str, message: str) -> None:
-        """Write one line (several for a multi-line message, each stamped)."""
+        """Write one line (several for a multi-line message, each stamped), each cut at log_limit."""
         if LEVELS[level] > self.threshold:
             return
-        stamp = time.strftime("%d-%b-%Y %H:%M:%S")
-        head = f"[{stamp}] {level.upper()}: {self.prefix}"
-        text = "".join(f"{head}{line[:self.limit]}\n" for line in message.rstrip("\n").split("\n"))
+        lines = message.rstrip("\n").split("\n")
         if self.path == "syslog" and self.worker_fd is None:
-            for line in message.rstrip("\n").split("\n"):
-                syslog.syslog(SYSLOG_PRIORITIES[level], f"{level.upper()}: {self.prefix}{line[:self.limit]}")
+            for line in lines:
+                syslog.syslog(SYSLOG_PRIORITIES[level], truncate(f"{level.upper()}: {self.prefix}{line}",
+                                                                 self.limit))
             return
+        # The limit counts the whole line, time stamp and prefix included, as php-fpm's does. (php-fpm
+        # formats its own messages into a 2048-byte buffer and only cuts past that, so its master's
+        # lines between log_limit and 2048 bytes get through whole; fastfpm holds every line to it.)
+        head = f"[{self._stamp()}] {level.upper()}: {self.prefix}"
+        text = "".join(truncate(head + line, self.limit) + "\n" for line in lines)
         if self.worker_fd is not None:
             # A worker's lines go through its log pipe to the master, which writes the file. Lines
             # up to PIPE_BUF bytes arrive whole even while other workers write too.
@@ -74,18 +106,45 @@ class ErrorLog:
             except OSError:
                 pass
             return
-        self.write_line(text.rstrip("\n"))
+        self._write(text)
 
     def write_line(self, text: str) -> None:
-        """Append one finished line as it is (a worker's, passed through by the master)."""
+        """Append one finished line as it is (a worker's, passed through by the master), split over
+        several lines where it is longer than log_limit (undecorated worker output, as php-fpm)."""
+        lines = [piece for line in text.split("\n") for piece in wrap(line, self.limit)]
         if self.path == "syslog":
-            # A worker's line arrives stamped "[date] LEVEL: ..."; syslog stamps its own.
-            _, _, rest = text.partition("] ")
-            level = rest.partition(":")[0].lower()
-            syslog.syslog(SYSLOG_PRIORITIES.get(level, syslog.LOG_NOTICE), rest or text)
+            for line in lines:
+                # A worker's line arrives stamped "[date] LEVEL: ..."; syslog stamps its own.
+                _, _, rest = line.partition("] ")
+                level = rest.partition(":")[0].lower()
+                syslog.syslog(SYSLOG_PRIORITIES.get(level, syslog.LOG_NOTICE), rest or line)
             return
+        self._write("".join(line + "\n" for line in lines))
+
+    def child_said(self, pool: str, pid: int, stream: str, text: str) -> None:
+        """One line of a worker's stdout or stderr, decorated (catch_workers_output with
+        decorate_workers_output), at WARNING and split over several lines past log_limit.
+
+        php-fpm's fpm_stdio_child_said: `[pool www] child 12 said into stderr: "text"`, with every
+        piece of a long line decorated and quoted again.
+        """
+        if not self.enabled("warning"):
+            return
+        said = f"[pool {pool}] child {pid} said into {stream}: \""
+        if self.path == "syslog":
+            for line in wrap(text, self.limit, f"WARNING: {said}", '"'):
+                syslog.syslog(syslog.LOG_WARNING, line)
+            return
+        lines = wrap(text, self.limit, f"[{self._stamp()}] WARNING: {said}", '"')
+        self._write("".join(line + "\n" for line in lines))
+
+    @staticmethod
+    def _stamp() -> str:
+        return time.strftime("%d-%b-%Y %H:%M:%S")
+
+    def _write(self, text: str) -> None:
         try:
-            self.stream.write(text + "\n")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a log that cannot be written must not take the server down with it

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import signal
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fastfpm.slowlog import request_line, slow_request_message, terminate_message
 
 __all__ = [
     "STAGES", "IDLE", "STARTING", "BUSY_STAGES", "MAINTENANCE_INTERVAL", "MIN_CHECK_INTERVAL",
@@ -81,8 +83,15 @@ class WorkerInfo:
     request_started: float | None = None  # start of the request it is serving, None when not serving
     requests: int = 0                    # requests served so far
     stopping: bool = False               # the master already asked it to exit (Kill, Terminate)
-    request: str = ""                    # "GET /uri?query", for log lines
+    method: str = ""                     # the request's REQUEST_METHOD, URI and QUERY_STRING, as the
+    uri: str = ""                        # scoreboard has them (raw: the log lines purify them)
+    query_string: str = ""
     script: str = ""                     # SCRIPT_FILENAME or the app, for log lines
+
+    @property
+    def request(self) -> str:
+        """`METHOD URI?QUERY` of the request being served ("" when the method is not known yet)."""
+        return request_line(self.method, self.uri, self.query_string)
 
     @property
     def is_idle(self) -> bool:
@@ -392,9 +401,12 @@ def check_interval(pools: Iterable[Any]) -> float | None:
     return max(MIN_CHECK_INTERVAL, min(timeouts) / 3)
 
 
-def _describe(worker: WorkerInfo, pool: Any) -> str:
+def _timeout_message(kind: Callable[..., str], worker: WorkerInfo, pool: Any, elapsed: float) -> str:
+    # One implementation of php-fpm's two lines (fastfpm.slowlog): the script and the request are
+    # purified, as php-fpm's str_purify_filename, so a %0A that nginx decoded into SCRIPT_FILENAME
+    # cannot start a forged log line, and the time is truncated to microseconds.
     script = worker.script or getattr(pool, "app", "") or "-"
-    return f"[pool {pool.name}] child {worker.pid}, script '{script}' (request: \"{worker.request}\")"
+    return kind(pool.name, worker.pid, script, worker.method, worker.uri, elapsed, worker.query_string)
 
 
 def overdue(snapshot: PoolSnapshot, pool: Any, now: float, state: PmState, *,
@@ -438,12 +450,12 @@ def overdue(snapshot: PoolSnapshot, pool: Any, now: float, state: PmState, *,
                 and state.slowlogged.get(worker.pid) != worker.request_started):
             state.slowlogged[worker.pid] = worker.request_started
             state.slow_requests += 1
-            message = f"{_describe(worker, pool)} executing too slow ({elapsed:.6f} sec), logging"
+            message = _timeout_message(slow_request_message, worker, pool, elapsed)
             actions.append(SlowlogDump(worker.pid, elapsed, message=message))
             continue
         if terminate_after and elapsed >= terminate_after:
             state.terminated[worker.pid] = _Termination(worker.request_started, now)
-            message = f"{_describe(worker, pool)} execution timed out ({elapsed:.6f} sec), terminating"
+            message = _timeout_message(terminate_message, worker, pool, elapsed)
             actions.append(Terminate(worker.pid, elapsed, message=message))
     return actions
 
@@ -459,16 +471,13 @@ def worker_from_slot(slot: Any, *, started: float, stopping: bool = False) -> Wo
     stage = STAGES[slot.stage] if isinstance(slot.stage, int) and 0 <= slot.stage < len(STAGES) else str(
         slot.stage)
     busy = stage in BUSY_STAGES
-    method = getattr(slot, "method", "") or ""
-    uri = getattr(slot, "request_uri", "") or ""
-    query = getattr(slot, "query_string", "") or ""
     return WorkerInfo(
         pid=slot.pid, stage=stage, started=started,
         idle_since=slot.idle_since_ns / 1e9 if slot.idle_since_ns else None,
         request_started=slot.request_start_ns / 1e9 if busy and slot.request_start_ns else None,
         requests=slot.requests, stopping=stopping,
-        # REQUEST_URI already carries the query string when the web server sends it whole (nginx).
-        request=f"{method} {uri}{'?' + query if query and '?' not in uri else ''}" if method else "",
+        method=getattr(slot, "method", "") or "", uri=getattr(slot, "request_uri", "") or "",
+        query_string=getattr(slot, "query_string", "") or "",
         script=getattr(slot, "script_filename", "") or "",
     )
 

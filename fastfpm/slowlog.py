@@ -5,7 +5,8 @@ memory. That fails in containers (no CAP_SYS_PTRACE, Yama ptrace_scope) and coul
 Python stack anyway. fastfpm asks the worker to dump its own stack:
 
 1. The master sees on the scoreboard that a request has run past request_slowlog_timeout, logs
-   `slow_request_message(...)` at WARNING and sends the worker SLOWLOG_SIGNAL.
+   `slow_request_message(...)` at WARNING (fastfpm.pm.overdue builds it, and
+   `terminate_message(...)` for request_terminate_timeout) and sends the worker SLOWLOG_SIGNAL.
 2. In the worker, `install()` (called once after fork, after `reset_signals`, before the
    application is imported) has blocked SLOWLOG_SIGNAL in the main thread and started a daemon
    thread that waits for it with `signal.sigwait`. Threads started later inherit the block, so the
@@ -116,21 +117,39 @@ def _printable(text: str) -> str:
     return "".join("." if ord(c) < 0x20 or c == "\x7f" else c for c in text)
 
 
-def _purified(text: str) -> str:
-    """php-fpm's str_purify_filename: bytes below space or above 0x7f become "."."""
+def purified(text: str) -> str:
+    """php-fpm's str_purify_filename: characters below space or above 0x7f become ".".
+
+    A SCRIPT_FILENAME is percent-decoded by the web server (nginx's $fastcgi_script_name), so a
+    %0A in a URL would otherwise start a forged line in the error log.
+    """
     return "".join("." if ord(c) < 0x20 or ord(c) > 0x7F else c for c in text)
 
 
-def _seconds(elapsed: float) -> str:
-    # php-fpm prints a timeval as %d.%06d: microseconds truncated, not rounded
-    micro = max(0, int(elapsed * 1_000_000))
+def seconds_text(elapsed: float) -> str:
+    """elapsed as php-fpm prints a timeval, %d.%06d: microseconds truncated, not rounded."""
+    # Rounded to the nanosecond first, so float noise (0.29 stored as 0.28999...) does not lose a
+    # microsecond that a timeval would have kept.
+    micro = max(0, round(elapsed * 1_000_000_000) // 1000)
     return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
 
 
-def _request_prefix(pool: str, pid: int, script: str, method: str, uri: str, query_string: str) -> str:
-    query = f"?{query_string}" if query_string else ""
-    return (f"[pool {pool}] child {pid}, script '{_purified(script)}' "
-            f"(request: \"{method} {uri}{query}\")")
+def request_line(method: str, uri: str, query_string: str = "") -> str:
+    """`METHOD URI?QUERY` as the master's warnings show a request ("" when no method is known yet).
+
+    php-fpm's slot keeps the script name, so it always appends "?query"; a WSGI worker keeps
+    REQUEST_URI, which already carries the query string when the web server sends it whole (nginx).
+    """
+    if not method:
+        return ""
+    query = f"?{query_string}" if query_string and "?" not in uri else ""
+    return f"{method} {uri}{query}"
+
+
+def _request_prefix(pool: str, pid: int, script: str, request: str) -> str:
+    # php-fpm purifies the script name only and prints the request as it came; any FastCGI client
+    # can put control characters in REQUEST_URI too, so fastfpm purifies both.
+    return f"[pool {pool}] child {pid}, script '{purified(script)}' (request: \"{purified(request)}\")"
 
 
 def slow_request_message(pool: str, pid: int, script: str, method: str, uri: str, elapsed: float,
@@ -139,8 +158,8 @@ def slow_request_message(pool: str, pid: int, script: str, method: str, uri: str
 
         [pool www] child 123, script '/x' (request: "GET /x?a=1") executing too slow (5.010000 sec), logging
     """
-    return (f"{_request_prefix(pool, pid, script, method, uri, query_string)} "
-            f"executing too slow ({_seconds(elapsed)} sec), logging")
+    return (f"{_request_prefix(pool, pid, script, request_line(method, uri, query_string))} "
+            f"executing too slow ({seconds_text(elapsed)} sec), logging")
 
 
 def terminate_message(pool: str, pid: int, script: str, method: str, uri: str, elapsed: float,
@@ -149,8 +168,8 @@ def terminate_message(pool: str, pid: int, script: str, method: str, uri: str, e
 
         [pool www] child 123, script '/x' (request: "GET /x") execution timed out (30.000210 sec), terminating
     """
-    return (f"{_request_prefix(pool, pid, script, method, uri, query_string)} "
-            f"execution timed out ({_seconds(elapsed)} sec), terminating")
+    return (f"{_request_prefix(pool, pid, script, request_line(method, uri, query_string))} "
+            f"execution timed out ({seconds_text(elapsed)} sec), terminating")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -87,7 +87,11 @@ def test_worker_from_slot():
                            query_string="a=1", script_filename="")
     worker = pm.worker_from_slot(slot, started=1.0)
     assert worker == WorkerInfo(42, "running", started=1.0, idle_since=3.0, request_started=5.5, requests=7,
-                                request="GET /slow?a=1")
+                                method="GET", uri="/slow", query_string="a=1")
+    assert worker.request == "GET /slow?a=1"
+    # REQUEST_URI with the query already in it (nginx's $request_uri): not appended twice
+    whole = SimpleNamespace(**{**vars(slot), "request_uri": "/slow?a=1"})
+    assert pm.worker_from_slot(whole, started=1.0).request == "GET /slow?a=1"
     idle_slot = SimpleNamespace(pid=43, stage=2, requests=1, idle_since_ns=9_000_000_000,
                                 request_start_ns=5_500_000_000, method="GET", request_uri="/",
                                 query_string="", script_filename="")
@@ -340,7 +344,7 @@ def test_cap_spawns_over_the_limit_drops_every_spawn():
 def test_terminate_once_per_request_then_sigkill_after_grace():
     pool = make_pool(request_terminate_timeout=30)
     state = PmState()
-    worker = busy(7, request_started=NOW - 30, request="GET /slow?x=1")
+    worker = busy(7, request_started=NOW - 30, method="GET", uri="/slow", query_string="x=1")
     (action,) = overdue(snap(worker), pool, NOW, state)
     assert action == Terminate(7, 30.0, message="[pool www] child 7, script 'myapp:application' "
                                                 "(request: \"GET /slow?x=1\") execution timed out "
@@ -379,7 +383,7 @@ def test_a_new_request_on_the_same_worker_is_timed_afresh():
 def test_slowlog_once_per_request_and_counted():
     pool = make_pool(request_slowlog_timeout=5, slowlog="/tmp/slow.log")
     state = PmState()
-    worker = busy(3, request_started=NOW - 6, script="/srv/app.py", request="POST /upload")
+    worker = busy(3, request_started=NOW - 6, script="/srv/app.py", method="POST", uri="/upload")
     (action,) = overdue(snap(worker), pool, NOW, state)
     assert action == SlowlogDump(3, 6.0, message="[pool www] child 3, script '/srv/app.py' "
                                                  "(request: \"POST /upload\") executing too slow "
@@ -390,6 +394,33 @@ def test_slowlog_once_per_request_and_counted():
     again = busy(3, request_started=NOW + 20)
     assert [type(a) for a in overdue(snap(again), pool, NOW + 26, state)] == [SlowlogDump]
     assert state.slow_requests == 2
+
+
+def test_timeout_lines_purify_control_characters_and_truncate_to_microseconds():
+    # nginx decodes %0A into SCRIPT_FILENAME: the line must stay one line (php-fpm's
+    # str_purify_filename), and the time is a timeval's %d.%06d, truncated, not rounded.
+    forged = "/srv/app.py\n[22-Nov-2026 10:00:00] WARNING: forged\r\x1b[31m"
+    pool = make_pool(request_slowlog_timeout=1, slowlog="/tmp/slow.log", request_terminate_timeout=2)
+    state = PmState()
+    worker = busy(5, request_started=NOW - 1.0001239, script=forged, method="GET",
+                  uri="/a\nb\x85", query_string="q=\x00")
+    (slow,) = overdue(snap(worker), pool, NOW, state)
+    assert slow.message == ("[pool www] child 5, script '/srv/app.py.[22-Nov-2026 10:00:00] WARNING: "
+                            "forged..[31m' (request: \"GET /a.b.?q=.\") executing too slow "
+                            "(1.000123 sec), logging")
+    (end,) = overdue(snap(worker), pool, NOW + 1.0000009, state)
+    assert isinstance(end, Terminate)
+    assert end.message.endswith("execution timed out (2.000124 sec), terminating")
+    assert "\n" not in end.message and "\r" not in end.message and "\x85" not in end.message
+    assert "script '/srv/app.py.[22-Nov-2026" in end.message
+
+
+def test_timeout_lines_name_the_app_when_there_is_no_script():
+    pool = make_pool(request_terminate_timeout=0.2)
+    (action,) = overdue(snap(busy(1, request_started=NOW - 0.29)), pool, NOW, PmState())
+    # NOW - (NOW - 0.29) is 0.28999... as a float: still 290000 microseconds, as a timeval would hold
+    assert action.message == ("[pool www] child 1, script 'myapp:application' (request: \"\") "
+                              "execution timed out (0.290000 sec), terminating")
 
 
 def test_slowlog_only_while_the_app_runs():

@@ -414,3 +414,22 @@ def test_master_messages_match_php_fpm() -> None:
         "[pool www] child 123, script '/srv/app.py' (request: \"POST /api?a=1&b=2\") "
         "execution timed out (30.500000 sec), terminating")
     assert "script '/caf.'" in slowlog.slow_request_message("www", 1, "/caf\xe9", "GET", "/", 1)
+
+
+def test_master_messages_stay_on_one_line() -> None:
+    # nginx percent-decodes SCRIPT_FILENAME, so /x%0Ay arrives as "/x\ny": php-fpm's
+    # str_purify_filename turns it (and anything above 0x7f) into "."; fastfpm does it to the request too.
+    message = slowlog.terminate_message("www", 7, "/x\n[01-Jan-2026 00:00:00] ALERT: forged", "GET",
+                                        "/x\ny", 2.0000019, query_string="a=\r\x7f")
+    assert message == ("[pool www] child 7, script '/x.[01-Jan-2026 00:00:00] ALERT: forged' "
+                       "(request: \"GET /x.y?a=.\x7f\") execution timed out (2.000001 sec), terminating")
+    assert len(message.splitlines()) == 1
+
+
+def test_request_line_and_seconds_text() -> None:
+    assert slowlog.request_line("GET", "/x", "a=1") == "GET /x?a=1"
+    assert slowlog.request_line("GET", "/x?a=1", "a=1") == "GET /x?a=1"  # nginx's REQUEST_URI has it
+    assert slowlog.request_line("", "/x", "a=1") == ""  # no request line read yet
+    assert slowlog.seconds_text(1.9999999) == "1.999999"  # truncated, as a timeval prints
+    assert slowlog.seconds_text(1000.0 - (1000.0 - 0.29)) == "0.290000"  # float noise is not a microsecond
+    assert slowlog.seconds_text(-0.5) == "0.000000"

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.servers import REPO_ROOT
@@ -44,6 +45,40 @@ pm.max_children = 1
             proc.send_signal(signal.SIGQUIT)
             while "STOPPING=1" not in (message := notify.recv(4096).decode()):
                 assert "STATUS=" in message
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_watchdog_pings_at_half_of_watchdog_usec(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "w.conf", f"""
+[global]
+systemd_interval = 0
+
+[www]
+listen = {tmp_path}/w.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(10)
+        # WatchdogSec=1s: systemd sets WATCHDOG_USEC (WATCHDOG_PID may be left out).
+        proc = start(["-c", str(conf)],
+                     {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"})
+        try:
+            # Pings start with the master, so one may come before READY=1.
+            while "READY=1" not in (message := notify.recv(4096).decode()):
+                assert message == "WATCHDOG=1", message
+            ready = time.monotonic()
+            for _ in range(3):
+                # systemd_interval = 0: no STATUS lines, only the watchdog's pings.
+                assert notify.recv(4096).decode() == "WATCHDOG=1"
+            # Every 0.5 s (half the timeout, as sd_watchdog_enabled(3) advises): three take about 1.5 s.
+            assert 0.9 <= time.monotonic() - ready < 5
+            assert get(str(tmp_path / "w.sock"), "/env").status == 200
+            proc.send_signal(signal.SIGQUIT)
             assert proc.wait(10) == 0
         finally:
             if proc.poll() is None:

@@ -1,0 +1,241 @@
+"""Through real processes: a pool's counters, the SIGKILL after SIGTERM of request_terminate_timeout,
+slowlog rotation, log_limit on worker output, config check failures and listen.backlog.
+
+The counters are checked where operators read them: the systemd STATUS line (`slow: N`) and the
+pool's scoreboard header, which the master fills in (max_children_reached, slow_requests) and
+which is read here out of the running master's memory, as a status page would map it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.apps.counters_app import payload
+from tests.servers import Launcher, free_port, wait_until
+from tests.test_master import get, run_cli
+from tests.test_pools import write_config
+from tests.test_systemd_master import start
+
+APP = "tests.apps.counters_app:app"
+
+
+def pool_header(pid: int, pool: str) -> dict[str, int]:
+    """The counters in pool's scoreboard header, read from process pid's memory (/proc/PID/mem).
+
+    The scoreboard is a shared anonymous mapping, which /proc/PID/maps shows as "/dev/zero
+    (deleted)"; the one whose header has the scoreboard's magic and the pool's name is the pool's.
+    """
+    from fastfpm.scoreboard import ffi, lib
+
+    size = ffi.sizeof("ffpm_pool_header")
+    with open(f"/proc/{pid}/maps") as maps:
+        starts = [int(line.split("-", 1)[0], 16) for line in maps
+                  if line.rstrip().endswith("/dev/zero (deleted)") and line.split()[1].endswith("s")]
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            for start in starts:
+                mem.seek(start)
+                data = bytearray(mem.read(size))
+                header = ffi.cast("ffpm_pool_header *", ffi.from_buffer(data))
+                if header.magic == lib.FFPM_SB_MAGIC and ffi.string(header.pool_name).decode() == pool:
+                    return {"max_children_reached": int(header.max_children_reached),
+                            "slow_requests": int(header.slow_requests)}
+    except PermissionError as exc:  # ptrace rules (Yama, no CAP_SYS_PTRACE) can forbid it
+        pytest.skip(f"cannot read the master's memory: {exc}")
+    raise AssertionError(f"no scoreboard of pool {pool!r} among the shared mappings of {pid}")
+
+
+def test_slow_and_max_children_counters_reach_status_and_scoreboard(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "c.conf", f"""
+[global]
+error_log = {tmp_path}/error.log
+systemd_interval = 1s
+
+[www]
+listen = {tmp_path}/c.sock
+app = {APP}
+pm = dynamic
+pm.max_children = 1
+pm.start_servers = 1
+pm.min_spare_servers = 1
+pm.max_spare_servers = 1
+request_slowlog_timeout = 1s
+slowlog = {tmp_path}/slow.log
+""")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(10)
+        proc = start(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        try:
+            assert "READY=1" in notify.recv(4096).decode()
+            # nginx percent-decodes the path into SCRIPT_FILENAME: %0A becomes a newline there.
+            response = get(str(tmp_path / "c.sock"), "/counters%0A[01-Jan-2026 00:00:00] ALERT: forged",
+                           "do=sleep&seconds=2")
+            assert response.status == 200
+            # One slow request (2 s, well past the 1 s timeout: the check runs every third of it and a
+            # loaded machine may run it late), and one max_children episode: the only worker was busy
+            # with nobody idle for a maintenance tick. STATUS= carries the slow figure, php-fpm's words.
+            deadline = time.monotonic() + 10
+            while "slow: 1," not in (status := notify.recv(4096).decode()):
+                assert "slow: 0," in status and time.monotonic() < deadline, status
+            assert pool_header(proc.pid, "www") == {"max_children_reached": 1, "slow_requests": 1}
+            log = (tmp_path / "error.log").read_text()
+            assert log.count("server reached pm.max_children setting (1)") == 1
+            (warning,) = [line for line in log.splitlines() if "executing too slow" in line]
+            assert "script '/var/www/html/counters.[01-Jan-2026 00:00:00] ALERT: forged'" in warning
+            assert [line for line in log.splitlines() if "forged" in line] == [warning]  # one line, not two
+            entry = wait_until(lambda: "script_filename" in (text := (tmp_path / "slow.log").read_text())
+                               and text, 5, message="the slowlog entry")
+            assert "script_filename = /var/www/html/counters.[01-Jan-2026 00:00:00] ALERT: forged\n" in entry
+            proc.send_signal(signal.SIGQUIT)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_request_terminate_timeout_kills_a_worker_that_ignores_sigterm(launcher: Launcher,
+                                                                      tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "t.conf", f"""
+[www]
+listen = {tmp_path}/t.sock
+app = {APP}
+pm = static
+pm.max_children = 1
+request_terminate_timeout = 1s
+""")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "t.sock")
+    (pid,) = server.worker_pids()
+    outcome: list[object] = []
+
+    def stuck() -> None:
+        try:
+            outcome.append(get(server.address, "/", "do=ignore-term&seconds=30"))
+        except Exception as exc:  # the connection dies with the worker: what this test expects
+            outcome.append(exc)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    log = server.wait_for_log(f"child {pid} exited on signal 9 (SIGKILL)", timeout=15)
+    timed_out = log.index(f"child {pid}, script '/var/www/html/' (request: \"GET /?do=ignore-term")
+    assert "execution timed out" in log[timed_out:].splitlines()[0]
+    killing = log.index(f"child {pid} still running 1s after SIGTERM, sending SIGKILL")
+    assert timed_out < killing < log.index(f"child {pid} exited on signal 9 (SIGKILL)")
+    thread.join(10)
+    assert outcome and isinstance(outcome[0], Exception)
+    (replacement,) = wait_until(lambda: (pids := server.worker_pids()) and pid not in pids and pids, 10,
+                                message="a replacement worker")
+    assert get(server.address, "/").body == f"done in {replacement}\n".encode()
+
+
+def test_slowlog_entries_follow_a_renamed_file_without_a_signal(launcher: Launcher, tmp_path: Path) -> None:
+    # The worker opens the slowlog for each entry (fastfpm.slowlog.append_entry), as php-fpm's
+    # fpm_php_trace opens it for each trace, so logrotate's rename is enough: no SIGUSR1 needed.
+    slowlog = tmp_path / "slow.log"
+    conf = write_config(tmp_path / "s.conf", f"""
+[www]
+listen = {tmp_path}/s.sock
+app = {APP}
+pm = static
+pm.max_children = 1
+request_slowlog_timeout = 0.5s
+slowlog = {slowlog}
+""")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "s.sock")
+    assert get(server.address, "/first", "do=sleep&seconds=1.2").status == 200
+    wait_until(lambda: "/first" in slowlog.read_text(), 5, message="the first entry")
+    rotated = tmp_path / "slow.log.1"
+    slowlog.rename(rotated)
+    assert get(server.address, "/second", "do=sleep&seconds=1.2").status == 200
+    wait_until(lambda: slowlog.exists() and "/second" in slowlog.read_text(), 5,
+               message="the second entry in a new slow.log")
+    assert "/second" not in rotated.read_text() and rotated.read_text().count("[pool www] pid") == 1
+    assert "/first" not in slowlog.read_text()
+
+
+def test_long_undecorated_worker_output_is_split_at_log_limit(launcher: Launcher, tmp_path: Path) -> None:
+    # php-fpm wraps worker output (it never drops any): lines of at most log_limit characters,
+    # newline included, which put back together give what the application printed.
+    conf = write_config(tmp_path / "o.conf", f"""
+[global]
+log_limit = 512
+
+[www]
+listen = {tmp_path}/o.sock
+app = {APP}
+pm.max_children = 1
+catch_workers_output = yes
+decorate_workers_output = no
+""")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    mark = server.log_size()
+    assert get(str(tmp_path / "o.sock"), "/", "do=print&n=1500").status == 200
+    text = payload(1500)
+    log = server.wait_for_log(text[-20:], mark)
+    lines = [line for line in log.splitlines(keepends=True) if line.strip("\n") and line[0] in text]
+    assert all(len(line) <= 512 for line in lines) and len(lines) >= 3
+    assert "".join(line.rstrip("\n") for line in lines) == text
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
+def test_a_bad_config_fails_the_check_with_file_and_line(tmp_path: Path, command: list[str]) -> None:
+    conf = write_config(tmp_path / "bad.conf", f"""[www]
+listen = {tmp_path}/b.sock
+app = {APP}
+pm.max_children = lots
+no_such_directive = 1
+""")
+    result = run_cli(*command, "-c", str(conf))
+    assert result.returncode != 0
+    assert f"{conf}:4: invalid value 'lots' for 'pm.max_children'" in result.stderr
+    assert f"{conf}:5: unknown directive 'no_such_directive'" in result.stderr
+    assert "test failed" in result.stderr and "ready to handle" not in result.stderr
+
+
+def listen_send_q(kind: str, local: str) -> int:
+    """The Send-Q that `ss` shows for a listening socket: its backlog (unix path or TCP address)."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("ss (iproute2) is not installed")
+    selector = ["src", local] if kind == "unix" else ["sport", "=", f":{local.rsplit(':', 1)[1]}"]
+    flag = "-x" if kind == "unix" else "-t"
+    out = subprocess.run([ss, "-H", "-l", "-n", flag, *selector], capture_output=True, text=True,
+                         check=True).stdout
+    (line,) = [row for row in out.splitlines() if row.strip()]
+    fields = line.split()
+    return int(fields[fields.index("LISTEN") + 2])  # State, Recv-Q, Send-Q
+
+
+def test_listen_backlog_from_the_config_reaches_the_socket(launcher: Launcher, tmp_path: Path) -> None:
+    port = free_port()
+    conf = write_config(tmp_path / "b.conf", f"""
+[unix]
+listen = {tmp_path}/b.sock
+listen.backlog = 37
+app = {APP}
+pm.max_children = 1
+
+[tcp]
+listen = 127.0.0.1:{port}
+listen.backlog = -1
+app = {APP}
+pm.max_children = 1
+""")
+    launcher.fastfpm("", max_children=2, extra_args=["-c", str(conf)])
+    assert listen_send_q("unix", str(tmp_path / "b.sock")) == 37
+    # -1: the system's maximum, as php-fpm
+    with open("/proc/sys/net/core/somaxconn") as f:
+        assert listen_send_q("tcp", f"127.0.0.1:{port}") == int(f.read())
+    assert os.path.exists(tmp_path / "b.sock")
