@@ -206,8 +206,9 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         inherited = listen_fds_with_names()  # socket activation: LISTEN_FDS from systemd
+        # allow_root and prefix go along: a reload reads the file again and applies the same rules.
         master = Master(config, log, config_path=args.config, cli_options=options, identities=identities,
-                        inherited_sockets=inherited)
+                        inherited_sockets=inherited, allow_root=allow_root, prefix=args.prefix)
     except ValueError as exc:  # LISTEN_FDS that make no sense
         log.alert(f"socket activation: {exc}")
         return 1
@@ -265,8 +266,13 @@ def request(args: argparse.Namespace) -> int:
     body = b""
     if args.data is not None:
         if args.data.startswith("@"):
-            with open(args.data[1:], "rb") as f:
-                body = f.read()
+            try:
+                with open(args.data[1:], "rb") as f:
+                    body = f.read()
+            except OSError as exc:
+                print(f"fastfpm: cannot read the request body from {args.data[1:]}: {exc.strerror}",
+                      file=sys.stderr)
+                return 2
         else:
             body = args.data.encode()
     method = args.method or ("POST" if args.data is not None else "GET")

@@ -16,6 +16,7 @@ import errno
 import os
 import select
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +36,31 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT
 QUIT_REPEAT_SECONDS = 1.0
 # Grace between SIGTERM and SIGKILL on a fast stop.
 FAST_STOP_GRACE_SECONDS = 1.0
-# Longest line kept from a worker's stdout/stderr before it is cut (php-fpm's log_limit default).
-OUTPUT_LINE_LIMIT = 1024
+# [global] directives a reload cannot apply to the running master (php-fpm re-executes itself on
+# SIGUSR2, so there they apply): (directive, GlobalConfig attribute). A change is logged as a NOTICE.
+RESTART_ONLY_DIRECTIVES = (("rlimit_files", "rlimit_files"), ("rlimit_core", "rlimit_core"),
+                           ("process.priority", "process_priority"), ("daemonize", "daemonize"))
+# The [global] directives the error log is built from; a reload that changes one opens a new log.
+LOG_DIRECTIVES = ("error_log", "log_level", "log_limit", "syslog_ident", "syslog_facility")
+
+
+def signal_name(signum: int) -> str:
+    """SIGSEGV for 11; SIGRTMIN+N for real-time signals, which have no name of their own."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN < signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
+
+
+def describe_exit(status: int) -> str:
+    """How a worker ended, from its waitpid() status, in php-fpm's words (fpm_children_bury)."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        core = " - core dumped" if os.WCOREDUMP(status) else ""
+        return f"exited on signal {signum} ({signal_name(signum)}{core})"
+    return f"exited with code {os.WEXITSTATUS(status)}"
 
 
 @dataclass
@@ -122,16 +146,44 @@ class Pool:
                 pass
 
 
+def close_log_stream(log: ErrorLog) -> None:
+    """Close the file an ErrorLog writes to (standard error and syslog stay open)."""
+    if log.stream is not sys.stderr:
+        try:
+            log.stream.close()
+        except OSError:
+            pass
+
+
+def shown(value: Any) -> str:
+    """A directive's value as the config file would spell it, for log lines."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "unlimited" if value == -1 else str(value)
+
+
+def connection_waiting(sock: Any) -> bool:
+    """Whether a listen socket has a connection waiting, without waiting for one."""
+    return bool(select.select([sock.fileno()], [], [], 0)[0])
+
+
 class Master:
     """The arbiter: start pools, keep them sized as pm decides, reload and stop on signals."""
 
     def __init__(self, config: Config, log: ErrorLog, *, config_path: str | None = None,
                  cli_options: dict[str, Any] | None = None, identities: dict[str, Any] | None = None,
-                 inherited_sockets: list[tuple[str, Any]] | None = None) -> None:
+                 inherited_sockets: list[tuple[str, Any]] | None = None, allow_root: bool = False,
+                 prefix: str | None = None) -> None:
         self.config = config
         self.log = log
         self.config_path = config_path
+        self.prefix = prefix             # -p, for reading the file again on reload
         self.cli_options = cli_options or {}
+        # -R: workers may run as root. Kept for reloads, which apply php-fpm's root rules again.
+        self.allow_root = allow_root
+        self.pid_path: str | None = None  # the pid file written, removed at exit
         self.generation = 1
         self.pools: list[Pool] = []
         self.draining: list[Pool] = []   # pools of an older generation, finishing their requests
@@ -150,9 +202,9 @@ class Master:
         self.respawn_due: set[str] = set()   # pools that lost a worker it did not ask to exit
         # systemd: READY/RELOADING/STOPPING, STATUS= lines every systemd_interval, watchdog pings.
         self.notifier = systemd.Notifier.from_environ(unset=True)
+        self.watchdog = systemd.watchdog_interval(unset=True) if self.notifier else None
         self.heartbeat = systemd.Heartbeat(config.global_.systemd_interval if self.notifier else 0,
-                                           systemd.watchdog_interval(unset=True) if self.notifier else None,
-                                           time.monotonic())
+                                           self.watchdog, time.monotonic())
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             inherited = [sock for _, sock in inherited_sockets or []]
@@ -179,9 +231,7 @@ class Master:
         self.install_signals()
         self.write_pid_file()
         self.log.notice(f"fpm is running, pid {os.getpid()}")
-        for pool in self.pools:
-            self.log.debug(f"[pool {pool.name}] listening on {pool.address}, pm {pool.config.pm}, "
-                           f"pm.max_children {pool.config.pm_max_children}")
+        self.log_pools()
         try:
             self.spawn_initial(self.pools)
             while True:
@@ -211,6 +261,12 @@ class Master:
             self.remove_pid_file()
         self.log.notice("exiting, bye-bye!")
         return self.exit_status
+
+    def log_pools(self) -> None:
+        """At debug level, what each pool listens on and how it is managed (at start and reload)."""
+        for pool in self.pools:
+            self.log.debug(f"[pool {pool.name}] listening on {pool.address}, pm {pool.config.pm}, "
+                           f"pm.max_children {pool.config.pm_max_children}")
 
     def alive(self) -> bool:
         """Any worker of any generation still running."""
@@ -260,8 +316,7 @@ class Master:
 
     def wait(self, timeout: float) -> None:
         """Sleep until a signal, worker output or (ondemand) a connection arrives, then handle it."""
-        ondemand = {p.socket.fileno(): p for p in self.pools
-                    if p.config.pm == "ondemand" and not self.stopping and p.snapshot().idle == 0}
+        ondemand = {p.socket.fileno(): p for p in self.pools if self.spawn_could_follow(p)}
         watched = [self.wake_r, *self.pipes, *ondemand]
         try:
             readable, _, _ = select.select(watched, [], [], timeout)
@@ -274,7 +329,24 @@ class Master:
                 self.read_worker_output(fd)
             elif fd in ondemand:
                 pool = ondemand[fd]
-                self.execute(pool, pm.on_connection_pending(pool.snapshot(), pool.config, pool.state))
+                actions = pm.on_connection_pending(pool.snapshot(), pool.config, pool.state)
+                self.execute(pool, self.cap({pool.name: actions})[pool.name])
+
+    def spawn_could_follow(self, pool: Pool) -> bool:
+        """Whether a connection waiting on this ondemand pool's socket would fork a worker right now.
+
+        Only then is the socket watched. select() is level-triggered: a connection left waiting for
+        a busy full pool, or for a worker still importing the app, would wake the loop again at once,
+        forever (php-fpm registers the socket edge-triggered instead). Nobody waits on a full pool
+        unseen: maintain_pools looks at its socket once a second for the max_children warning.
+        """
+        if pool.config.pm != "ondemand" or self.stopping:
+            return False
+        snapshot = pool.snapshot()
+        if snapshot.idle or snapshot.starting or snapshot.total >= pool.config.pm_max_children:
+            return False
+        process_max = self.config.global_.process_max
+        return process_max <= 0 or self.total_workers() < process_max
 
     def dispatch_signals(self) -> None:
         """Call handle_<signal> for each signal that arrived (several of one count once)."""
@@ -314,9 +386,19 @@ class Master:
         self.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
 
     def handle_sigusr1(self) -> None:
-        """Reopen the error log (after logrotate moved it); workers write through the master."""
-        self.log.notice("re-opening log files")
-        self.log.open()
+        """Reopen the error log (after logrotate moved it); workers write through the master.
+
+        As php-fpm: a file that cannot be opened (its directory is gone, say) is logged, to the old
+        file, which stays the log; the server carries on. The lines are php-fpm's, its grammar too.
+        """
+        try:
+            self.log.open()
+        except OSError as exc:
+            self.log.error(f"failed to open error_log ({self.log.path}): {exc.strerror or exc} "
+                           f"({exc.errno})")
+            self.log.error("unable to re-opened error log file")
+            return
+        self.log.notice("error log file re-opened")
 
     def handle_sigusr2(self) -> None:
         """Reload: re-read the configuration and replace every worker with a new generation."""
@@ -361,36 +443,29 @@ class Master:
     def reload(self) -> None:
         """Load the config again; on success the old workers finish and a new generation serves.
 
-        A config with errors is logged and ignored: the running generation keeps serving. Sockets
-        whose address is unchanged are handed to the new generation, so no connection is refused.
+        A config with errors is logged and ignored: the running generation keeps serving. The same
+        goes for what the start refuses too (workers that would run as root without -R, unknown
+        users) and for an error_log that cannot be opened. Sockets whose address is unchanged are
+        handed to the new generation, so no connection is refused. [global] changes: apply_globals.
         """
-        if self.config_path is None:
-            new_config = self.config
-        else:
-            from fastfpm import config as config_module
-
-            try:
-                new_config = config_module.load(self.config_path)
-                if self.cli_options:
-                    config_module.check(config_module.apply_options(new_config, self.cli_options))
-            except (ConfigError, OSError) as exc:
-                problems = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
-                for problem in problems:
-                    self.log.error(problem)
-                self.log.error("reload aborted: the configuration has errors; still serving the old one")
-                self.notify("ready")
-                return
-        from fastfpm.process import resolve_identity
-
+        new_config = self.reread_config() if self.config_path is not None else self.config
+        if new_config is None:
+            return
+        identities = self.check_identities(new_config)
+        if identities is None:
+            return
+        new_log = self.open_log(new_config.global_)
+        if new_log is None:
+            return
         self.generation += 1
         sockets = {str(p.address): p for p in self.pools}
         new_pools = []
         try:
             for pool_config in new_config.pools:
                 old = sockets.pop(str(parse_address(pool_config.listen)), None)
-                new_pools.append(Pool(pool_config, self.log, self.generation,
+                new_pools.append(Pool(pool_config, new_log, self.generation,
                                       sock=old.socket if old is not None else None,
-                                      identity=resolve_identity(pool_config),
+                                      identity=identities[pool_config.name],
                                       inherited=old is not None and old.inherited))
         except (OSError, ValueError) as exc:
             self.log.error(f"reload aborted: {exc}")
@@ -398,6 +473,7 @@ class Master:
             for pool in new_pools:
                 pool.close(keep_socket=pool.socket in [p.socket for p in self.pools])
             self.generation -= 1
+            self.discard_log(new_log)
             return
         reused = {id(p.socket) for p in new_pools}
         for pool in self.pools:
@@ -409,13 +485,120 @@ class Master:
                 self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS)
             pool.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
             self.draining.append(pool)
+        old_global = self.config.global_
         self.config = new_config
         self.pools = new_pools
+        # Before the new workers fork: they inherit the log (and its level) from the master.
+        self.apply_globals(old_global, new_log)
         self.emergency = pm.EmergencyRestart(new_config.global_.emergency_restart_threshold,
                                              new_config.global_.emergency_restart_interval)
-        self.ready = False
+        self.ready = False   # "ready" again once this generation's initial workers are up
+        self.log_pools()
         self.spawn_initial(self.pools)
         self.log.notice(f"reloaded: generation {self.generation}")
+
+    def abort_reload(self, problems: list[str]) -> None:
+        """Log why a reload cannot go ahead; the running generation keeps serving."""
+        for problem in problems:
+            self.log.error(problem)
+        self.log.error("reload aborted: the configuration has errors; still serving the old one")
+        self.notify("ready")
+
+    def reread_config(self) -> Config | None:
+        """The configuration file as it is now, with the command line's flags on top; None on errors."""
+        from fastfpm import config as config_module
+
+        assert self.config_path is not None
+        try:
+            new_config = config_module.load(self.config_path, prefix=self.prefix)
+            if self.cli_options:
+                config_module.check(config_module.apply_options(new_config, self.cli_options))
+        except (ConfigError, OSError) as exc:
+            self.abort_reload(exc.errors if isinstance(exc, ConfigError) else [str(exc)])
+            return None
+        for warning in new_config.warnings:
+            self.log.warning(warning)
+        return new_config
+
+    def check_identities(self, config: Config) -> dict[str, Any] | None:
+        """Each pool's user and group looked up, and php-fpm's root rules applied, as at start.
+
+        None (the reload aborted) when a user is unknown or workers would run as root without -R.
+        """
+        from fastfpm.process import check_root, resolve_identity
+
+        identities: dict[str, Any] = {}
+        problems = []
+        for pool_config in config.pools:
+            try:
+                identity = resolve_identity(pool_config)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            identities[pool_config.name] = identity
+            for level, message in check_root(pool_config, identity, self.allow_root):
+                if level == "error":
+                    problems.append(f"{message}, or pass --allow-to-run-as-root (-R) to run the "
+                                    f"workers as root")
+                else:
+                    self.log.log(level, message)
+        if problems:
+            self.abort_reload(problems)
+            return None
+        return identities
+
+    def open_log(self, new: Any) -> ErrorLog | None:
+        """The error log a reloaded [global] asks for: the running one when nothing about it changed.
+
+        A new destination is opened before anything else changes, so one that cannot be opened
+        aborts the reload (None) and the old log stays.
+        """
+        old = self.config.global_
+        if all(getattr(old, name) == getattr(new, name) for name in LOG_DIRECTIVES):
+            return self.log
+        try:
+            return ErrorLog(new.error_log, new.log_level, new.log_limit, syslog_ident=new.syslog_ident,
+                            syslog_facility=new.syslog_facility)
+        except OSError as exc:
+            self.abort_reload([f"failed to open error_log ({new.error_log}): {exc.strerror or exc}"])
+            return None
+
+    def discard_log(self, log: ErrorLog) -> None:
+        """Close a log opened for a reload that did not happen."""
+        if log is self.log:
+            return
+        close_log_stream(log)
+        if self.log.path == "syslog":
+            self.log.open()  # the new log's openlog() replaced the running one's ident and facility
+
+    def apply_globals(self, old: Any, new_log: ErrorLog) -> None:
+        """Carry a reload's [global] changes over to the running master.
+
+        php-fpm re-executes itself on SIGUSR2, so every directive applies there. Here the log
+        (error_log, log_level, log_limit, syslog.*), pid, systemd_interval and what the master
+        reads as it goes (process.max, process_control_timeout, emergency_restart_*) apply; those
+        set once for the process (RESTART_ONLY_DIRECTIVES) need a restart, and a change is logged.
+        """
+        g = self.config.global_
+        if new_log is not self.log:
+            retired, self.log = self.log, new_log
+            close_log_stream(retired)
+            if retired.path == "syslog" and new_log.path != "syslog":
+                import syslog
+
+                syslog.closelog()
+        if g.pid or old.pid:
+            self.move_pid_file(g.pid)
+        if self.notifier is not None and g.systemd_interval != old.systemd_interval:
+            previous = self.heartbeat
+            self.heartbeat = systemd.Heartbeat(g.systemd_interval, self.watchdog, time.monotonic())
+            # WatchdogSec= is systemd's, not the config's: its schedule goes on as it was.
+            self.heartbeat.next_watchdog = previous.next_watchdog
+        for directive, attr in RESTART_ONLY_DIRECTIVES:
+            before, after = getattr(old, attr), getattr(g, attr)
+            if before != after:
+                self.log.notice(f"'{directive}' changed ({shown(before)} -> {shown(after)}); a reload "
+                                f"does not apply it, restart fastfpm for that")
 
     def drain(self, pool: Pool, now: float) -> None:
         """Move an old generation along: SIGQUIT again each second, SIGKILL after the timeout."""
@@ -436,8 +619,7 @@ class Master:
     def spawn_initial(self, pools: list[Pool]) -> None:
         """Start each pool's initial workers (pm.start_servers, max_children, or none)."""
         wanted = {p.name: [pm.Spawn(p.initial)] if p.initial else [] for p in pools}
-        capped = pm.cap_spawns(wanted, self.total_workers(), self.config.global_.process_max,
-                               self.process_max_state)
+        capped = self.cap(wanted)
         for pool in pools:
             actions = capped.get(pool.name, [])
             # What process.max left is what "ready" waits for.
@@ -445,14 +627,30 @@ class Master:
             self.execute(pool, actions)
 
     def total_workers(self) -> int:
-        """Workers alive in every pool and generation (what process.max counts)."""
-        return sum(len(p.children) for p in self.pools + self.draining)
+        """Workers alive in every pool of the current generation (what process.max caps).
+
+        An older generation still finishing its requests after a reload is not counted: the
+        scoreboards have room for two generations, and counting it would leave the new one without
+        workers until the old requests end. So during a drain the total may briefly reach twice
+        process.max (php-fpm never has two generations: it waits for the old one, then re-executes).
+        """
+        return sum(len(p.children) for p in self.pools)
+
+    def cap(self, actions: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """pm's actions with the spawns process.max leaves no room for cut (and warned about once)."""
+        return pm.cap_spawns(actions, self.total_workers(), self.config.global_.process_max,
+                             self.process_max_state)
 
     def maintain_pools(self, now: float) -> None:
         """The once-a-second idle-server maintenance of every pool."""
         actions = {p.name: pm.decide(p.snapshot(), p.config, p.state, now) for p in self.pools}
-        capped = pm.cap_spawns(actions, self.total_workers(), self.config.global_.process_max,
-                               self.process_max_state)
+        for pool in self.pools:
+            # An ondemand pool whose socket wait() leaves alone (see spawn_could_follow) may have
+            # connections waiting: pm says whether that means a warning (or, with room again, a spawn).
+            if pool.config.pm == "ondemand" and not self.spawn_could_follow(pool) \
+                    and connection_waiting(pool.socket):
+                actions[pool.name] += pm.on_connection_pending(pool.snapshot(), pool.config, pool.state)
+        capped = self.cap(actions)
         for pool in self.pools:
             self.execute(pool, capped.get(pool.name, []))
             pool.scoreboard.header.max_children_reached = pool.state.max_children_reached
@@ -594,23 +792,18 @@ class Master:
         for pool in self.pools:
             if pool.name in due:
                 actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=False)
-                capped = pm.cap_spawns({pool.name: actions}, self.total_workers(),
-                                       self.config.global_.process_max, self.process_max_state)
-                self.execute(pool, capped[pool.name])
+                self.execute(pool, self.cap({pool.name: actions})[pool.name])
 
     def log_exit(self, pool: Pool, child: Child, status: int) -> None:
         """One line per ended worker, as php-fpm's fpm_children_bury writes it."""
         uptime = time.monotonic() - child.started
         if os.WIFSIGNALED(status):
-            signum = os.WTERMSIG(status)
-            expected = (self.stopping or child.stopping) and signum in (signal.SIGTERM, signal.SIGKILL)
-            self.log.log("notice" if expected else "warning",
-                         f"[pool {pool.name}] child {child.pid} exited on signal {signum} "
-                         f"({signal.Signals(signum).name}) after {uptime:.6f} seconds from start")
-            return
-        code = os.WEXITSTATUS(status)
-        self.log.log("notice" if code == 0 else "warning",
-                     f"[pool {pool.name}] child {child.pid} exited with code {code} "
+            expected = (self.stopping or child.stopping) and os.WTERMSIG(status) in (signal.SIGTERM,
+                                                                                     signal.SIGKILL)
+        else:
+            expected = os.WEXITSTATUS(status) == 0
+        self.log.log("notice" if expected else "warning",
+                     f"[pool {pool.name}] child {child.pid} {describe_exit(status)} "
                      f"after {uptime:.6f} seconds from start")
 
     def read_worker_output(self, fd: int, final: bool = False) -> None:
@@ -635,7 +828,8 @@ class Master:
         data = b"".join(chunks)
         lines = data.split(b"\n")
         rest = lines.pop()
-        if rest and not (eof or final) and len(rest) < OUTPUT_LINE_LIMIT:
+        # A partial line waits for its end up to log_limit; longer, it is logged in pieces.
+        if rest and not (eof or final) and len(rest) < self.log.limit:
             child.partial[fd] = rest
         elif rest:
             lines.append(rest)
@@ -646,7 +840,7 @@ class Master:
                 self.log.write_line(text)
             elif pool.config.catch_workers_output:
                 if pool.config.decorate_workers_output:
-                    self.log.warning(f"[pool {pool.name}] child {child.pid} said into {kind}: \"{text}\"")
+                    self.log.child_said(pool.name, child.pid, kind, text)
                 else:
                     self.log.write_line(text)
         if eof or final:
@@ -676,15 +870,34 @@ class Master:
         if path:
             with open(path, "w") as f:
                 f.write(f"{os.getpid()}\n")
+            self.pid_path = path
 
-    def remove_pid_file(self) -> None:
-        """Remove the pid file at exit."""
-        path = self.config.global_.pid
+    def move_pid_file(self, path: str | None) -> None:
+        """After a reload: write the pid file the new config names, then remove the old one.
+
+        A new file that cannot be written is an error in the log; the old one stays (it still names
+        the right process) and is the one removed at exit.
+        """
         if path:
             try:
-                os.unlink(path)
+                with open(path, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                self.log.error(f"unable to write the pid file ({path}): {exc.strerror or exc}; "
+                               f"keeping {self.pid_path or 'none'}")
+                return
+        if self.pid_path and self.pid_path != path:
+            self.remove_pid_file()
+        self.pid_path = path
+
+    def remove_pid_file(self) -> None:
+        """Remove the pid file (at exit, or when a reload moved it)."""
+        if self.pid_path:
+            try:
+                os.unlink(self.pid_path)
             except OSError:
                 pass
+            self.pid_path = None
 
     def close(self) -> None:
         """Release sockets, scoreboards, pipes and the wake-up pipe."""
