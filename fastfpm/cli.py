@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "file:line: message and the exit status is 1.")
     check.add_argument("-c", "--config", metavar="FILE", required=True, help="configuration file")
     check.add_argument("-p", "--prefix", metavar="DIR", help="base for relative paths")
+    check.add_argument("-R", "--allow-to-run-as-root", action="store_true", dest="allow_root",
+                       help="check as serve -R would run: workers may run as root")
 
     request = commands.add_parser(
         "request", help="send one FastCGI request and print the response (like cgi-fcgi)",
@@ -125,6 +127,30 @@ def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     return config_module.check(config_module.apply_options(loaded, options)), options
 
 
+def identity_problems(config: Any, allow_root: bool) -> tuple[dict[str, Any], list[str]]:
+    """Each pool's worker identity, and what stops the workers from starting (unknown users, root).
+
+    Shared by serve and the configuration test, so a file that `serve` refuses fails `-t` too.
+    Notices that do not stop anything (user ignored when not root) are printed here.
+    """
+    from fastfpm.process import check_root, resolve_identity
+
+    identities = {}
+    problems = []
+    for pool in config.pools:
+        try:
+            identities[pool.name] = resolve_identity(pool)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        for level, message in check_root(pool, identities[pool.name], allow_root):
+            if level == "error":
+                problems.append(f"{message}, or pass --allow-to-run-as-root (-R) to run the workers as root")
+            else:
+                print(f"fastfpm: {level}: {message}", file=sys.stderr)
+    return identities, problems
+
+
 def check(args: argparse.Namespace) -> int:
     """The `check` command (and serve -t): report every error as file:line: message."""
     from fastfpm.config import ConfigError, dump
@@ -135,6 +161,13 @@ def check(args: argparse.Namespace) -> int:
         for problem in exc.errors:
             print(problem, file=sys.stderr)
         print(f"fastfpm: configuration file {args.config} test failed", file=sys.stderr)
+        return 1
+    demo = args.config is None and getattr(args, "app", None) is None
+    _, problems = identity_problems(config, getattr(args, "allow_root", False) or demo)
+    if problems:
+        for problem in problems:
+            print(f"fastfpm: {problem}", file=sys.stderr)
+        print(f"fastfpm: configuration file {args.config or '(command line)'} test failed", file=sys.stderr)
         return 1
     for warning in config.warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
@@ -160,24 +193,12 @@ def serve(args: argparse.Namespace) -> int:
         for problem in exc.errors:
             print(problem, file=sys.stderr)
         return 1
-    from fastfpm.process import SetupError, check_root, prepare_master, resolve_identity
+    from fastfpm.process import SetupError, prepare_master
 
     demo = args.config is None and args.app is None
     # The built-in demo only shows a page, so a first try as root is allowed, with a word.
     allow_root = args.allow_root or demo
-    identities = {}
-    problems = []
-    for pool in config.pools:
-        try:
-            identities[pool.name] = resolve_identity(pool)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        for level, message in check_root(pool, identities[pool.name], allow_root):
-            if level == "error":
-                problems.append(f"{message}, or pass --allow-to-run-as-root (-R) to run the workers as root")
-            else:
-                print(f"fastfpm: {level}: {message}", file=sys.stderr)
+    identities, problems = identity_problems(config, allow_root)
     if problems:
         for problem in problems:
             print(f"fastfpm: {problem}", file=sys.stderr)

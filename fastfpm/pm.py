@@ -356,17 +356,21 @@ def cap_spawns(actions_by_pool: Mapping[str, Sequence[Action]], alive_total: int
 
     Pools are served in order, as php-fpm forks them, so the first pools get the room first. When a
     spawn is cut, php-fpm's process.max warning is added to the first pool cut, once per episode
-    when state is given (an episode ends at the first call where nothing is cut).
+    when state is given. An episode ends when a spawn goes through uncut, as php-fpm clears its
+    warned flag only when it forks a child: a tick that wants no spawn at all ends nothing, so a
+    pool whose load comes and goes at the cap does not warn every other second.
     """
     result = {name: list(actions) for name, actions in actions_by_pool.items()}
     if process_max <= 0:
         return result
     room = max(0, process_max - alive_total)
     first_cut = None
+    wanted_spawn = False
     for name, actions in result.items():
         trimmed: list[Action] = []
         for action in actions:
             if isinstance(action, Spawn):
+                wanted_spawn = True
                 n = min(action.n, room)
                 room -= n
                 if n < action.n and first_cut is None:
@@ -377,7 +381,7 @@ def cap_spawns(actions_by_pool: Mapping[str, Sequence[Action]], alive_total: int
                 trimmed.append(action)
         result[name] = trimmed
     if first_cut is None:
-        if state is not None:
+        if state is not None and wanted_spawn:
             state.warned = False
     elif state is None or not state.warned:
         result[first_cut].append(Warn(PROCESS_MAX_MESSAGE))

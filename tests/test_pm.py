@@ -327,7 +327,11 @@ def test_cap_spawns_serves_pools_in_order_and_warns_once_per_episode():
     assert capped == {"a": [Spawn(3)], "b": [Warn("x"), Spawn(2), Warn(pm.PROCESS_MAX_MESSAGE)], "c": []}
     assert cap_spawns(actions, alive_total=5, process_max=10, state=state) == {
         "a": [Spawn(3)], "b": [Warn("x"), Spawn(2)], "c": []}
-    # nothing cut: the episode ends, the next cut warns again
+    # a tick that wants no spawn ends nothing: the next cut stays quiet
+    assert cap_spawns({"a": [Kill(1, "idle")]}, alive_total=5, process_max=10, state=state) == {
+        "a": [Kill(1, "idle")]}
+    assert warnings(cap_spawns(actions, alive_total=5, process_max=10, state=state)["b"]) == [Warn("x")]
+    # a spawn that goes through uncut ends the episode, the next cut warns again
     assert cap_spawns({"a": [Spawn(1)]}, alive_total=5, process_max=10, state=state) == {"a": [Spawn(1)]}
     assert warnings(cap_spawns(actions, alive_total=5, process_max=10, state=state)["b"])[-1].message \
         == pm.PROCESS_MAX_MESSAGE

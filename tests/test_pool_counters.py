@@ -204,6 +204,24 @@ no_such_directive = 1
     assert "test failed" in result.stderr and "ready to handle" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
+def test_the_check_refuses_root_workers_as_serve_does(tmp_path: Path, command: list[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the refusal applies to a master started as root; this test runs as another user")
+    conf = write_config(tmp_path / "root.conf", f"""[www]
+listen = {tmp_path}/r.sock
+app = {APP}
+pm.max_children = 1
+""")
+    refused = run_cli(*command, "-c", str(conf))
+    assert refused.returncode == 1
+    assert "[pool www] please specify user and group other than root" in refused.stderr
+    assert "test failed" in refused.stderr
+    allowed = run_cli(*command, "-R", "-c", str(conf))
+    assert allowed.returncode == 0, allowed.stderr
+    assert "test is successful" in allowed.stderr
+
+
 def listen_send_q(kind: str, local: str) -> int:
     """The Send-Q that `ss` shows for a listening socket: its backlog (unix path or TCP address)."""
     ss = shutil.which("ss")

@@ -173,7 +173,7 @@ app = tests.apps.slow:app
 pm = static
 pm.max_children = 2
 """)
-    result = run_cli("check", "-c", str(conf))
+    result = run_cli("check", "-R", "-c", str(conf))  # the tests run as root: -R, as for serve
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
     server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
@@ -196,7 +196,7 @@ def test_config_errors_are_reported_with_file_and_line(tmp_path: Path) -> None:
 
 
 def test_serve_tt_dumps_the_effective_configuration(tmp_path: Path) -> None:
-    result = run_cli("serve", "tests.apps.router:app", "--pm", "dynamic", "--max-children", "8", "-tt")
+    result = run_cli("serve", "tests.apps.router:app", "--pm", "dynamic", "--max-children", "8", "-R", "-tt")
     assert result.returncode == 0, result.stderr
     assert "pm = dynamic" in result.stdout and "pm.max_children = 8" in result.stdout
     assert "pm.start_servers" in result.stdout
