@@ -172,6 +172,7 @@ cdef extern from "<errno.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    int getppid()
 
 
 cdef extern from "<fcntl.h>" nogil:

@@ -526,6 +526,7 @@ cdef class Worker:
     cdef public bint stopping
     cdef public uint64_t max_requests
     cdef public uint64_t served
+    cdef int parent_pid              # the master; 0: not checked
     cdef uint64_t request_serial
     cdef object start_response_cb, write_cb
     cdef KeyEntry keys[KEY_CACHE_SIZE]
@@ -583,11 +584,12 @@ cdef class Worker:
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
-                 int max_conns=1, uint64_t max_requests=0, client_filter=None):
+                 int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
-        (listen.allowed_clients); a refused one is closed before anything is read.
+        (listen.allowed_clients); a refused one is closed before anything is read. With
+        parent_pid, the loop stops once that process is no longer its parent (the master died).
         """
         cdef Py_buffer view
         self.listen_fd = listen_fd
@@ -612,6 +614,7 @@ cdef class Worker:
         self.mount_bytes = self.mount.encode("latin-1")
         self.max_requests = max_requests
         self.client_filter = client_filter
+        self.parent_pid = parent_pid
         self.rec_start = NO_RECORD
         self.kept = []
         self.start_response_cb = self.start_response
@@ -788,6 +791,7 @@ cdef class Worker:
             # The receive timeout ran out, another worker was quicker, or the peer left. A signal
             # that landed just before accept() did not interrupt it: run its handler now.
             PyErr_CheckSignals()
+            self.check_parent()
         elif err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
             # Out of descriptors or memory: say so and back off, as nginx does, rather than
             # spinning on a listen socket that stays readable.
@@ -797,6 +801,16 @@ cdef class Worker:
         else:
             raise OSError(err, "accept() failed")
         return None
+
+    cdef inline void check_parent(self) noexcept:
+        """Stop when the master is gone (reparented), as gunicorn's workers do.
+
+        A master killed with SIGKILL cannot stop its workers; without this they would go on
+        accepting on the inherited socket with nobody to respawn, time out or reap them. Called
+        only when a wait times out, never per request.
+        """
+        if self.parent_pid and getppid() != self.parent_pid:
+            self.stopping = True
 
     cdef int watch(self, int fd, uint32_t events) except -1:
         """Add fd to this worker's epoll set (a closed fd leaves the set by itself)."""
@@ -877,6 +891,8 @@ cdef class Worker:
                     conn.fresh = False
                     return conn
         PyErr_CheckSignals()  # as in accept_one: a signal may have come between two waits
+        if rc == 0:
+            self.check_parent()
         # Idle ones past their deadline are closed.
         if n:
             now = mono_ns()

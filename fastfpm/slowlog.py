@@ -182,7 +182,7 @@ def append_entry(path: str, entry: str) -> None:
     write() keeps an entry in one piece; opening per entry follows a file logrotate renamed.
     """
     data = entry.encode("utf-8", "backslashreplace")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
         written = os.write(fd, data)
         while written < len(data):  # a short write to a regular file: disk full or a signal

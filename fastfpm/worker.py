@@ -89,6 +89,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
                log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None) -> NoReturn:
     """Serve pool's application on listen_fd until told to stop, then exit the process."""
     worker: Worker | None = None
+    master_pid = os.getppid()  # taken at once: the master may die while the app imports
 
     def graceful_stop(signum: int, frame: Any) -> None:
         if worker is not None:
@@ -130,6 +131,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
                 lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),
+            parent_pid=master_pid,
         )
         worker.serve()
         worker.mark_ending()

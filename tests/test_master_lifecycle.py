@@ -399,3 +399,26 @@ pm.max_children = 1
     finally:
         for core in server.workdir.glob("core*"):
             core.unlink()  # some megabytes each
+
+
+def test_workers_stop_when_the_master_is_killed(launcher: Launcher) -> None:
+    # SIGKILL leaves the master no chance to stop its workers: they must notice on their own
+    # (gunicorn's workers do the same) rather than serve on with nobody to supervise them.
+    server = launcher.fastfpm("tests.apps.router:app", max_children=2)
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(timeout=10)
+
+    def all_gone() -> bool:
+        alive = []
+        for pid in workers:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":
+                        alive.append(pid)
+            except FileNotFoundError:
+                pass
+        return not alive
+
+    wait_until(all_gone, 10, message="workers exiting after their master was killed")

@@ -163,6 +163,9 @@ slowlog = {slowlog}
                message="the second entry in a new slow.log")
     assert "/second" not in rotated.read_text() and rotated.read_text().count("[pool www] pid") == 1
     assert "/first" not in slowlog.read_text()
+    # Re-created by the worker with the mode the master gives it at start (not world-readable:
+    # tracebacks show request data).
+    assert slowlog.stat().st_mode & 0o777 == rotated.stat().st_mode & 0o777 == 0o640
 
 
 def test_long_undecorated_worker_output_is_split_at_log_limit(launcher: Launcher, tmp_path: Path) -> None:
