@@ -43,6 +43,7 @@ from tests.servers import (
     http_request,
     wait_until,
 )
+from tests.test_worker import closed_by_peer
 
 CONTRACT = "tests.apps.contract_wsgi:app"
 VALIDATED = "tests.apps.contract_validated:app"
@@ -122,19 +123,6 @@ def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
         if not data:
             return records
         buf += data
-
-
-def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    """True when the server closes the connection (EOF or reset) within timeout."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
 
 
 def known_bytes(size: int) -> bytes:
