@@ -552,6 +552,7 @@ cdef class Worker:
     cdef list kept                   # idle kept-alive connections, oldest first
     cdef int epfd                    # epoll set: the listen socket and the kept connections
     cdef bint listen_pending         # accepted after an edge: the accept queue may hold more
+    cdef int listen_flags            # the listen socket's file status flags, blocking (-1: not read yet)
 
     def __cinit__(self):
         self.wbuf = <uint8_t *>malloc(WBUF_INITIAL)
@@ -559,6 +560,7 @@ cdef class Worker:
         self.pbuf = NULL
         self.scratch = NULL
         self.epfd = -1
+        self.listen_flags = -1
         if self.wbuf == NULL:
             raise MemoryError()
         memset(self.keys, 0, sizeof(self.keys))
@@ -791,7 +793,6 @@ cdef class Worker:
             # The receive timeout ran out, another worker was quicker, or the peer left. A signal
             # that landed just before accept() did not interrupt it: run its handler now.
             PyErr_CheckSignals()
-            self.check_parent()
         elif err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
             # Out of descriptors or memory: say so and back off, as nginx does, rather than
             # spinning on a listen socket that stays readable.
@@ -850,7 +851,10 @@ cdef class Worker:
             self.watch(self.listen_fd, EPOLLIN | EPOLLET)
         if n == 0:
             # Nothing kept: wait in accept() itself (see accept_one).
-            return self.accept_one()
+            conn = self.accept_one()
+            if conn is None:
+                self.check_parent()  # the wait ran out (or a race was lost): is the master still there?
+            return conn
         if self.listen_pending:
             conn = self.accept_now()
             if conn is not None:
@@ -919,13 +923,19 @@ cdef class Worker:
         if not ffpm_accept_lock(self.header, mono_ns(), 50000000):
             return None  # the holder accepts, and keeps accepting while more are queued
         try:
-            flags = fcntl(self.listen_fd, F_GETFL)
-            if flags < 0 or fcntl(self.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
+            if self.listen_flags < 0:
+                # Read once: only this toggle changes the flags, and it always puts them back.
+                flags = fcntl(self.listen_fd, F_GETFL)
+                if flags < 0:
+                    raise OSError(errno, "fcntl() on the listen socket failed")
+                self.listen_flags = flags & ~O_NONBLOCK
+            flags = self.listen_flags
+            if fcntl(self.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
                 raise OSError(errno, "fcntl() on the listen socket failed")
             try:
                 conn = self.accept_one()
             finally:
-                fcntl(self.listen_fd, F_SETFL, flags & ~O_NONBLOCK)
+                fcntl(self.listen_fd, F_SETFL, flags)
         finally:
             ffpm_accept_unlock(self.header)
         return conn
