@@ -101,6 +101,7 @@ class Pool:
         self.prepare_slowlog()
         # While an older generation drains after a reload:
         self.keep_socket = False         # the new generation took over the socket
+        self.awaiting_successor = False  # still serving until the new generation is up
         self.drain_deadline = 0.0        # SIGKILL for whoever is still busy then
         self.next_quit = 0.0             # the next repeated SIGQUIT
 
@@ -146,6 +147,16 @@ class Pool:
                 pass
 
 
+@dataclass
+class Previous:
+    """The generation a reload replaces, kept serving until the new one is up (or rolled back to)."""
+
+    pools: list[Pool]
+    config: Config
+    log: ErrorLog
+    generation: int
+
+
 def close_log_stream(log: ErrorLog) -> None:
     """Close the file an ErrorLog writes to (standard error and syslog stay open)."""
     if log.stream is not sys.stderr:
@@ -187,6 +198,7 @@ class Master:
         self.generation = 1
         self.pools: list[Pool] = []
         self.draining: list[Pool] = []   # pools of an older generation, finishing their requests
+        self.previous: Previous | None = None  # during a reload: the generation that serves meanwhile
         self.stopping: str | None = None  # None, "fast" or "graceful"
         self.stop_deadline: float | None = None
         self.next_quit = 0.0
@@ -237,6 +249,7 @@ class Master:
             while True:
                 if not self.ready and not self.stopping and all(p.all_started() for p in self.pools):
                     self.ready = True
+                    self.retire_previous()
                     self.log.notice("ready to handle connections")
                     self.notify("ready")
                     if self.on_ready is not None:
@@ -448,6 +461,9 @@ class Master:
         users) and for an error_log that cannot be opened. Sockets whose address is unchanged are
         handed to the new generation, so no connection is refused. [global] changes: apply_globals.
         """
+        if self.previous is not None:
+            self.log.warning("reload ignored: the previous reload's workers are still starting")
+            return
         new_config = self.reread_config() if self.config_path is not None else self.config
         if new_config is None:
             return
@@ -477,25 +493,72 @@ class Master:
             return
         reused = {id(p.socket) for p in new_pools}
         for pool in self.pools:
+            # The old generation serves on, beside the new one, until every new worker has
+            # loaded the application (retire_previous); if the application cannot be loaded it
+            # stays (roll_back). Either way no request meets a pool without workers.
             pool.keep_socket = id(pool.socket) in reused
-            for child in pool.children.values():
-                child.stopping = True
-                self.signal_child(child, signal.SIGQUIT)
-            pool.drain_deadline = time.monotonic() + max(
-                self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS)
-            pool.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
+            pool.awaiting_successor = True
             self.draining.append(pool)
+        self.previous = Previous(self.pools, self.config, self.log, self.generation - 1)
         old_global = self.config.global_
         self.config = new_config
         self.pools = new_pools
-        # Before the new workers fork: they inherit the log (and its level) from the master.
-        self.apply_globals(old_global, new_log)
+        # Before the new workers fork: they inherit the log (and its level) from the master. The
+        # old log stays open until the new generation is up, in case the reload is rolled back.
+        self.apply_globals(old_global, new_log, close_retired=False)
         self.emergency = pm.EmergencyRestart(new_config.global_.emergency_restart_threshold,
                                              new_config.global_.emergency_restart_interval)
         self.ready = False   # "ready" again once this generation's initial workers are up
         self.log_pools()
         self.spawn_initial(self.pools)
+        self.log.notice(f"reloading: generation {self.generation} starting, generation "
+                        f"{self.generation - 1} serves until it is up")
+
+    def retire_previous(self) -> None:
+        """The new generation is up: the previous one finishes its requests and exits."""
+        previous, self.previous = self.previous, None
+        if previous is None:
+            return
+        if previous.log is not self.log:
+            close_log_stream(previous.log)
+        now = time.monotonic()
+        for pool in previous.pools:
+            pool.awaiting_successor = False
+            for child in pool.children.values():
+                child.stopping = True
+                self.signal_child(child, signal.SIGQUIT)
+            pool.drain_deadline = now + max(self.config.global_.process_control_timeout,
+                                            FAST_STOP_GRACE_SECONDS)
+            pool.next_quit = now + QUIT_REPEAT_SECONDS
         self.log.notice(f"reloaded: generation {self.generation}")
+
+    def roll_back(self, reason: str) -> None:
+        """A new generation that cannot start gives way: the previous one, still serving, stays."""
+        previous, self.previous = self.previous, None
+        assert previous is not None
+        failed_pools, failed_config = self.pools, self.config
+        self.log.error(f"reload failed: {reason}; generation {previous.generation} keeps serving")
+        kept = {id(p.socket) for p in previous.pools}
+        now = time.monotonic()
+        for pool in previous.pools:
+            pool.awaiting_successor = False
+            self.draining.remove(pool)
+        for pool in failed_pools:
+            pool.keep_socket = id(pool.socket) in kept
+            for child in pool.children.values():
+                child.stopping = child.killed_by_pm = True
+                self.signal_child(child, signal.SIGTERM)
+            pool.drain_deadline = now + FAST_STOP_GRACE_SECONDS
+            pool.next_quit = now + QUIT_REPEAT_SECONDS
+            self.draining.append(pool)
+        self.pools = previous.pools
+        self.config = previous.config
+        self.generation = previous.generation
+        self.apply_globals(failed_config.global_, previous.log)
+        self.emergency = pm.EmergencyRestart(self.config.global_.emergency_restart_threshold,
+                                             self.config.global_.emergency_restart_interval)
+        self.ready = True
+        self.notify("ready")
 
     def abort_reload(self, problems: list[str]) -> None:
         """Log why a reload cannot go ahead; the running generation keeps serving."""
@@ -571,7 +634,7 @@ class Master:
         if self.log.path == "syslog":
             self.log.open()  # the new log's openlog() replaced the running one's ident and facility
 
-    def apply_globals(self, old: Any, new_log: ErrorLog) -> None:
+    def apply_globals(self, old: Any, new_log: ErrorLog, close_retired: bool = True) -> None:
         """Carry a reload's [global] changes over to the running master.
 
         php-fpm re-executes itself on SIGUSR2, so every directive applies there. Here the log
@@ -582,7 +645,8 @@ class Master:
         g = self.config.global_
         if new_log is not self.log:
             retired, self.log = self.log, new_log
-            close_log_stream(retired)
+            if close_retired:
+                close_log_stream(retired)
             if retired.path == "syslog" and new_log.path != "syslog":
                 import syslog
 
@@ -602,6 +666,8 @@ class Master:
 
     def drain(self, pool: Pool, now: float) -> None:
         """Move an old generation along: SIGQUIT again each second, SIGKILL after the timeout."""
+        if pool.awaiting_successor and not self.stopping:
+            return  # still serving: the new generation is not up yet
         if not pool.children:
             self.draining.remove(pool)
             pool.close(keep_socket=pool.keep_socket)
@@ -769,6 +835,9 @@ class Master:
         if self.stopping or pool in self.draining:
             return
         if not os.WIFSIGNALED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+            if self.previous is not None:
+                self.roll_back(f"[pool {pool.name}] the application could not be loaded (see above)")
+                return
             self.log.alert(f"[pool {pool.name}] the application could not be loaded (see above); stopping")
             self.exit_status = 1
             self.fast_stop()

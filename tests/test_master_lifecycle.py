@@ -422,3 +422,84 @@ def test_workers_stop_when_the_master_is_killed(launcher: Launcher) -> None:
         return not alive
 
     wait_until(all_gone, 10, message="workers exiting after their master was killed")
+
+
+# ------------------------------------------------------------------ SIGUSR2: overlapping generations
+
+BROKEN_APP = "def app(environ, start_response):\n    return [b'never'\n"  # a syntax error
+
+
+def pids_answering(address: str, count: int) -> set[int]:
+    """The worker pids that answered `count` /env requests in a row."""
+    import json
+
+    return {json.loads(get(address, "/env").body)["pid"] for _ in range(count)}
+
+
+def test_a_reload_to_an_app_that_cannot_load_keeps_the_old_generation(
+        configured: Callable[..., ConfiguredServer]) -> None:
+    server = configured(f"""
+[www]
+listen = {{dir}}/fpm.sock
+app = {ROUTER}
+pm = static
+pm.max_children = 2
+""")
+    old = set(server.worker_pids())
+    (server.workdir / "reload_broken_app.py").write_text(BROKEN_APP)
+    server.rewrite("""
+[www]
+listen = {dir}/fpm.sock
+app = reload_broken_app:app
+chdir = {dir}
+pm = static
+pm.max_children = 2
+""")
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    log = server.wait_for_log("reload failed", mark, timeout=10)
+    assert "the application could not be loaded" in log and "generation 1 keeps serving" in log
+    assert "SyntaxError" in log
+    # The site stays up, on the very workers it had.
+    assert server.proc.poll() is None
+    assert pids_answering(server.address, 6) <= old
+    wait_until(lambda: set(server.worker_pids()) == old, 5, message="only the old generation left")
+    # Fixed: the next reload goes through.
+    (server.workdir / "reload_broken_app.py").write_text(
+        "from tests.apps.router import app  # noqa: F401\n")
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("reloaded: generation 2", mark, timeout=10)
+    wait_until(lambda: not set(server.worker_pids()) & old and len(server.worker_pids()) == 2, 10,
+               message="the new generation only")
+    assert not pids_answering(server.address, 4) & old
+
+
+def test_the_old_generation_serves_while_the_new_one_imports(
+        configured: Callable[..., ConfiguredServer]) -> None:
+    server = configured(f"""
+[www]
+listen = {{dir}}/fpm.sock
+app = {ROUTER}
+pm = static
+pm.max_children = 1
+""")
+    old = set(server.worker_pids())
+    server.rewrite("""
+[www]
+listen = {dir}/fpm.sock
+app = tests.apps.lifecycle_slow_start:app
+pm = static
+pm.max_children = 1
+""")
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("reloading: generation 2 starting", mark, timeout=5)
+    # The new worker needs two seconds to import its app; meanwhile the old one answers (had it
+    # been told to quit at the reload, these requests would wait for, and reach, the new one).
+    assert pids_answering(server.address, 3) == old
+    log = server.wait_for_log("reloaded: generation 2", mark, timeout=10)
+    assert log.index("ready to handle connections") > log.index("reloading: generation 2 starting")
+    wait_until(lambda: not set(server.worker_pids()) & old, 10, message="the old worker to leave")
+    response = get(server.address, "/")
+    assert int(response.body) not in old
