@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,7 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 def test_sdist_carries_the_cython_sources_and_c_headers(tmp_path: Path) -> None:
     # Without MANIFEST.in, setuptools left out _core.pyx, _core.pxd and the headers, and an
     # install from the sdist failed ("'fastfpm/_core.pyx' doesn't match any files").
-    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=REPO,
+    # From a copy without build leftovers: an existing *.egg-info/SOURCES.txt (pip install -e
+    # writes one) would fill in whatever MANIFEST.in forgets.
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
+        "*.egg-info", "build", "dist", ".git", ".venv*", "__pycache__", "*.so", "_core.c",
+        "_scoreboard_cffi.c", ".pytest_cache", ".ruff_cache", ".benchmarks", "results"))
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=tree,
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         pytest.fail(f"sdist failed:\n{result.stderr[-2000:]}")
