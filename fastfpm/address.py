@@ -237,6 +237,11 @@ def _create_unix(address: Address, backlog: int, mode: int, owner: int | str | N
     path = address.path
     assert path is not None
     uid, gid = _uid(owner), _gid(group)
+    if group is None and uid != -1:
+        # listen.owner alone gives the socket the owner's primary group too, as php-fpm does
+        # (so `listen.owner = www-data` is enough for nginx running as www-data).
+        with contextlib.suppress(KeyError):
+            gid = pwd.getpwuid(uid).pw_gid
     try:
         st = os.lstat(path)
     except FileNotFoundError:

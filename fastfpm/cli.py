@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="127.0.0.1:9000, [::1]:9000, 9000 (all addresses) or /path/to.sock "
                            "(default: 127.0.0.1:9000, as php-fpm)")
     pool.add_argument("--listen-mode", metavar="MODE", help="permissions of a unix socket (default: 0660)")
+    pool.add_argument("--listen-owner", metavar="USER",
+                      help="owner of a unix socket, e.g. the web server's user (default: fastfpm's own)")
+    pool.add_argument("--listen-group", metavar="GROUP",
+                      help="group of a unix socket (default: the owner's group)")
     pool.add_argument("--listen-backlog", metavar="N", help="listen queue length (default: 511)")
     pool.add_argument("--user", metavar="USER", help="run the workers as USER (when started as root)")
     pool.add_argument("--group", metavar="GROUP", help="run the workers as GROUP (default: USER's group)")
@@ -105,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The serve flags that map to directives, in the spelling config.apply_options accepts.
-OPTION_FLAGS = ("listen", "listen_mode", "listen_backlog", "user", "group", "pm", "max_children",
-                "start_servers", "min_spare_servers", "max_spare_servers", "process_idle_timeout",
+OPTION_FLAGS = ("listen", "listen_mode", "listen_owner", "listen_group", "listen_backlog", "user", "group",
+                "pm", "max_children", "start_servers", "min_spare_servers", "max_spare_servers",
+                "process_idle_timeout",
                 "max_requests", "request_terminate_timeout", "request_slowlog_timeout", "slowlog", "chdir",
                 "mount", "idle_timeout", "max_params_size", "catch_workers_output", "log_level",
                 "error_log", "pid")

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import pwd
 import socket
 import stat
 
@@ -297,6 +298,15 @@ def test_unix_owner_and_group(tmp_path):
     with create_listen_socket(str(path), owner=65534, group="0"):
         st = os.stat(path)
         assert (st.st_uid, st.st_gid) == (65534, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_unix_owner_alone_brings_its_primary_group(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    path = tmp_path / "o.sock"
+    with create_listen_socket(str(path), owner="nobody"):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
 
 
 def test_unix_unknown_owner(tmp_path):

@@ -110,6 +110,18 @@ def test_unix_socket_mode_defaults_to_0660_and_can_be_set(launcher: Launcher) ->
     assert stat.S_IMODE(os.stat(relaxed.socket_path).st_mode) == 0o666
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the socket to another user needs root")
+def test_listen_owner_on_the_command_line_gives_the_socket_to_that_user(launcher: Launcher) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--listen-owner", "nobody"])
+    st = os.stat(server.socket_path)
+    assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    # With the default mode 0660 that user (nginx's, in real life) may now connect.
+    assert stat.S_IMODE(st.st_mode) == 0o660
+
+
 def test_tcp_listen(launcher: Launcher) -> None:
     server = launcher.fastfpm(ROUTER, transport="tcp", max_children=1)
     assert get(server.address, "/env").status == 200
