@@ -340,3 +340,60 @@ def local_address(sock: socket.socket) -> Address:
             return Address(socket.AF_UNSPEC, host="", port=port)
         return Address(socket.AF_INET6, host=host, port=port)
     return Address(socket.AF_INET, host=host, port=port)
+
+
+# ---------------------------------------------------------------------------------------------------
+# How many connections wait in a listening socket's accept queue (php-fpm's "listen queue").
+
+# struct tcp_info: for a listening socket Linux reports the accept queue's length in tcpi_unacked
+# (and its limit in tcpi_sacked), at byte 24: eight u8 fields, then u32 rto, ato, snd_mss, rcv_mss.
+_TCPI_UNACKED = 24
+# sock_diag for unix sockets (linux/unix_diag.h): SOCK_DIAG_BY_FAMILY, UDIAG_SHOW_RQLEN, and the
+# UNIX_DIAG_RQLEN attribute, whose first u32 is the accept queue's length for a listening socket.
+_SOCK_DIAG_BY_FAMILY = 20
+_UDIAG_SHOW_RQLEN = 0x10
+_UNIX_DIAG_RQLEN = 4
+_NLMSG_ERROR = 2
+
+
+def accept_queue_length(sock: socket.socket) -> int | None:
+    """Connections waiting to be accepted on a listening socket; None when the kernel will not say.
+
+    TCP sockets answer through TCP_INFO, unix sockets through the sock_diag netlink interface
+    (what `ss -l` shows as Recv-Q). The master uses it to fork one ondemand worker per waiting
+    connection instead of one per wake-up.
+    """
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            return int.from_bytes(info[_TCPI_UNACKED:_TCPI_UNACKED + 4], "little")
+        if sock.family == socket.AF_UNIX:
+            return _unix_accept_queue(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return None
+    return None
+
+
+def _unix_accept_queue(inode: int) -> int | None:
+    """The accept queue of the listening unix socket with this inode, asked of sock_diag."""
+    import struct
+
+    request = struct.pack("=BBHIII2I", socket.AF_UNIX, 0, 0, 1 << 10,  # states: TCP_LISTEN (10)
+                          inode, _UDIAG_SHOW_RQLEN, 0xFFFFFFFF, 0xFFFFFFFF)  # any cookie
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, 1, 1, 0)  # NLM_F_REQUEST
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
+        nl.settimeout(1.0)
+        nl.send(header + request)
+        reply = nl.recv(8192)
+    length, kind = struct.unpack_from("=IH", reply, 0)
+    if kind == _NLMSG_ERROR or kind != _SOCK_DIAG_BY_FAMILY:
+        return None
+    pos = 16 + 16  # nlmsghdr, then struct unix_diag_msg
+    while pos + 4 <= min(length, len(reply)):
+        attr_len, attr_type = struct.unpack_from("=HH", reply, pos)
+        if attr_len < 4:
+            return None
+        if attr_type == _UNIX_DIAG_RQLEN and attr_len >= 12:
+            return struct.unpack_from("=I", reply, pos + 4)[0]
+        pos += (attr_len + 3) & ~3  # attributes are 4-byte aligned
+    return None

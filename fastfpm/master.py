@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastfpm import pm, systemd
-from fastfpm.address import create_listen_socket, parse_address
+from fastfpm.address import accept_queue_length, create_listen_socket, parse_address
 from fastfpm.config import Config, ConfigError
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
@@ -34,6 +34,8 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT
 # How often a graceful stop repeats SIGQUIT: a worker that was between its stop check and its
 # wait when the first one came would otherwise sleep until its next connection.
 QUIT_REPEAT_SECONDS = 1.0
+# While ondemand workers are starting, how often the master looks at the accept queue again.
+ONDEMAND_RECHECK_SECONDS = 0.02
 # Grace between SIGTERM and SIGKILL on a fast stop.
 FAST_STOP_GRACE_SECONDS = 1.0
 # [global] directives a reload cannot apply to the running master (php-fpm re-executes itself on
@@ -329,8 +331,20 @@ class Master:
 
     def wait(self, timeout: float) -> None:
         """Sleep until a signal, worker output or (ondemand) a connection arrives, then handle it."""
-        ondemand = {p.socket.fileno(): p for p in self.pools if self.spawn_could_follow(p)}
-        watched = [self.wake_r, *self.pipes, *ondemand]
+        watched_pools: dict[int, Pool] = {}
+        recheck: list[Pool] = []
+        for pool in self.pools:
+            could = self.spawn_could_follow(pool)
+            if could == "watch":
+                watched_pools[pool.socket.fileno()] = pool
+            elif could == "recheck":
+                recheck.append(pool)
+        if recheck:
+            # Workers are starting: a connection they will take keeps the socket readable, so it is
+            # not watched (select would spin); the queue is looked at again shortly instead, so a
+            # burst larger than the workers starting gets more without waiting for the next second.
+            timeout = min(timeout, ONDEMAND_RECHECK_SECONDS)
+        watched = [self.wake_r, *self.pipes, *watched_pools]
         try:
             readable, _, _ = select.select(watched, [], [], timeout)
         except InterruptedError:
@@ -340,26 +354,46 @@ class Master:
                 self.dispatch_signals()
             elif fd in self.pipes:
                 self.read_worker_output(fd)
-            elif fd in ondemand:
-                pool = ondemand[fd]
-                actions = pm.on_connection_pending(pool.snapshot(), pool.config, pool.state)
-                self.execute(pool, self.cap({pool.name: actions})[pool.name])
+            elif fd in watched_pools:
+                self.spawn_for_pending(watched_pools[fd], readable=True)
+        for pool in recheck:
+            if pool in self.pools and not self.stopping:
+                self.spawn_for_pending(pool, readable=False)
 
-    def spawn_could_follow(self, pool: Pool) -> bool:
-        """Whether a connection waiting on this ondemand pool's socket would fork a worker right now.
+    def spawn_for_pending(self, pool: Pool, readable: bool) -> None:
+        """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
 
-        Only then is the socket watched. select() is level-triggered: a connection left waiting for
-        a busy full pool, or for a worker still importing the app, would wake the loop again at once,
-        forever (php-fpm registers the socket edge-triggered instead). Nobody waits on a full pool
-        unseen: maintain_pools looks at its socket once a second for the max_children warning.
+        php-fpm forks one child per readiness event, so a burst of connections is served one new
+        child at a time; the queue's length (TCP_INFO, or sock_diag for unix sockets) lets fastfpm
+        fork for the whole burst at once. Where the kernel does not say, a readable socket counts
+        as one connection.
+        """
+        pending = accept_queue_length(pool.socket)
+        if pending is None:
+            pending = 1 if readable else 0
+        if pending:
+            actions = pm.on_connection_pending(pool.snapshot(), pool.config, pool.state, pending)
+            self.execute(pool, self.cap({pool.name: actions})[pool.name])
+
+    def spawn_could_follow(self, pool: Pool) -> str | None:
+        """Whether a connection waiting on this ondemand pool's socket could fork a worker now.
+
+        "watch": no worker idle or starting and room to spawn, so the socket is watched. select() is
+        level-triggered: a connection left waiting for a busy full pool would wake the loop again at
+        once, forever (php-fpm registers the socket edge-triggered instead). "recheck": workers are
+        starting and there is room; the queue is checked every ONDEMAND_RECHECK_SECONDS meanwhile.
+        None: nothing to do. Nobody waits on a full pool unseen: maintain_pools looks at its socket
+        once a second for the max_children warning.
         """
         if pool.config.pm != "ondemand" or self.stopping:
-            return False
+            return None
         snapshot = pool.snapshot()
-        if snapshot.idle or snapshot.starting or snapshot.total >= pool.config.pm_max_children:
-            return False
+        if snapshot.idle or snapshot.total >= pool.config.pm_max_children:
+            return None
         process_max = self.config.global_.process_max
-        return process_max <= 0 or self.total_workers() < process_max
+        if process_max > 0 and self.total_workers() >= process_max:
+            return None
+        return "recheck" if snapshot.starting else "watch"
 
     def dispatch_signals(self) -> None:
         """Call handle_<signal> for each signal that arrived (several of one count once)."""

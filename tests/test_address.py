@@ -320,3 +320,22 @@ def test_unix_unknown_owner(tmp_path):
 def test_connect_unix_missing(tmp_path):
     with pytest.raises(FileNotFoundError):
         connect(str(tmp_path / "nobody.sock"), timeout=5)
+
+
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+def test_accept_queue_length_counts_waiting_connections(tmp_path, where):
+    listen = str(tmp_path / "q.sock") if where == "unix" else "127.0.0.1:0"
+    with create_listen_socket(listen) as server:
+        target = server.getsockname()
+        assert address_module.accept_queue_length(server) == 0
+        family = socket.AF_UNIX if where == "unix" else socket.AF_INET
+        clients = [socket.socket(family) for _ in range(3)]
+        try:
+            for client in clients:
+                client.connect(target)
+            assert address_module.accept_queue_length(server) == 3
+            server.accept()[0].close()
+            assert address_module.accept_queue_length(server) == 2
+        finally:
+            for client in clients:
+                client.close()

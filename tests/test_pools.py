@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.servers import Launcher, wait_until
 from tests.test_master import get, run_cli, server_busy
 
@@ -63,6 +65,26 @@ def test_ondemand_starts_none_spawns_on_connection_and_stops_idle(launcher: Laun
     assert response.status == 200
     assert len(server.worker_pids()) == 1
     wait_until(lambda: server.worker_pids() == [], 10, message="the idle ondemand worker to stop")
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_ondemand_forks_for_a_whole_burst_at_once(launcher: Launcher, transport: str) -> None:
+    # Six requests arrive together, each holding a worker for two seconds. Forking one worker per
+    # wake-up (php-fpm) or per second would leave the later ones to reuse the first workers once
+    # they are done; forking for the whole accept queue gives each request a worker of its own.
+    server = launcher.fastfpm("tests.apps.slow:app", transport=transport, max_children=6,
+                              extra_args=["--pm", "ondemand"])
+    assert server.worker_pids() == []
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=lambda: answers.append(get(server.address, "/", "seconds=2").body))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 6
+    pids = {answer.split()[-1] for answer in answers}
+    assert len(pids) == 6, f"the burst shared workers: {sorted(pids)}"
 
 
 def test_request_terminate_timeout_ends_a_stuck_request(launcher: Launcher) -> None:
