@@ -138,21 +138,11 @@ def identity_problems(config: Any, allow_root: bool) -> tuple[dict[str, Any], li
     Shared by serve and the configuration test, so a file that `serve` refuses fails `-t` too.
     Notices that do not stop anything (user ignored when not root) are printed here.
     """
-    from fastfpm.process import check_root, resolve_identity
+    from fastfpm.process import resolve_identities
 
-    identities = {}
-    problems = []
-    for pool in config.pools:
-        try:
-            identities[pool.name] = resolve_identity(pool)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        for level, message in check_root(pool, identities[pool.name], allow_root):
-            if level == "error":
-                problems.append(f"{message}, or pass --allow-to-run-as-root (-R) to run the workers as root")
-            else:
-                print(f"fastfpm: {level}: {message}", file=sys.stderr)
+    identities, problems, notices = resolve_identities(config.pools, allow_root)
+    for level, message in notices:
+        print(f"fastfpm: {level}: {message}", file=sys.stderr)
     return identities, problems
 
 

@@ -26,6 +26,7 @@ from fastfpm.address import accept_queue_length, create_listen_socket, parse_add
 from fastfpm.config import Config, ConfigError
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
+from fastfpm.slowlog import SLOWLOG_MODE, SLOWLOG_SIGNAL
 from fastfpm.worker import EXIT_BOOT_ERROR, run_worker
 
 # Signals the master reacts to; everything else keeps its default action.
@@ -103,7 +104,6 @@ class Pool:
         self.prepare_slowlog()
         # While an older generation drains after a reload:
         self.keep_socket = False         # the new generation took over the socket
-        self.awaiting_successor = False  # still serving until the new generation is up
         self.drain_deadline = 0.0        # SIGKILL for whoever is still busy then
         self.next_quit = 0.0             # the next repeated SIGQUIT
 
@@ -111,7 +111,7 @@ class Pool:
         """Create the slowlog file for the workers, which append to it as the pool's user."""
         if not (self.config.slowlog and self.config.request_slowlog_timeout):
             return
-        fd = os.open(self.config.slowlog, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = os.open(self.config.slowlog, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SLOWLOG_MODE)
         try:
             if self.identity is not None:
                 os.fchown(fd, self.identity.uid, self.identity.gid)
@@ -177,9 +177,13 @@ def shown(value: Any) -> str:
     return "unlimited" if value == -1 else str(value)
 
 
-def connection_waiting(sock: Any) -> bool:
-    """Whether a listen socket has a connection waiting, without waiting for one."""
-    return bool(select.select([sock.fileno()], [], [], 0)[0])
+def pending_connections(sock: Any) -> int:
+    """Connections waiting on a listen socket: the accept queue's length (TCP_INFO, sock_diag), or,
+    where the kernel does not say, 1 when the socket is readable."""
+    pending = accept_queue_length(sock)
+    if pending is None:
+        pending = 1 if select.select([sock.fileno()], [], [], 0)[0] else 0
+    return pending
 
 
 class Master:
@@ -355,22 +359,18 @@ class Master:
             elif fd in self.pipes:
                 self.read_worker_output(fd)
             elif fd in watched_pools:
-                self.spawn_for_pending(watched_pools[fd], readable=True)
+                self.spawn_for_pending(watched_pools[fd])
         for pool in recheck:
             if pool in self.pools and not self.stopping:
-                self.spawn_for_pending(pool, readable=False)
+                self.spawn_for_pending(pool)
 
-    def spawn_for_pending(self, pool: Pool, readable: bool) -> None:
+    def spawn_for_pending(self, pool: Pool) -> None:
         """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
 
         php-fpm forks one child per readiness event, so a burst of connections is served one new
-        child at a time; the queue's length (TCP_INFO, or sock_diag for unix sockets) lets fastfpm
-        fork for the whole burst at once. Where the kernel does not say, a readable socket counts
-        as one connection.
+        child at a time; the queue's length lets fastfpm fork for the whole burst at once.
         """
-        pending = accept_queue_length(pool.socket)
-        if pending is None:
-            pending = 1 if readable else 0
+        pending = pending_connections(pool.socket)
         if pending:
             actions = pm.on_connection_pending(pool.snapshot(), pool.config, pool.state, pending)
             self.execute(pool, self.cap({pool.name: actions})[pool.name])
@@ -531,7 +531,6 @@ class Master:
             # loaded the application (retire_previous); if the application cannot be loaded it
             # stays (roll_back). Either way no request meets a pool without workers.
             pool.keep_socket = id(pool.socket) in reused
-            pool.awaiting_successor = True
             self.draining.append(pool)
         self.previous = Previous(self.pools, self.config, self.log, self.generation - 1)
         old_global = self.config.global_
@@ -555,16 +554,19 @@ class Master:
             return
         if previous.log is not self.log:
             close_log_stream(previous.log)
-        now = time.monotonic()
+        grace = max(self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS)
         for pool in previous.pools:
-            pool.awaiting_successor = False
-            for child in pool.children.values():
-                child.stopping = True
-                self.signal_child(child, signal.SIGQUIT)
-            pool.drain_deadline = now + max(self.config.global_.process_control_timeout,
-                                            FAST_STOP_GRACE_SECONDS)
-            pool.next_quit = now + QUIT_REPEAT_SECONDS
+            self.start_draining(pool, signal.SIGQUIT, grace)
         self.log.notice(f"reloaded: generation {self.generation}")
+
+    def start_draining(self, pool: Pool, sig: int, grace: float) -> None:
+        """Tell a pool of the generation going away to stop (sig), SIGKILL whoever is left after grace."""
+        now = time.monotonic()
+        for child in pool.children.values():
+            child.stopping = True
+            self.signal_child(child, sig)
+        pool.drain_deadline = now + grace
+        pool.next_quit = now + QUIT_REPEAT_SECONDS
 
     def roll_back(self, reason: str) -> None:
         """A new generation that cannot start gives way: the previous one, still serving, stays."""
@@ -573,17 +575,13 @@ class Master:
         failed_pools, failed_config = self.pools, self.config
         self.log.error(f"reload failed: {reason}; generation {previous.generation} keeps serving")
         kept = {id(p.socket) for p in previous.pools}
-        now = time.monotonic()
         for pool in previous.pools:
-            pool.awaiting_successor = False
             self.draining.remove(pool)
         for pool in failed_pools:
             pool.keep_socket = id(pool.socket) in kept
             for child in pool.children.values():
-                child.stopping = child.killed_by_pm = True
-                self.signal_child(child, signal.SIGTERM)
-            pool.drain_deadline = now + FAST_STOP_GRACE_SECONDS
-            pool.next_quit = now + QUIT_REPEAT_SECONDS
+                child.killed_by_pm = True
+            self.start_draining(pool, signal.SIGTERM, FAST_STOP_GRACE_SECONDS)
             self.draining.append(pool)
         self.pools = previous.pools
         self.config = previous.config
@@ -622,23 +620,11 @@ class Master:
 
         None (the reload aborted) when a user is unknown or workers would run as root without -R.
         """
-        from fastfpm.process import check_root, resolve_identity
+        from fastfpm.process import resolve_identities
 
-        identities: dict[str, Any] = {}
-        problems = []
-        for pool_config in config.pools:
-            try:
-                identity = resolve_identity(pool_config)
-            except ValueError as exc:
-                problems.append(str(exc))
-                continue
-            identities[pool_config.name] = identity
-            for level, message in check_root(pool_config, identity, self.allow_root):
-                if level == "error":
-                    problems.append(f"{message}, or pass --allow-to-run-as-root (-R) to run the "
-                                    f"workers as root")
-                else:
-                    self.log.log(level, message)
+        identities, problems, notices = resolve_identities(config.pools, self.allow_root)
+        for level, message in notices:
+            self.log.log(level, message)
         if problems:
             self.abort_reload(problems)
             return None
@@ -700,7 +686,7 @@ class Master:
 
     def drain(self, pool: Pool, now: float) -> None:
         """Move an old generation along: SIGQUIT again each second, SIGKILL after the timeout."""
-        if pool.awaiting_successor and not self.stopping:
+        if self.previous is not None and pool in self.previous.pools and not self.stopping:
             return  # still serving: the new generation is not up yet
         if not pool.children:
             self.draining.remove(pool)
@@ -747,9 +733,11 @@ class Master:
         for pool in self.pools:
             # An ondemand pool whose socket wait() leaves alone (see spawn_could_follow) may have
             # connections waiting: pm says whether that means a warning (or, with room again, a spawn).
-            if pool.config.pm == "ondemand" and not self.spawn_could_follow(pool) \
-                    and connection_waiting(pool.socket):
-                actions[pool.name] += pm.on_connection_pending(pool.snapshot(), pool.config, pool.state)
+            if pool.config.pm == "ondemand" and not self.spawn_could_follow(pool):
+                pending = pending_connections(pool.socket)
+                if pending:
+                    actions[pool.name] += pm.on_connection_pending(pool.snapshot(), pool.config, pool.state,
+                                                                   pending)
         capped = self.cap(actions)
         for pool in self.pools:
             self.execute(pool, capped.get(pool.name, []))
@@ -790,8 +778,6 @@ class Master:
                 child = self.find_child(pool, action.pid)
                 if child is not None:
                     self.log.warning(action.message)
-                    from fastfpm.slowlog import SLOWLOG_SIGNAL
-
                     self.signal_child(child, SLOWLOG_SIGNAL)
 
     @staticmethod

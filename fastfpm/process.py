@@ -153,6 +153,32 @@ def check_root(pool: Any, identity: Identity | None, allow_root: bool, *,
     return notices
 
 
+def resolve_identities(pools: Iterable[Any], allow_root: bool) -> tuple[dict[str, Identity | None],
+                                                                          list[str], list[Notice]]:
+    """Every pool's worker identity, what stops the workers from starting, and notices besides.
+
+    resolve_identity and check_root over all pools, as serve, its configuration test and a reload
+    all need them: problems (an unknown user, workers as root without -R) are messages that stop
+    the start or the reload; notices ("user is ignored when not root") are only for the log.
+    """
+    identities: dict[str, Identity | None] = {}
+    problems: list[str] = []
+    notices: list[Notice] = []
+    for pool in pools:
+        try:
+            identities[pool.name] = resolve_identity(pool)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        for notice in check_root(pool, identities[pool.name], allow_root):
+            if notice.level == "error":
+                problems.append(f"{notice.message}, or pass --allow-to-run-as-root (-R) to run the "
+                                f"workers as root")
+            else:
+                notices.append(notice)
+    return identities, problems, notices
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resource limits and the nice value
 

@@ -61,6 +61,9 @@ from collections.abc import Callable
 from types import FrameType
 
 SLOWLOG_SIGNAL = signal.SIGURG
+# The slowlog's mode, whether the master creates it at start or a worker after logrotate moved it:
+# not world-readable, since tracebacks show request data.
+SLOWLOG_MODE = 0o640
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -182,7 +185,7 @@ def append_entry(path: str, entry: str) -> None:
     write() keeps an entry in one piece; opening per entry follows a file logrotate renamed.
     """
     data = entry.encode("utf-8", "backslashreplace")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, SLOWLOG_MODE)
     try:
         written = os.write(fd, data)
         while written < len(data):  # a short write to a regular file: disk full or a signal
