@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -306,15 +306,21 @@ http {{
 """
 
 
+def missing_requirement(message: str, *, module_level: bool = False) -> NoReturn:
+    """Skip for a tool, library or permission this machine lacks, or fail when CI is set: .ci/run
+    installs everything the tests need, so a skip there would hide a broken install step."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so these tests may not be skipped)", pytrace=False)
+    pytest.skip(message, allow_module_level=module_level)
+
+
 def nginx_binary() -> str:
     """The nginx binary; skip the test if it is missing, or fail when CI is set."""
     found = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
     if found:
         return found
-    if os.environ.get("CI"):
-        pytest.fail(NGINX_MISSING + " (CI is set, so they may not be skipped)", pytrace=False)
-    pytest.skip(NGINX_MISSING)
+    missing_requirement(NGINX_MISSING)
 
 
 class Nginx:
@@ -553,3 +559,36 @@ def random_chunks(total: int, digest: Any, chunk_size: int = 1 << 20) -> Iterato
         digest.update(chunk)
         left -= len(chunk)
         yield chunk
+
+
+@contextlib.contextmanager
+def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any,
+                       pool_name: str = "test") -> Iterator[tuple[Any, str, int]]:
+    """A real worker loop forked from the test, serving app on socket_path from slot 1 of a fresh
+    scoreboard: (scoreboard, socket path, pid). A `fastfpm serve` master's scoreboard is an
+    anonymous mapping only it and its workers see, so tests of the slot's contents read this one."""
+    from fastfpm._core import Worker
+    from fastfpm.address import create_listen_socket, parse_address
+    from fastfpm.log import ErrorLog
+    from fastfpm.scoreboard import Scoreboard
+    from fastfpm.worker import environ_template, set_accept_timeout
+
+    board = Scoreboard(2, pool_name)
+    listener = create_listen_socket(parse_address(str(socket_path)))
+    board.claim(1, 0)
+    pid = os.fork()
+    if pid == 0:  # the worker: serve until killed
+        try:
+            set_accept_timeout(listener.fileno())
+            log = ErrorLog(None, "warning")
+            Worker(listener.fileno(), app, environ_template=environ_template(pool), log=log.log,
+                   log_exception=log.exception, scoreboard=board.mapping, slot_index=1).serve()
+        finally:
+            os._exit(0)
+    board.set_pid(1, pid)
+    try:
+        yield board, str(socket_path), pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        listener.close()

@@ -8,25 +8,21 @@ URLs carry no port; that is nginx's configuration, not fastfpm's doing.)
 from __future__ import annotations
 
 import json
-import os
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from tests.servers import Launcher, Stack, http_get, http_request
+from tests.servers import Launcher, Stack, http_get, http_request, missing_requirement
 
 try:
     import flask
 except ImportError:
     flask = None
 if flask is None:
-    # flask is a test dependency: as with nginx (tests/servers.py), missing it fails under CI.
-    if os.environ.get("CI"):
-        pytest.fail("flask is not installed (pip install -e '.[test]'); CI is set, so these tests "
-                    "may not be skipped", pytrace=False)
-    pytest.skip("flask is not installed (pip install -e '.[test]')", allow_module_level=True)
+    # flask is a test dependency: as with nginx, missing it fails under CI.
+    missing_requirement("flask is not installed (pip install -e '.[test]')", module_level=True)
 
 pytestmark = pytest.mark.nginx
 

@@ -477,13 +477,7 @@ pm.max_children = 2
 
 def test_the_old_generation_serves_while_the_new_one_imports(
         configured: Callable[..., ConfiguredServer]) -> None:
-    server = configured(f"""
-[www]
-listen = {{dir}}/fpm.sock
-app = {ROUTER}
-pm = static
-pm.max_children = 1
-""")
+    server = configured(GLOBALS_POOL)
     old = set(server.worker_pids())
     server.rewrite("""
 [www]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.apps.counters_app import payload
-from tests.servers import Launcher, free_port, wait_until
+from tests.servers import Launcher, free_port, missing_requirement, wait_until
 from tests.test_master import get, run_cli
 from tests.test_pools import write_config
 from tests.test_systemd_master import start
@@ -50,7 +50,7 @@ def pool_header(pid: int, pool: str) -> dict[str, int]:
                     return {"max_children_reached": int(header.max_children_reached),
                             "slow_requests": int(header.slow_requests)}
     except PermissionError as exc:  # ptrace rules (Yama, no CAP_SYS_PTRACE) can forbid it
-        pytest.skip(f"cannot read the master's memory: {exc}")
+        missing_requirement(f"cannot read the master's memory: {exc}")
     raise AssertionError(f"no scoreboard of pool {pool!r} among the shared mappings of {pid}")
 
 
@@ -229,7 +229,7 @@ def listen_send_q(kind: str, local: str) -> int:
     """The Send-Q that `ss` shows for a listening socket: its backlog (unix path or TCP address)."""
     ss = shutil.which("ss")
     if ss is None:
-        pytest.skip("ss (iproute2) is not installed")
+        missing_requirement("ss (iproute2) is not installed")
     selector = ["src", local] if kind == "unix" else ["sport", "=", f":{local.rsplit(':', 1)[1]}"]
     flag = "-x" if kind == "unix" else "-t"
     out = subprocess.run([ss, "-H", "-l", "-n", flag, *selector], capture_output=True, text=True,

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fastfpm.address import create_listen_socket, parse_address
 from fastfpm.client import FastCGIClient, build_params
-from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_IDLE, STAGE_STARTING, Scoreboard
-from fastfpm.worker import environ_template, set_accept_timeout
-from tests.servers import wait_until
+from tests.servers import forked_slot_worker, wait_until
 
 
 def blocking_app(environ, start_response):
@@ -42,29 +38,8 @@ class PoolStub:
 @pytest.fixture
 def forked_worker(tmp_path: Path):
     """A real worker process serving blocking_app from slot 1 of a fresh scoreboard."""
-    from fastfpm._core import Worker
-
-    board = Scoreboard(2, "sb")
-    address = parse_address(str(tmp_path / "sb.sock"))
-    listener = create_listen_socket(address)
-    board.claim(1, 0)
-    pid = os.fork()
-    if pid == 0:  # the worker: serve until killed
-        try:
-            set_accept_timeout(listener.fileno())
-            log = ErrorLog(None, "warning")
-            Worker(listener.fileno(), blocking_app, environ_template=environ_template(PoolStub),
-                   log=log.log, log_exception=log.exception, scoreboard=board.mapping,
-                   slot_index=1).serve()
-        finally:
-            os._exit(0)
-    board.set_pid(1, pid)
-    try:
-        yield board, address, pid
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        listener.close()
+    with forked_slot_worker(tmp_path / "sb.sock", blocking_app, PoolStub, "sb") as worker:
+        yield worker
 
 
 def test_new_scoreboard_header_and_free_slots() -> None:

@@ -28,16 +28,14 @@ from typing import Any
 import pytest
 
 from fastfpm import protocol as p
-from fastfpm.address import create_listen_socket, parse_address
 from fastfpm.client import FastCGIClient, FastCGIError, FastCGITimeout, Response, build_params
-from fastfpm.log import ErrorLog
-from fastfpm.scoreboard import STAGE_IDLE, Scoreboard
-from fastfpm.worker import environ_template, set_accept_timeout
+from fastfpm.scoreboard import STAGE_IDLE
 from tests.apps import contract_validated, contract_wsgi
 from tests.servers import (
     FastFPMServer,
     Launcher,
     Stack,
+    forked_slot_worker,
     http_connection,
     http_download,
     http_request,
@@ -518,30 +516,10 @@ def test_sigint_stops_the_master_fast(launcher: Launcher, tmp_path: Path, target
 @pytest.fixture
 def slot_worker(tmp_path: Path):
     """A real fastfpm worker serving contract_wsgi from slot 1 of a fresh scoreboard."""
-    from fastfpm._core import Worker
-
-    board = Scoreboard(2, "contract")
-    address = str(tmp_path / "slot.sock")
-    listener = create_listen_socket(parse_address(address))
-    board.claim(1, 0)
-    pid = os.fork()
-    if pid == 0:  # the worker: serve until killed
-        try:
-            set_accept_timeout(listener.fileno())
-            log = ErrorLog(None, "warning")
-            Worker(listener.fileno(), contract_wsgi.app, environ_template=environ_template(SimpleNamespace()),
-                   log=log.log, log_exception=log.exception, scoreboard=board.mapping,
-                   slot_index=1).serve()
-        finally:
-            os._exit(0)
-    board.set_pid(1, pid)
-    try:
+    with forked_slot_worker(tmp_path / "slot.sock", contract_wsgi.app, SimpleNamespace(),
+                            "contract") as (board, address, pid):
         wait_until(lambda: board.read(1).stage == STAGE_IDLE, 10, message="the worker to reach accept()")
         yield board, address, pid
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        listener.close()
 
 
 def test_slot_reads_running_with_method_and_uri(slot_worker, tmp_path: Path) -> None:
