@@ -4,6 +4,8 @@ There is deliberately no pure-Python fallback for the worker loop: if the compil
 missing the build fails here, loudly, instead of installing something that cannot serve.
 """
 
+import glob
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -11,7 +13,7 @@ core = Extension(
     "fastfpm._core",
     sources=["fastfpm/_core.pyx", "csrc/fcgi.c"],
     include_dirs=["csrc"],
-    depends=["csrc/fcgi.h", "csrc/scoreboard.h", "fastfpm/_core.pxd"],
+    depends=["csrc/fcgi.h", "csrc/scoreboard.h", "fastfpm/_core.pxd", *glob.glob("fastfpm/_*.pxi")],
     extra_compile_args=["-O2", "-fno-strict-aliasing"],
 )
 

@@ -1,0 +1,264 @@
+# The connection loop: accept on the shared listen socket, hold kept-alive connections idle in an
+# epoll set, and hand the worker the next connection with something to read. Knows sockets, not
+# protocols: the connections it makes are of the type it is given. Included by _core.pyx.
+
+cdef enum:
+    MAX_KEPT = 64           # idle kept-alive connections one worker holds at most
+
+
+@cython.final
+cdef class ConnectionLoop:
+    """Where a worker waits: in accept() when it holds no kept connection, else in its epoll set.
+
+    A kept connection with no request on it does not pin the worker while others wait (php-fpm's
+    workers stay stuck on theirs until the web server sends something or closes).
+    """
+    cdef int listen_fd
+    cdef object connection_type      # the Connection subclass made for accepted sockets
+    cdef Limits limits
+    cdef ffpm_pool_header *header    # the pool's scoreboard header: the accept lock
+    cdef object client_filter        # None, or client_filter(fd) -> bool (listen.allowed_clients)
+    cdef int parent_pid              # the master; 0: not checked
+    cdef bint orphaned               # the master is gone: the worker stops
+    cdef Connection spare            # a closed connection whose buffers the next accept reuses
+    cdef list kept                   # idle kept-alive connections, oldest first
+    cdef int epfd                    # epoll set: the listen socket and the kept connections
+    cdef bint listen_pending         # accepted after an edge: the accept queue may hold more
+    cdef int listen_flags            # the listen socket's file status flags, blocking (-1: not read yet)
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.listen_flags = -1
+        self.kept = []
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    cdef Connection connection(self):
+        """A connection object for a new socket: the spare one, or a new one."""
+        cdef Connection conn = self.spare
+        if conn is None:
+            conn = <Connection>self.connection_type()
+            conn.limits = self.limits
+        self.spare = None
+        return conn
+
+    cdef void discard(self, Connection conn) noexcept:
+        """Close a connection and keep its buffers for the next one."""
+        conn.close_socket()
+        self.spare = conn
+
+    cdef void discard_kept(self) noexcept:
+        """Close every idle kept connection (the worker is stopping)."""
+        while self.kept:
+            self.discard(self.kept.pop())
+
+    cdef int keep(self, Connection conn) except -1:
+        """Hold a kept-alive connection idle until its next request or its idle timeout."""
+        cdef Connection oldest
+        if not conn.watched:
+            self.watch(conn.fd, EPOLLIN)
+            conn.watched = True
+        conn.idle_deadline_ns = mono_ns() + <int64_t>self.limits.idle_timeout_ms * 1000000
+        if len(self.kept) >= MAX_KEPT:
+            # The web server's pool is larger than we hold: let go of the longest idle one.
+            oldest = self.kept.pop(0)
+            self.discard(oldest)
+        self.kept.append(conn)
+        return 0
+
+    cdef Connection accept_one(self):
+        """accept() once: a new connection, or None.
+
+        The listen socket is blocking, with a receive timeout (SO_RCVTIMEO, set by
+        fastfpm.worker) that bounds the wait: a blocking accept() wakes exactly one waiting
+        worker per connection, where a readiness wait would wake several to race for it.
+        """
+        cdef int fd, err
+        cdef Connection conn
+        with nogil:
+            fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+        if fd >= 0 and self.client_filter is not None and not self.client_filter(fd):
+            close(fd)
+            return None
+        if fd >= 0:
+            conn = self.connection()
+            conn.reset(fd)
+            conn.fresh = True
+            return conn
+        err = errno
+        if err == EINTR:
+            PyErr_CheckSignals()
+        elif err == EAGAIN or err == ECONNABORTED:
+            # The receive timeout ran out, another worker was quicker, or the peer left. A signal
+            # that landed just before accept() did not interrupt it: run its handler now.
+            PyErr_CheckSignals()
+        elif err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+            # Out of descriptors or memory: say so and back off, as nginx does, rather than
+            # spinning on a listen socket that stays readable.
+            self.limits.log("error", f"accept() failed: {OSError(err, '').strerror}; pausing 100 ms")
+            with nogil:
+                poll(NULL, 0, 100)
+        else:
+            raise OSError(err, "accept() failed")
+        return None
+
+    cdef Connection accept_now(self):
+        """accept() without waiting, for a worker whose kept connections must not wait on it.
+
+        epoll may wake several workers for one connection; the ones that lose the race must get
+        EAGAIN, not sleep in accept() while their kept connections' requests queue up. The listen
+        socket's O_NONBLOCK is shared with every worker, so it is set just around this call: a
+        worker that enters accept() in that instant gets EAGAIN and simply waits again.
+        """
+        cdef int flags
+        cdef Connection conn
+        # One worker at a time (see ffpm_accept_lock): otherwise a second one could accept()
+        # after the first had made the socket blocking again, and sleep there. Whoever is busy
+        # with the lock, or an idle worker in accept(), takes the connection instead.
+        if not ffpm_accept_lock(self.header, mono_ns(), 50000000):
+            return None  # the holder accepts, and keeps accepting while more are queued
+        try:
+            if self.listen_flags < 0:
+                # Read once: only this toggle changes the flags, and it always puts them back.
+                flags = fcntl(self.listen_fd, F_GETFL)
+                if flags < 0:
+                    raise OSError(errno, "fcntl() on the listen socket failed")
+                self.listen_flags = flags & ~O_NONBLOCK
+            flags = self.listen_flags
+            if fcntl(self.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0:
+                raise OSError(errno, "fcntl() on the listen socket failed")
+            try:
+                conn = self.accept_one()
+            finally:
+                fcntl(self.listen_fd, F_SETFL, flags)
+        finally:
+            ffpm_accept_unlock(self.header)
+        return conn
+
+    cdef inline void check_parent(self) noexcept:
+        """Note when the master is gone (reparented): the worker stops, as gunicorn's do.
+
+        A master killed with SIGKILL cannot stop its workers; without this they would go on
+        accepting on the inherited socket with nobody to respawn, time out or reap them. Called
+        only when a wait times out, never per request.
+        """
+        if self.parent_pid and getppid() != self.parent_pid:
+            self.orphaned = True
+
+    cdef int watch(self, int fd, uint32_t events) except -1:
+        """Add fd to this worker's epoll set (a closed fd leaves the set by itself)."""
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl() failed")
+        return 0
+
+    cdef int open_epoll(self) except -1:
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1() failed")
+        # Not EPOLLEXCLUSIVE: an exclusive wake-up is spent on the first exclusive waiter
+        # in the socket's queue, and an epoll registration stays there while its worker is
+        # busy serving, so an idle worker blocked in accept() was left asleep for its whole
+        # receive timeout (100 ms tails in the keep-alive benchmark). Workers holding kept
+        # connections all wake for a new one; those that lose the race get EAGAIN.
+        # Edge-triggered: a worker that lost the race or the accept lock is not woken again
+        # and again for the same queued connection; the one that accepted keeps accepting
+        # (listen_pending) until the queue is empty.
+        return self.watch(self.listen_fd, EPOLLIN | EPOLLET)
+
+    cdef Connection next_ready(self):
+        """The next connection with something to read: a new one, or a kept one whose next request
+        has arrived. None when a signal, a timeout or a lost accept() race woke us up instead.
+
+        A worker holding kept connections waits in its own epoll set with them and the listen
+        socket; after a wake-up it accepts without blocking (accept_now), so losing the race for
+        a new connection costs an EAGAIN, not a wait.
+        """
+        cdef Connection conn
+        cdef epoll_event events[MAX_KEPT + 1]
+        cdef int rc, timeout_ms = -1
+        if self.epfd < 0:
+            self.open_epoll()
+        if not self.kept:
+            # Nothing kept: wait in accept() itself (see accept_one).
+            conn = self.accept_one()
+            if conn is None:
+                self.check_parent()  # the wait ran out (or a race was lost): is the master still there?
+            return conn
+        if self.listen_pending:
+            conn = self.accept_now()
+            if conn is not None:
+                return conn
+            self.listen_pending = False
+        else:
+            timeout_ms = self.kept_timeout_ms()
+        with nogil:
+            rc = epoll_wait(self.epfd, events, MAX_KEPT + 1, timeout_ms)
+        if rc < 0:
+            if errno != EINTR:
+                raise OSError(errno, "epoll_wait() failed")
+            PyErr_CheckSignals()
+            return None
+        conn = self.ready_among(events, rc)
+        if conn is not None:
+            return conn
+        PyErr_CheckSignals()  # as in accept_one: a signal may have come between two waits
+        if rc == 0:
+            self.check_parent()
+        self.close_expired()
+        return None
+
+    cdef int kept_timeout_ms(self) except? -2:
+        """How long epoll may wait: until the first kept connection's idle deadline."""
+        cdef Connection conn
+        cdef int timeout_ms = -1
+        cdef int64_t now = mono_ns(), wait_ns
+        for conn in self.kept:
+            wait_ns = conn.idle_deadline_ns - now
+            if wait_ns < 0:
+                wait_ns = 0
+            if timeout_ms < 0 or wait_ns // 1000000 + 1 < timeout_ms:
+                timeout_ms = <int>(wait_ns // 1000000 + 1)
+        return timeout_ms
+
+    cdef Connection ready_among(self, epoll_event *events, int count):
+        """The connection epoll found ready: a new one first, else a kept one with a request."""
+        cdef Connection conn
+        cdef Py_ssize_t i
+        cdef int j
+        cdef bint listen_ready = False
+        # A new connection first: its request has usually waited in the accept queue longer than
+        # any on a kept connection, and a worker that always finds a kept request ready would
+        # otherwise leave new connections queued (the benchmark saw 80 ms tails from that).
+        for j in range(count):
+            if events[j].data.fd == self.listen_fd:
+                listen_ready = True
+        if listen_ready:
+            conn = self.accept_now()
+            if conn is not None:
+                self.listen_pending = True  # more may be queued behind it
+                return conn
+        for j in range(count):
+            for i in range(len(self.kept)):
+                conn = self.kept[i]
+                if conn.fd == events[j].data.fd:
+                    del self.kept[i]
+                    conn.fresh = False
+                    return conn
+        return None
+
+    cdef int close_expired(self) except -1:
+        """Close the idle kept connections past their deadline."""
+        cdef Connection conn
+        cdef Py_ssize_t i
+        cdef int64_t now = mono_ns()
+        for i in range(len(self.kept) - 1, -1, -1):
+            conn = self.kept[i]
+            if conn.idle_deadline_ns <= now:
+                del self.kept[i]
+                self.discard(conn)
+        return 0

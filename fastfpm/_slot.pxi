@@ -1,0 +1,103 @@
+# The worker's scoreboard slot (csrc/scoreboard.h): one writer per php-fpm request stage, each a
+# seqlock-guarded run of plain stores, no lock and no system call. Included by _core.pyx; knows
+# nothing of FastCGI, so a second protocol writes the same stages.
+
+
+@cython.final
+cdef class SlotWriter:
+    """This worker's slot and its pool's header, written at each stage of a request.
+
+    Without a scoreboard (tests, tools) the writes go to a private slot nobody reads.
+    """
+    cdef ffpm_slot *slot
+    cdef ffpm_pool_header *header    # the pool's header: the accept lock lives there
+    cdef object mapping              # keeps the shared mapping alive
+    cdef ffpm_slot dummy_slot
+    cdef ffpm_pool_header dummy_header
+
+    def __cinit__(self):
+        memset(&self.dummy_slot, 0, sizeof(self.dummy_slot))
+        memset(&self.dummy_header, 0, sizeof(self.dummy_header))
+        self.slot = &self.dummy_slot
+        self.header = &self.dummy_header
+
+    cdef int attach(self, object scoreboard, Py_ssize_t index) except -1:
+        """Write to slot index of a scoreboard mapping (any object exporting a writable buffer)."""
+        cdef Py_buffer view
+        self.mapping = memoryview(scoreboard)
+        PyObject_GetBuffer(scoreboard, &view, PyBUF_SIMPLE)
+        try:
+            self.slot = ffpm_slots(view.buf) + index
+            self.header = <ffpm_pool_header *>view.buf
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+
+    cdef inline void idle(self) noexcept:
+        cdef ffpm_slot *s = self.slot
+        if s.stage == FFPM_STAGE_IDLE:
+            return  # still idle (a wait timed out): idle_since stays when it began
+        ffpm_slot_write_begin(s)
+        s.stage = FFPM_STAGE_IDLE
+        s.idle_since_ns = mono_ns()
+        ffpm_slot_write_end(s)
+
+    cdef inline void reading(self, bint new_connection) noexcept:
+        """A request's first bytes arrived: php-fpm's "Reading headers", the request's clocks start."""
+        cdef ffpm_slot *s = self.slot
+        ffpm_slot_write_begin(s)
+        s.stage = FFPM_STAGE_READING_HEADERS
+        if new_connection:
+            # Counted when the connection brings its first bytes: php-fpm's "accepted conn"
+            # counts requests taken in, and a connect-then-close is not one.
+            s.accepted_conn += 1
+        s.request_start_ns = mono_ns()
+        s.request_start_wall_us = wall_us()
+        s.status = 0
+        s.content_length = -1
+        s.method[0] = 0
+        s.request_uri[0] = 0
+        s.query_string[0] = 0
+        s.script_filename[0] = 0
+        ffpm_slot_write_end(s)
+
+    cdef inline void info(self) noexcept:
+        """php-fpm's "Getting request informations": the params are in, the environ is being built."""
+        cdef ffpm_slot *s = self.slot
+        ffpm_slot_write_begin(s)
+        s.stage = FFPM_STAGE_INFO
+        ffpm_slot_write_end(s)
+
+    cdef inline void running(self, EnvironBuilder request, int64_t content_length, bint keepalive) noexcept:
+        """The application runs; the request's method, URI, query and script are shown from here."""
+        cdef ffpm_slot *s = self.slot
+        ffpm_slot_write_begin(s)
+        s.stage = FFPM_STAGE_RUNNING
+        s.content_length = content_length
+        s.keepalive = keepalive
+        request.copy_param(K_REQUEST_METHOD, s.method, FFPM_METHOD_LEN)
+        request.copy_param(K_REQUEST_URI, s.request_uri, FFPM_URI_LEN)
+        request.copy_param(K_QUERY_STRING, s.query_string, FFPM_QUERY_LEN)
+        request.copy_param(K_SCRIPT_FILENAME, s.script_filename, FFPM_SCRIPT_LEN)
+        ffpm_slot_write_end(s)
+
+    cdef inline void finishing(self, int status) noexcept:
+        cdef ffpm_slot *s = self.slot
+        ffpm_slot_write_begin(s)
+        s.stage = FFPM_STAGE_FINISHING
+        s.status = status
+        ffpm_slot_write_end(s)
+
+    cdef inline void request_done(self) noexcept:
+        cdef ffpm_slot *s = self.slot
+        cdef int64_t now = mono_ns()
+        ffpm_slot_write_begin(s)
+        s.requests += 1
+        s.last_request_ns = now - s.request_start_ns
+        ffpm_slot_write_end(s)
+
+    cdef void ending(self) noexcept:
+        """The worker is on its way out."""
+        ffpm_slot_write_begin(self.slot)
+        self.slot.stage = FFPM_STAGE_ENDING
+        ffpm_slot_write_end(self.slot)
