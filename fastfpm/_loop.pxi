@@ -180,7 +180,7 @@ cdef class ConnectionLoop:
         """
         cdef Connection conn
         cdef epoll_event events[MAX_KEPT + 1]
-        cdef int rc, timeout_ms = -1
+        cdef int rc, timeout_ms
         if self.epfd < 0:
             self.open_epoll()
         if not self.kept:
@@ -194,8 +194,10 @@ cdef class ConnectionLoop:
             if conn is not None:
                 return conn
             self.listen_pending = False
-        else:
-            timeout_ms = self.kept_timeout_ms()
+        # Bounded by the kept connections' deadlines also after a drained accept queue: waiting
+        # without a timeout there left idle connections open past idle_timeout, and a dead master
+        # unnoticed, until the next event.
+        timeout_ms = self.kept_timeout_ms()
         with nogil:
             rc = epoll_wait(self.epfd, events, MAX_KEPT + 1, timeout_ms)
         if rc < 0:
