@@ -14,31 +14,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastfpm import not_built
+from fastfpm.stages import STAGE_TABLE
 
 try:
     from fastfpm._scoreboard_cffi import ffi, lib
 except ModuleNotFoundError as exc:
     raise not_built(exc) from None
 
-# php-fpm's names for the stages, as its status page prints them.
-STAGE_NAMES = {
-    lib.FFPM_STAGE_FREE: "Free",
-    lib.FFPM_STAGE_STARTING: "Starting",
-    lib.FFPM_STAGE_IDLE: "Idle",
-    lib.FFPM_STAGE_READING_HEADERS: "Reading headers",
-    lib.FFPM_STAGE_INFO: "Getting request informations",
-    lib.FFPM_STAGE_RUNNING: "Running",
-    lib.FFPM_STAGE_FINISHING: "Finishing",
-    lib.FFPM_STAGE_ENDING: "Ending",
-}
+# The stages: numbers from the header (through cffi), names from fastfpm.stages' table, which
+# tests/test_scoreboard_layout.py holds to the header.
 STAGE_FREE = lib.FFPM_STAGE_FREE
 STAGE_STARTING = lib.FFPM_STAGE_STARTING
 STAGE_IDLE = lib.FFPM_STAGE_IDLE
 STAGE_ENDING = lib.FFPM_STAGE_ENDING
+# php-fpm's names for the stages, as its status page prints them.
+STAGE_NAMES = {getattr(lib, stage.constant): stage.status_name for stage in STAGE_TABLE}
 # Stages in which a worker is busy with a request (php-fpm's "active").
-BUSY_STAGES = frozenset({
-    lib.FFPM_STAGE_READING_HEADERS, lib.FFPM_STAGE_INFO, lib.FFPM_STAGE_RUNNING, lib.FFPM_STAGE_FINISHING,
-})
+BUSY_STAGES = frozenset(getattr(lib, stage.constant) for stage in STAGE_TABLE if stage.busy)
 
 
 @dataclass(frozen=True, slots=True)
