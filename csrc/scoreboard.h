@@ -16,8 +16,18 @@
 #include <stdint.h>
 #include <string.h>
 
+/*
+ * The layout, declared once. The lines between the two markers below are also the master's cffi
+ * declaration: fastfpm/_scoreboard_build.py copies them, with every #define value and array length
+ * turned into "..." so that the C compiler lays the structs out, and adds the prototypes of the
+ * functions below. Cython cannot read a header, so fastfpm/_core.pxd declares the same by hand and
+ * fastfpm/stages.py names the stages; tests/test_scoreboard_layout.py fails when either differs from
+ * this. Keep the section to integer #defines, one enum and typedef'd structs.
+ */
+/* ---- cffi cdef begin ---- */
+
 #define FFPM_SB_MAGIC 0x4d504646u /* "FFPM" */
-#define FFPM_SB_VERSION 1u
+#define FFPM_SB_VERSION 2u
 
 /* Request stages, php-fpm's names (fpm_request.h) plus the slot's life around them. */
 enum {
@@ -35,6 +45,7 @@ enum {
 #define FFPM_URI_LEN 256
 #define FFPM_QUERY_LEN 256
 #define FFPM_SCRIPT_LEN 256
+#define FFPM_POOL_NAME_LEN 64
 
 typedef struct {
     uint32_t seq;        /* odd while the worker writes the slot */
@@ -57,21 +68,34 @@ typedef struct {
     char script_filename[FFPM_SCRIPT_LEN];
 } ffpm_slot;
 
+/* The pool header is also the home of every pool counter php-fpm's status page shows that is not a
+ * count of slots by stage (idle, active and total processes are counted from the slots when read).
+ * The master writes them, each where it changes; nothing here is on a worker's request path. */
 typedef struct {
     uint32_t magic;
     uint32_t version;
     uint32_t nslots;
     uint32_t slot_size;        /* sizeof(ffpm_slot), checked by readers */
     int64_t started_wall;      /* pool start, unix seconds */
-    uint64_t max_children_reached; /* master: times pm.max_children stopped a spawn */
-    uint64_t slow_requests;    /* master: requests that hit request_slowlog_timeout */
-    uint64_t listen_queue_max; /* master: the deepest listen queue seen */
-    char pool_name[64];
+    uint32_t seq;              /* master: odd while it folds a freed slot into the *_retired totals */
+    uint32_t listen_queue_len; /* the listen socket's backlog limit, as the kernel reports it */
+    uint64_t listen_queue;     /* connections waiting to be accepted, sampled once a second */
+    uint64_t listen_queue_max; /* the deepest listen queue sampled */
+    uint64_t max_active_processes; /* the most workers seen busy at once (sampled once a second) */
+    uint64_t max_children_reached; /* times pm.max_children stopped a spawn the pm wanted */
+    uint64_t slow_requests;    /* requests that ran past request_slowlog_timeout */
+    uint64_t accepted_conn_retired; /* accepted_conn of the workers whose slots were freed */
+    uint64_t requests_retired; /* requests of the workers whose slots were freed */
+    char pool_name[FFPM_POOL_NAME_LEN];
     /* Workers: held (CLOCK_MONOTONIC ns of taking it, 0 when free) by the one worker making the
      * shared listen socket non-blocking for a moment (see ffpm_accept_lock). */
     int64_t accept_lock_ns;
-    uint8_t reserved[256 - 4 * 4 - 5 * 8 - 64];
+    uint8_t reserved[256 - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8];
 } ffpm_pool_header;
+
+/* ---- cffi cdef end ---- */
+
+_Static_assert(sizeof(ffpm_pool_header) == 256, "the pool header is 256 bytes: shrink reserved");
 
 /*
  * A worker holding kept-alive connections must not sleep in accept(), so it makes the listen
@@ -131,6 +155,46 @@ static inline int ffpm_slot_read(const ffpm_slot *s, ffpm_slot *out)
     }
     memcpy(out, (const void *)s, sizeof *out);
     return -1;
+}
+
+/* Master side: the worker of slot s was reaped; free its slot and move what it counted into the
+ * pool's *_retired totals, in one step that ffpm_pool_totals never sees half done (the header's own
+ * sequence counter), so accepted conn and requests never go back when a worker is replaced. */
+static inline void ffpm_slot_release(ffpm_pool_header *h, ffpm_slot *s)
+{
+    __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    h->accepted_conn_retired += __atomic_load_n(&s->accepted_conn, __ATOMIC_RELAXED);
+    h->requests_retired += __atomic_load_n(&s->requests, __ATOMIC_RELAXED);
+    s->pid = 0;
+    __atomic_store_n(&s->stage, FFPM_STAGE_FREE, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELEASE);
+}
+
+/* Reader side (master or worker): accepted connections and requests of the pool since it started,
+ * the retired totals plus every live slot's own counts. Returns 0, or -1 if the master kept the
+ * header busy for every try (the figures may then count one worker twice or not at all). */
+static inline int ffpm_pool_totals(const ffpm_pool_header *h, uint64_t *accepted_conn, uint64_t *requests)
+{
+    const ffpm_slot *slots = (const ffpm_slot *)((const char *)h + sizeof(ffpm_pool_header));
+    uint32_t n = h->nslots;
+    for (int tries = 0;; tries++) {
+        uint32_t before = __atomic_load_n(&h->seq, __ATOMIC_ACQUIRE);
+        uint64_t a = h->accepted_conn_retired, r = h->requests_retired;
+        for (uint32_t i = 0; i < n; i++) {
+            if (__atomic_load_n(&slots[i].pid, __ATOMIC_RELAXED) == 0)
+                continue;
+            a += __atomic_load_n(&slots[i].accepted_conn, __ATOMIC_RELAXED);
+            r += __atomic_load_n(&slots[i].requests, __ATOMIC_RELAXED);
+        }
+        *accepted_conn = a;
+        *requests = r;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (!(before & 1) && __atomic_load_n(&h->seq, __ATOMIC_RELAXED) == before)
+            return 0;
+        if (tries >= 1000)
+            return -1;
+    }
 }
 
 #endif

@@ -62,7 +62,11 @@ cdef extern from "fcgi.h" nogil:
 
 
 cdef extern from "scoreboard.h" nogil:
+    # By hand, as Cython cannot read the header: tests/test_scoreboard_layout.py fails when this block
+    # and csrc/scoreboard.h's layout section differ (a constant, a stage, a field or its type).
     enum:
+        FFPM_SB_MAGIC
+        FFPM_SB_VERSION
         FFPM_STAGE_FREE
         FFPM_STAGE_STARTING
         FFPM_STAGE_IDLE
@@ -75,6 +79,7 @@ cdef extern from "scoreboard.h" nogil:
         FFPM_URI_LEN
         FFPM_QUERY_LEN
         FFPM_SCRIPT_LEN
+        FFPM_POOL_NAME_LEN
 
     ctypedef struct ffpm_slot:
         uint32_t seq
@@ -91,13 +96,30 @@ cdef extern from "scoreboard.h" nogil:
         int64_t content_length
         uint32_t status
         uint32_t keepalive
-        char method[16]
-        char request_uri[256]
-        char query_string[256]
-        char script_filename[256]
+        char method[FFPM_METHOD_LEN]
+        char request_uri[FFPM_URI_LEN]
+        char query_string[FFPM_QUERY_LEN]
+        char script_filename[FFPM_SCRIPT_LEN]
 
+    # The master writes everything here but accept_lock_ns; a worker only takes the accept lock.
     ctypedef struct ffpm_pool_header:
+        uint32_t magic
+        uint32_t version
+        uint32_t nslots
+        uint32_t slot_size
+        int64_t started_wall
+        uint32_t seq
+        uint32_t listen_queue_len
+        uint64_t listen_queue
+        uint64_t listen_queue_max
+        uint64_t max_active_processes
+        uint64_t max_children_reached
+        uint64_t slow_requests
+        uint64_t accepted_conn_retired
+        uint64_t requests_retired
+        char pool_name[FFPM_POOL_NAME_LEN]
         int64_t accept_lock_ns
+        uint8_t reserved[96]
 
     ffpm_slot *ffpm_slots(void *base)
     bint ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t stale_ns)

@@ -346,10 +346,13 @@ def local_address(sock: socket.socket) -> Address:
 # How many connections wait in a listening socket's accept queue (php-fpm's "listen queue").
 
 # struct tcp_info: for a listening socket Linux reports the accept queue's length in tcpi_unacked
-# (and its limit in tcpi_sacked), at byte 24: eight u8 fields, then u32 rto, ato, snd_mss, rcv_mss.
+# and its limit (the backlog) in tcpi_sacked, at bytes 24 and 28: eight u8 fields, then u32 rto,
+# ato, snd_mss, rcv_mss, unacked, sacked.
 _TCPI_UNACKED = 24
+_TCPI_SACKED = 28
 # sock_diag for unix sockets (linux/unix_diag.h): SOCK_DIAG_BY_FAMILY, UDIAG_SHOW_RQLEN, and the
-# UNIX_DIAG_RQLEN attribute, whose first u32 is the accept queue's length for a listening socket.
+# UNIX_DIAG_RQLEN attribute, whose two u32 are, for a listening socket, the accept queue's length
+# and its limit.
 _SOCK_DIAG_BY_FAMILY = 20
 _UDIAG_SHOW_RQLEN = 0x10
 _UNIX_DIAG_RQLEN = 4
@@ -363,10 +366,18 @@ def accept_queue_length(sock: socket.socket) -> int | None:
     (what `ss -l` shows as Recv-Q). The master uses it to fork one ondemand worker per waiting
     connection instead of one per wake-up.
     """
+    queue = listen_queue(sock)
+    return None if queue is None else queue[0]
+
+
+def listen_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """(waiting, limit) of a listening socket's accept queue: php-fpm's "listen queue" and "listen
+    queue len" (`ss -l`'s Recv-Q and Send-Q); None when the kernel will not say."""
     try:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-            return int.from_bytes(info[_TCPI_UNACKED:_TCPI_UNACKED + 4], "little")
+            return (int.from_bytes(info[_TCPI_UNACKED:_TCPI_UNACKED + 4], "little"),
+                    int.from_bytes(info[_TCPI_SACKED:_TCPI_SACKED + 4], "little"))
         if sock.family == socket.AF_UNIX:
             return _unix_accept_queue(os.fstat(sock.fileno()).st_ino)
     except OSError:
@@ -374,8 +385,8 @@ def accept_queue_length(sock: socket.socket) -> int | None:
     return None
 
 
-def _unix_accept_queue(inode: int) -> int | None:
-    """The accept queue of the listening unix socket with this inode, asked of sock_diag."""
+def _unix_accept_queue(inode: int) -> tuple[int, int] | None:
+    """The accept queue (waiting, limit) of the listening unix socket with this inode, from sock_diag."""
     import struct
 
     request = struct.pack("=BBHIII2I", socket.AF_UNIX, 0, 0, 1 << 10,  # states: TCP_LISTEN (10)
@@ -394,6 +405,6 @@ def _unix_accept_queue(inode: int) -> int | None:
         if attr_len < 4:
             return None
         if attr_type == _UNIX_DIAG_RQLEN and attr_len >= 12:
-            return struct.unpack_from("=I", reply, pos + 4)[0]
+            return struct.unpack_from("=II", reply, pos + 4)
         pos += (attr_len + 3) & ~3  # attributes are 4-byte aligned
     return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastfpm import pm, systemd
-from fastfpm.address import accept_queue_length, create_listen_socket, parse_address
+from fastfpm.address import accept_queue_length, create_listen_socket, listen_queue, parse_address
 from fastfpm.config import Config, ConfigError
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
@@ -98,7 +98,8 @@ class Pool:
             owner=config.listen_owner, group=config.listen_group)
         # Room for two full generations: during a reload the old workers finish while new ones start.
         self.scoreboard = Scoreboard(2 * config.pm_max_children, config.name)
-        self.state = pm.PmState()
+        # pm counts max_children_reached and slow_requests straight into the scoreboard header.
+        self.state = pm.PmState(counters=self.scoreboard.header)
         self.children: dict[int, Child] = {}
         self.initial = pm.initial_spawn(config)
         self.prepare_slowlog()
@@ -729,6 +730,8 @@ class Master:
 
     def maintain_pools(self, now: float) -> None:
         """The once-a-second idle-server maintenance of every pool."""
+        for pool in self.pools:
+            pool.scoreboard.sample(listen_queue(pool.socket))  # the status page's queue, max active
         actions = {p.name: pm.decide(p.snapshot(), p.config, p.state, now) for p in self.pools}
         for pool in self.pools:
             # An ondemand pool whose socket wait() leaves alone (see spawn_could_follow) may have
@@ -741,7 +744,6 @@ class Master:
         capped = self.cap(actions)
         for pool in self.pools:
             self.execute(pool, capped.get(pool.name, []))
-            pool.scoreboard.header.max_children_reached = pool.state.max_children_reached
 
     def check_timeouts(self, now: float) -> None:
         """request_terminate_timeout and request_slowlog_timeout, at php-fpm's heartbeat."""
@@ -752,7 +754,6 @@ class Master:
         self.next_check = now + interval
         for pool in self.pools:
             self.execute(pool, pm.overdue(pool.snapshot(), pool.config, now, pool.state))
-            pool.scoreboard.header.slow_requests = pool.state.slow_requests
 
     def execute(self, pool: Pool, actions: list[Any]) -> None:
         """Carry out pm's actions for one pool."""

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastfpm.slowlog import request_line, slow_request_message, terminate_message
+from fastfpm.stages import BY_CONSTANT, PM_NAMES, STAGE_TABLE
 
 __all__ = [
     "STAGES", "IDLE", "STARTING", "BUSY_STAGES", "MAINTENANCE_INTERVAL", "MIN_CHECK_INTERVAL",
-    "TERMINATE_GRACE", "WorkerInfo", "PoolSnapshot", "PmState", "ProcessMaxState",
+    "TERMINATE_GRACE", "WorkerInfo", "PoolSnapshot", "Counters", "PmState", "ProcessMaxState",
     "Spawn", "Kill", "Warn", "Terminate", "SlowlogDump", "Action",
     "initial_spawn", "decide", "on_connection_pending", "on_worker_exit", "cap_spawns", "overdue",
     "check_interval", "worker_from_slot", "EmergencyRestart",
@@ -53,12 +54,12 @@ TERMINATE_GRACE = 1.0
 # php-fpm warns "seems busy" once the spawn rate has doubled up to this.
 BUSY_WARNING_RATE = 8
 
-# The scoreboard's stages (csrc/scoreboard.h FFPM_STAGE_*), by number.
-STAGES = ("free", "starting", "idle", "reading_headers", "info", "running", "finishing", "ending")
-IDLE = "idle"
-STARTING = "starting"
+# The scoreboard's stages (csrc/scoreboard.h FFPM_STAGE_*), by number, from fastfpm.stages' table.
+STAGES = PM_NAMES
+IDLE = BY_CONSTANT["FFPM_STAGE_IDLE"].pm_name
+STARTING = BY_CONSTANT["FFPM_STAGE_STARTING"].pm_name
 # Serving a request (php-fpm's "active"); "busy" is accepted for snapshots made without a scoreboard.
-BUSY_STAGES = frozenset({"reading_headers", "info", "running", "finishing", "busy"})
+BUSY_STAGES = frozenset({stage.pm_name for stage in STAGE_TABLE if stage.busy} | {"busy"})
 # Where request_terminate_timeout applies: php-fpm checks from accept until the script ends
 # (READING_HEADERS .. EXECUTING), not while the response is being finished.
 _TIMED_STAGES = frozenset({"reading_headers", "info", "running", "busy"})
@@ -145,18 +146,40 @@ class _Termination:
 
 
 @dataclass
+class Counters:
+    """The two status counters pm's decisions count, where no scoreboard is (unit tests, tools).
+
+    In the master PmState.counters is the pool's scoreboard header instead (anything with these two
+    integer attributes will do), so a decision writes the counter where a status page reads it.
+    """
+
+    max_children_reached: int = 0
+    slow_requests: int = 0
+
+
+@dataclass
 class PmState:
     """What php-fpm keeps per pool between ticks; one per pool, owned by the master, updated in place.
 
-    max_children_reached and slow_requests are the status page's counters (the scoreboard header's).
+    The status page's counters pm decides (max_children_reached, slow_requests) are not kept here but
+    counted in `counters` when decided: in the master, the pool's scoreboard header.
     """
 
     spawn_rate: int = 1                  # php-fpm's idle_spawn_rate
     warned_max_children: bool = False    # the max_children warning was given in this episode
-    max_children_reached: int = 0
-    slow_requests: int = 0
     slowlogged: dict[int, float] = field(default_factory=dict)  # pid -> request_started traced
     terminated: dict[int, _Termination] = field(default_factory=dict)
+    counters: Any = field(default_factory=Counters)
+
+    @property
+    def max_children_reached(self) -> int:
+        """Times pm.max_children stopped a spawn (read from counters)."""
+        return int(self.counters.max_children_reached)
+
+    @property
+    def slow_requests(self) -> int:
+        """Requests that ran past request_slowlog_timeout (read from counters)."""
+        return int(self.counters.slow_requests)
 
 
 @dataclass
@@ -256,7 +279,7 @@ def _max_children_reached(pool: Any, state: PmState) -> list[Action]:
     if state.warned_max_children:
         return []
     state.warned_max_children = True
-    state.max_children_reached += 1
+    state.counters.max_children_reached += 1
     return [Warn(f"[pool {pool.name}] server reached pm.max_children setting ({pool.pm_max_children}), "
                  f"consider raising it", counter="max_children_reached")]
 
@@ -453,7 +476,7 @@ def overdue(snapshot: PoolSnapshot, pool: Any, now: float, state: PmState, *,
         if (slowlog_after and worker.stage in _SLOWLOG_STAGES and elapsed >= slowlog_after
                 and state.slowlogged.get(worker.pid) != worker.request_started):
             state.slowlogged[worker.pid] = worker.request_started
-            state.slow_requests += 1
+            state.counters.slow_requests += 1
             message = _timeout_message(slow_request_message, worker, pool, elapsed)
             actions.append(SlowlogDump(worker.pid, elapsed, message=message))
             continue

@@ -14,31 +14,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastfpm import not_built
+from fastfpm.stages import STAGE_TABLE
 
 try:
     from fastfpm._scoreboard_cffi import ffi, lib
 except ModuleNotFoundError as exc:
     raise not_built(exc) from None
 
-# php-fpm's names for the stages, as its status page prints them.
-STAGE_NAMES = {
-    lib.FFPM_STAGE_FREE: "Free",
-    lib.FFPM_STAGE_STARTING: "Starting",
-    lib.FFPM_STAGE_IDLE: "Idle",
-    lib.FFPM_STAGE_READING_HEADERS: "Reading headers",
-    lib.FFPM_STAGE_INFO: "Getting request informations",
-    lib.FFPM_STAGE_RUNNING: "Running",
-    lib.FFPM_STAGE_FINISHING: "Finishing",
-    lib.FFPM_STAGE_ENDING: "Ending",
-}
+# The stages: numbers from the header (through cffi), names from fastfpm.stages' table, which
+# tests/test_scoreboard_layout.py holds to the header.
 STAGE_FREE = lib.FFPM_STAGE_FREE
 STAGE_STARTING = lib.FFPM_STAGE_STARTING
 STAGE_IDLE = lib.FFPM_STAGE_IDLE
 STAGE_ENDING = lib.FFPM_STAGE_ENDING
+# php-fpm's names for the stages, as its status page prints them.
+STAGE_NAMES = {getattr(lib, stage.constant): stage.status_name for stage in STAGE_TABLE}
 # Stages in which a worker is busy with a request (php-fpm's "active").
-BUSY_STAGES = frozenset({
-    lib.FFPM_STAGE_READING_HEADERS, lib.FFPM_STAGE_INFO, lib.FFPM_STAGE_RUNNING, lib.FFPM_STAGE_FINISHING,
-})
+BUSY_STAGES = frozenset(getattr(lib, stage.constant) for stage in STAGE_TABLE if stage.busy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +67,32 @@ class SlotSnapshot:
         return self.stage in BUSY_STAGES
 
 
+@dataclass(frozen=True, slots=True)
+class PoolCounters:
+    """A pool's figures for a status page, php-fpm 8.2's pool fields, read from its scoreboard.
+
+    Each has one home: the header for the counters (written by the master where they change),
+    the slots for the processes by stage. accepted_conn and requests count since the pool started,
+    workers that exited included (what their slots counted is folded into the header when freed).
+    The listen queue figures are the master's once-a-second sample, as php-fpm's; they stay 0 where
+    the kernel does not report the accept queue.
+    """
+
+    pool: str
+    start_time: int              # unix seconds
+    accepted_conn: int
+    requests: int
+    listen_queue: int
+    max_listen_queue: int
+    listen_queue_len: int
+    idle_processes: int
+    active_processes: int
+    total_processes: int
+    max_active_processes: int
+    max_children_reached: int
+    slow_requests: int
+
+
 def _text(field: object) -> str:
     return ffi.string(field).decode("latin-1")
 
@@ -91,11 +109,66 @@ def _decode(index: int, copy: Any) -> SlotSnapshot:
     )
 
 
+def _pool_counters(header: Any, slots: Any) -> PoolCounters:
+    idle = active = total = 0
+    for index in range(header.nslots):
+        slot = slots[index]
+        if not slot.pid:
+            continue
+        total += 1
+        stage = slot.stage
+        if stage == STAGE_IDLE:
+            idle += 1
+        elif stage in BUSY_STAGES:
+            active += 1
+    totals = ffi.new("uint64_t[2]")
+    lib.ffpm_pool_totals(header, totals, totals + 1)
+    return PoolCounters(
+        pool=_text(header.pool_name), start_time=header.started_wall,
+        accepted_conn=totals[0], requests=totals[1],
+        listen_queue=header.listen_queue, max_listen_queue=header.listen_queue_max,
+        listen_queue_len=header.listen_queue_len,
+        idle_processes=idle, active_processes=active, total_processes=total,
+        # The sample is once a second; a status page must not show fewer than it counts now.
+        max_active_processes=max(header.max_active_processes, active),
+        max_children_reached=header.max_children_reached, slow_requests=header.slow_requests,
+    )
+
+
+def read_pool_counters(mapping: Any) -> PoolCounters:
+    """The pool's counters from an existing mapping (a worker that serves the status page)."""
+    base = ffi.from_buffer(mapping)
+    header = ffi.cast("ffpm_pool_header *", base)
+    if header.magic != lib.FFPM_SB_MAGIC or header.version != lib.FFPM_SB_VERSION:
+        raise ValueError("not a scoreboard of this version of fastfpm")
+    return _pool_counters(header, lib.ffpm_slots(base))
+
+
 def read_slot(mapping: Any, index: int) -> SlotSnapshot:
     """A consistent copy of slot `index` of an existing mapping (a worker reading its own slot)."""
     copy = ffi.new("ffpm_slot *")
     lib.ffpm_slot_read(ffi.addressof(lib.ffpm_slots(ffi.from_buffer(mapping))[index]), copy)
     return _decode(index, copy)
+
+
+class HeaderView:
+    """A scoreboard's header fields by name, read and written in the shared mapping.
+
+    What code outside this module holds (the master gives it to pm.PmState as its counters) instead
+    of the cffi pointer, which would outlive the mapping: once the scoreboard is closed every access
+    raises AttributeError rather than touching unmapped memory.
+    """
+
+    __slots__ = ("_board",)
+
+    def __init__(self, board: Scoreboard) -> None:
+        object.__setattr__(self, "_board", board)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._board._header, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._board._header, name, value)
 
 
 class Scoreboard:
@@ -106,14 +179,15 @@ class Scoreboard:
         self.mapping = mmap.mmap(-1, lib.ffpm_scoreboard_size(nslots),
                                  flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._base = ffi.from_buffer(self.mapping)
-        self.header = ffi.cast("ffpm_pool_header *", self._base)
-        self.header.magic = lib.FFPM_SB_MAGIC
-        self.header.version = lib.FFPM_SB_VERSION
-        self.header.nslots = nslots
-        self.header.slot_size = ffi.sizeof("ffpm_slot")
-        self.header.started_wall = int(time.time())
-        name = pool_name.encode()[: ffi.sizeof(self.header.pool_name) - 1]
-        ffi.memmove(self.header.pool_name, name, len(name))
+        self._header = header = ffi.cast("ffpm_pool_header *", self._base)
+        self.header = HeaderView(self)
+        header.magic = lib.FFPM_SB_MAGIC
+        header.version = lib.FFPM_SB_VERSION
+        header.nslots = nslots
+        header.slot_size = ffi.sizeof("ffpm_slot")
+        header.started_wall = int(time.time())
+        name = pool_name.encode()[: ffi.sizeof(header.pool_name) - 1]
+        ffi.memmove(header.pool_name, name, len(name))
         self._slots = lib.ffpm_slots(self._base)
 
     def claim(self, index: int, pid: int, generation: int = 0) -> None:
@@ -131,10 +205,36 @@ class Scoreboard:
         self._slots[index].pid = pid
 
     def release(self, index: int) -> None:
-        """Mark slot `index` free once its worker has been reaped."""
-        slot = self._slots[index]
-        slot.pid = 0
-        slot.stage = lib.FFPM_STAGE_FREE
+        """Mark slot `index` free once its worker has been reaped.
+
+        What the worker counted (accepted_conn, requests) moves into the header's retired totals in
+        the same step, so the pool's totals never go back when a worker is replaced.
+        """
+        lib.ffpm_slot_release(self._header, ffi.addressof(self._slots[index]))
+
+    def sample(self, listen_queue: tuple[int, int] | None) -> None:
+        """The master's once-a-second sample: the accept queue, and how many workers are busy.
+
+        listen_queue is (waiting, limit) as fastfpm.address.listen_queue reports it, None where the
+        kernel does not say (the queue then reads 0 and its length stays as last reported).
+        """
+        header = self._header
+        if listen_queue is not None:
+            waiting, limit = listen_queue
+            header.listen_queue = waiting
+            header.listen_queue_len = limit
+            if waiting > header.listen_queue_max:
+                header.listen_queue_max = waiting
+        else:
+            header.listen_queue = 0
+        slots = self._slots
+        active = sum(1 for i in range(self.nslots) if slots[i].pid and slots[i].stage in BUSY_STAGES)
+        if active > header.max_active_processes:
+            header.max_active_processes = active
+
+    def counters(self) -> PoolCounters:
+        """The pool's status counters (php-fpm's pool fields) as they are now."""
+        return _pool_counters(self._header, self._slots)
 
     def free_index(self) -> int | None:
         """The first free slot, or None when every slot is taken."""
@@ -156,9 +256,9 @@ class Scoreboard:
     @property
     def pool_name(self) -> str:
         """The pool this scoreboard belongs to."""
-        return _text(self.header.pool_name)
+        return _text(self._header.pool_name)
 
     def close(self) -> None:
         """Unmap (the master at exit); workers keep their own inherited mapping."""
-        del self._slots, self.header, self._base
+        del self._slots, self._header, self._base
         self.mapping.close()

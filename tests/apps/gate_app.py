@@ -1,0 +1,24 @@
+"""Hold each request until the file named by `?gate=PATH` exists (for tests/test_scoreboard_counters.py).
+
+Without `gate` it answers at once. A request never waits more than 30 s, so a failed test cannot
+leave a worker stuck. The reply is `done in PID`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Wait for the gate file, then reply with this worker's pid."""
+    gate = parse_qs(environ.get("QUERY_STRING", "")).get("gate", [""])[0]
+    deadline = time.monotonic() + 30
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    body = f"done in {os.getpid()}\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
