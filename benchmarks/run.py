@@ -5,6 +5,8 @@
     python benchmarks/run.py --quick         # a smoke run: two seconds per case
     python benchmarks/run.py --servers fastfpm,php-fpm,libfcgi,raw-c,nginx --scenarios hello \\
         --transport unix --keepalive off --repeat 3
+    python benchmarks/run.py --baseline ../baseline --servers fastfpm,raw-c,libfcgi --scenarios hello \
+        --transport unix --repeat 12   # this tree's fastfpm against another checkout's, in the same run
 
 Backends (all with the same number of workers, default 4): fastfpm, php-fpm with opcache, uWSGI
 ``--fastcgi-socket``, flup ``fcgi_fork``, a C responder on libfcgi, a raw C responder (the floor: accept,
