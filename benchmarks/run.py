@@ -5,6 +5,8 @@
     python benchmarks/run.py --quick         # a smoke run: two seconds per case
     python benchmarks/run.py --servers fastfpm,php-fpm,libfcgi,raw-c,nginx --scenarios hello \\
         --transport unix --keepalive off --repeat 3
+    python benchmarks/run.py --baseline ../baseline --servers fastfpm,raw-c,libfcgi --scenarios hello \
+        --transport unix --repeat 12   # this tree's fastfpm against another checkout's, in the same run
 
 Backends (all with the same number of workers, default 4): fastfpm, php-fpm with opcache, uWSGI
 ``--fastcgi-socket``, flup ``fcgi_fork``, a C responder on libfcgi, a raw C responder (the floor: accept,
@@ -61,6 +63,8 @@ for _sbin in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
 READY_LINE = "ready to handle connections"
 
 SERVER_ORDER = ["fastfpm", "php-fpm", "uwsgi", "flup", "libfcgi", "raw-c", "nginx"]
+# With --baseline PATH: fastfpm as built in another checkout, measured next to the current tree.
+BASELINE = "fastfpm@baseline"
 SCENARIO_ORDER = ["hello", "json4k", "upload1m", "io10ms", "keepalive", "reload"]
 
 
@@ -596,6 +600,10 @@ class Server:
         """Extra nginx fastcgi_param lines after the stock include."""
         return []
 
+    def verify(self, pid: int) -> str | None:
+        """After the check request, with the server running as pid: None, or why it must not be measured."""
+        return None
+
 
 def _which(name: str) -> str | None:
     return shutil.which(name)
@@ -610,29 +618,98 @@ def _cc() -> str | None:
 
 
 class FastFPM(Server):
-    """fastfpm itself: ``python -m fastfpm serve benchmarks.apps:CALLABLE``."""
+    """fastfpm itself: ``python -m fastfpm serve benchmarks.apps:CALLABLE``.
 
-    name = "fastfpm"
-    label = "fastfpm"
+    root is the checkout whose fastfpm is imported: this repository, or with --baseline another one
+    (its own build, in place). The app is always this repository's benchmarks.apps, so that only
+    fastfpm differs between the two.
+    """
+
     reload_signal = signal.SIGUSR2
     reload_note = "SIGUSR2"
 
-    def check(self) -> str | None:
-        env = python_env()
+    def __init__(self, root: Path = REPO, name: str = "fastfpm", label: str = "fastfpm") -> None:
+        self.root = root
+        self.name = name
+        self.label = label
+        self.shim: Path | None = None  # for another checkout: its fastfpm plus our benchmarks
+
+    def import_dir(self, tmp: Path | None = None) -> Path:
+        """The directory that goes first on sys.path (and is the servers' working directory).
+
+        For this repository, the repository. For another checkout, a directory in tmp holding two
+        symbolic links, fastfpm -> ROOT/fastfpm and benchmarks -> this repository's benchmarks:
+        `python -m` and the worker both put the working directory first on sys.path, so neither
+        this repository's fastfpm nor the other checkout's benchmarks can slip in.
+        """
+        if self.root == REPO:
+            return REPO
+        if self.shim is None:
+            base = Path(tempfile.mkdtemp(prefix="fastfpm-baseline-")) if tmp is None else tmp
+            shim = base / f"import-{self.name.replace('@', '-')}"
+            shim.mkdir(exist_ok=True)
+            for link, target in (("fastfpm", self.root / "fastfpm"), ("benchmarks", BENCH_DIR)):
+                if not (shim / link).is_symlink():
+                    (shim / link).symlink_to(target, target_is_directory=True)
+            if tmp is None:  # only the check's probe: remove it with the script
+                atexit.register(shutil.rmtree, base, True)
+                return shim
+            self.shim = shim
+        return self.shim
+
+    def env(self, tmp: Path | None = None) -> dict[str, str]:
+        """The servers' environment: python_env() with import_dir() first on PYTHONPATH."""
+        return python_env(self.import_dir(tmp))
+
+    def probe(self, tmp: Path | None = None) -> tuple[str | None, str]:
+        """Import fastfpm as the servers will: (None or why not, where fastfpm and the app come from)."""
+        code = (
+            "import os, fastfpm, fastfpm._core, fastfpm.cli, benchmarks.apps as a\n"
+            "r = os.path.realpath\n"
+            "print(fastfpm.__version__, r(os.path.dirname(fastfpm.__file__)), r(fastfpm._core.__file__),"
+            " r(a.__file__))"
+        )
+        here = self.import_dir(tmp)
         probe = subprocess.run(
-            [sys.executable, "-c", "import fastfpm._core, fastfpm.cli"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
+            [sys.executable, "-c", code], env=self.env(tmp), cwd=here, capture_output=True, text=True
         )
         if probe.returncode != 0:
             last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-            return (
-                f"fastfpm is not importable ({last}); build it with "
-                f"`pip install -e '{REPO}[bench]'` (or `python setup.py build_ext --inplace` in {REPO})"
-            )
-        return None
+            build = f"`cd {self.root} && python setup.py build_ext --inplace`"
+            if self.root == REPO:
+                build = f"`pip install -e '{REPO}[bench]'` (or {build})"
+            return f"fastfpm is not importable from {self.root} ({last}); build it with {build}", ""
+        version, package, core, apps = probe.stdout.split()
+        want = os.path.realpath(self.root / "fastfpm")
+        if package != want or not core.startswith(want + os.sep):
+            return f"imports fastfpm from {package} ({core}), not from {want}", ""
+        if apps != os.path.realpath(BENCH_DIR / "apps.py"):
+            return f"imports benchmarks.apps from {apps}, not from {BENCH_DIR}", ""
+        return None, f"{version} from {package}"
+
+    def check(self) -> str | None:
+        return self.probe()[0]
+
+    def prepare(self, ctx: Context) -> None:
+        # Once more with the import directory the servers will use.
+        why, _ = self.probe(ctx.tmp)
+        if why:
+            raise RuntimeError(why)
+
+    def verify(self, pid: int) -> str | None:
+        """Every worker has mapped the compiled core of root, and none another one."""
+        want = os.path.realpath(self.root / "fastfpm") + os.sep
+        workers = descendants(pid)
+        for worker in workers:
+            try:
+                maps = Path(f"/proc/{worker}/maps").read_text()
+            except OSError:
+                continue
+            cores = {line.split(None, 5)[-1] for line in maps.splitlines() if "/_core." in line}
+            wrong = [c for c in cores if not os.path.realpath(c).startswith(want)]
+            if wrong or not cores:
+                return f"worker {worker} runs {', '.join(wrong) or 'no compiled core'}, not the one in {want}"
+        return None if workers else "no workers"
 
     def launch(self, ctx: Context, scenario: Scenario, address: str, workdir: Path) -> Launch:
         argv = [
@@ -648,7 +725,9 @@ class FastFPM(Server):
         ]
         if IS_ROOT:
             argv.append("-R")
-        return Launch(argv, env=ctx.env, cwd=REPO, ready_line=READY_LINE)
+        if self.root == REPO:
+            return Launch(argv, env=ctx.env, cwd=REPO, ready_line=READY_LINE)
+        return Launch(argv, env=self.env(ctx.tmp), cwd=self.import_dir(ctx.tmp), ready_line=READY_LINE)
 
 
 class PhpFpm(Server):
@@ -844,13 +923,62 @@ def find_uwsgi() -> str | None:
     return _which("uwsgi")
 
 
-def python_env() -> dict[str, str]:
-    """The environment for Python servers: the repo first on PYTHONPATH (fastfpm and benchmarks.apps)."""
+def python_env(first: Path = REPO) -> dict[str, str]:
+    """The environment for Python servers: first (the repo) first on PYTHONPATH (fastfpm, benchmarks.apps)."""
     env = dict(os.environ)
-    parts = [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    parts = [str(first)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(parts)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def git_commit(root: Path) -> str:
+    """The short commit of a checkout, with -dirty when tracked files differ from it ('?' outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    if head.returncode != 0:
+        return "?"
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def stale_build(root: Path) -> str | None:
+    """Why root's compiled modules look older than their sources (None when they do not).
+
+    A Cython module _x (from fastfpm/_x.pyx) is compared with _x.pyx, the .pxd files and csrc/*.c,
+    *.h; a cffi module _x_cffi with fastfpm/_x_build.py and csrc/*.h. A forgotten rebuild after a
+    change would otherwise measure the old code under the new name.
+    """
+    pkg, csrc = root / "fastfpm", root / "csrc"
+    headers = sorted(csrc.glob("*.h"))
+    problems = []
+    for pyx in sorted(pkg.glob("*.pyx")):
+        if not list(pkg.glob(f"{pyx.stem}.*.so")):
+            problems.append(f"{pyx.name} is not built")
+    for so in sorted(pkg.glob("*.so")):
+        stem = so.name.split(".", 1)[0]
+        if stem.endswith("_cffi"):
+            sources = [pkg / f"{stem[: -len('_cffi')]}_build.py", *headers]
+        else:
+            sources = [pkg / f"{stem}.pyx", *pkg.glob("*.pxd"), *csrc.glob("*.c"), *headers]
+        newer = [src for src in sources if src.exists() and src.stat().st_mtime > so.stat().st_mtime]
+        if newer:
+            problems.append(f"{', '.join(src.name for src in newer)} newer than {so.name}")
+    if not problems:
+        return None
+    return f"{'; '.join(problems)} (rebuild: cd {root} && python setup.py build_ext --inplace -q)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -862,6 +990,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def upstream_name(server: str) -> str:
+    """An nginx upstream name for a server name ('raw-c' -> 'raw_c', 'fastfpm@baseline' -> ...)."""
+    return "".join(c if c.isalnum() else "_" for c in server)
 
 
 def nginx_conf(
@@ -907,20 +1040,20 @@ def nginx_conf(
             ]
             continue
         upstream = f"unix:{address}" if address.startswith("/") else address
-        lines += [f"    upstream b_{name.replace('-', '_')} {{", f"        server {upstream};"]
+        lines += [f"    upstream b_{upstream_name(name)} {{", f"        server {upstream};"]
         if keepalive:
             lines.append(f"        keepalive {pool};")
         lines.append("    }")
         params = ["include /etc/nginx/fastcgi_params;", *server.nginx_params(scenario)]
         keep = ["fastcgi_keep_conn on;"] if keepalive else []
-        location = " ".join([*params, f"fastcgi_pass b_{name.replace('-', '_')};", *keep])
+        location = " ".join([*params, f"fastcgi_pass b_{upstream_name(name)};", *keep])
         lines.append(f"    server {{ listen 127.0.0.1:{port}; location / {{ {location} }}")
         if name == "php-fpm":
             opcache = " ".join(
                 [
                     "include /etc/nginx/fastcgi_params;",
                     f"fastcgi_param SCRIPT_FILENAME {BENCH_DIR / 'php' / 'opcache.php'};",
-                    f"fastcgi_pass b_{name.replace('-', '_')};",
+                    f"fastcgi_pass b_{upstream_name(name)};",
                 ]
             )
             lines.append(f"        location = /__opcache {{ {opcache} }}")
@@ -1195,6 +1328,7 @@ class Options:
     out: Path
     keep_temp: bool
     quick: bool
+    baseline: Path | None = None  # another checkout's fastfpm, measured as BASELINE
 
 
 class Progress:
@@ -1298,6 +1432,8 @@ def run_case(
                         # Without opcache php-fpm recompiles the script per request: measuring it
                         # under the "+ opcache" label would flatter fastfpm.
                         raise RuntimeError(f"opcache is not on ({status} {body[:60]!r})")
+                if name in procs and (wrong := SERVERS[name].verify(procs[name].pid)):
+                    raise RuntimeError(wrong)
             except RuntimeError as exc:
                 results[name].status = f"failed: {exc}"
                 log(f"   ! {name}: {exc}\n{tail(workdir / name / 'server.log')}")
@@ -1336,8 +1472,12 @@ def run_case(
                 except RuntimeError as exc:
                     log(f"   ! {name}: warm-up failed: {exc}")
 
+        width = max((len(n) for n in active), default=8)
         for rnd in range(opts.repeat):
-            for name in active:
+            # With a baseline, every other round runs backwards (A B, B A, A B ...): each of the two
+            # fastfpms goes first as often as the other, so a drifting machine favours neither.
+            order = list(reversed(active)) if opts.baseline and rnd % 2 else active
+            for name in order:
                 server = SERVERS[name]
                 pid = procs[name].pid if name in procs else None
                 if opts.wait_quiet > 0:
@@ -1373,7 +1513,7 @@ def run_case(
                 if sample.reload:
                     extra += f", {sample.reload}"
                 log(
-                    f"{progress.prefix()} {case.key} round {rnd + 1}/{opts.repeat} {name:8s} "
+                    f"{progress.prefix()} {case.key} round {rnd + 1}/{opts.repeat} {name:{width}s} "
                     f"{sample.rps:9,.0f} req/s {cpu}  p99 {sample.p99_ms:6.2f} ms{extra}"
                 )
 
@@ -1431,18 +1571,22 @@ def fmt_spread(value: float | None) -> str:
     return f" ±{value * 100:.0f}%" if value is not None else ""
 
 
-def paired_ratio(a: ServerResult | None, b: ServerResult | None, attr: str) -> float | None:
-    """Median over rounds of a's figure divided by b's in the same round (runs next to each other in
-    time share the machine's mood, so their ratio is steadier than the ratio of two medians)."""
+def round_ratios(a: ServerResult | None, b: ServerResult | None, attr: str) -> list[float]:
+    """a's figure divided by b's, one ratio per round both have a figure for."""
     if a is None or b is None or a.status != "ok" or b.status != "ok":
-        return None
+        return []
     theirs = {x.round: getattr(x, attr) for x in b.samples}
-    ratios = [
+    return [
         getattr(x, attr) / theirs[x.round]
         for x in a.samples
         if getattr(x, attr) is not None and theirs.get(x.round)
     ]
-    return median(ratios)
+
+
+def paired_ratio(a: ServerResult | None, b: ServerResult | None, attr: str) -> float | None:
+    """Median over rounds of a's figure divided by b's in the same round (runs next to each other in
+    time share the machine's mood, so their ratio is steadier than the ratio of two medians)."""
+    return median(round_ratios(a, b, attr))
 
 
 def fmt_x(value: float | None) -> str:
@@ -1454,18 +1598,24 @@ def case_table(case: Case, results: dict[str, ServerResult]) -> list[str]:
     """The markdown table of one case."""
     sums = {n: r.summary() for n, r in results.items()}
     ok = {n for n, s in sums.items() if results[n].status == "ok" and s["runs"]}
-    php, lib, raw = (results.get(n) if n in ok else None for n in ("php-fpm", "libfcgi", "raw-c"))
-    head = [
-        "| server | req/s | req/s vs php-fpm | req/s vs raw C | CPU µs/req | CPU vs libfcgi | CPU vs php-fpm "
-        "| CPU vs raw C | p50 ms | p99 ms | p99.9 ms | errors | non-2xx | RSS/worker MiB | PSS/worker MiB "
-        "| nginx µs/req |",
-        "|---|" + "---:|" * 15,
-    ]
+    php, lib, raw, base = (
+        results.get(n) if n in ok else None for n in ("php-fpm", "libfcgi", "raw-c", BASELINE)
+    )
+    vs_base = BASELINE in results  # the columns only when a baseline was asked for
+    with_base = ["baseline"] if vs_base else []
+    columns = [
+        "server", "req/s", *(f"req/s vs {ref}" for ref in ["php-fpm", "raw C", *with_base]),
+        "CPU µs/req", *(f"CPU vs {ref}" for ref in ["libfcgi", "php-fpm", "raw C", *with_base]),
+        "p50 ms", "p99 ms", "p99.9 ms", "errors", "non-2xx", "RSS/worker MiB", "PSS/worker MiB",
+        "nginx µs/req",
+    ]  # fmt: skip
+    head = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     rows = []
     for name, res in results.items():
         label = SERVERS[name].label
         if name not in ok:
-            rows.append(f"| {label} | {res.status if res.status != 'ok' else 'no runs'} |" + " |" * 14)
+            status = res.status if res.status != "ok" else "no runs"
+            rows.append(f"| {label} | {status} |" + " |" * (len(columns) - 2))
             continue
         s = sums[name]
         rows.append(
@@ -1476,10 +1626,12 @@ def case_table(case: Case, results: dict[str, ServerResult]) -> list[str]:
                     fmt_num(s["rps"], thousands=True) + fmt_spread(s["rps_spread"]),
                     fmt_x(paired_ratio(res, php, "rps")),
                     fmt_x(paired_ratio(res, raw, "rps")),
+                    *([fmt_x(paired_ratio(res, base, "rps"))] if vs_base else []),
                     fmt_num(s["cpu_us"]) + fmt_spread(s["cpu_spread"]),
                     fmt_x(paired_ratio(res, lib, "cpu_us")),
                     fmt_x(paired_ratio(res, php, "cpu_us")),
                     fmt_x(paired_ratio(res, raw, "cpu_us")),
+                    *([fmt_x(paired_ratio(res, base, "cpu_us"))] if vs_base else []),
                     fmt_num(s["p50_ms"], 2),
                     fmt_num(s["p99_ms"], 2),
                     fmt_num(s["p999_ms"], 2),
@@ -1501,6 +1653,80 @@ def case_table(case: Case, results: dict[str, ServerResult]) -> list[str]:
             f"runs (at most {max(others):.0f}%).",
         ]
     return head + rows
+
+
+# What the baseline comparison reports: (attribute, name, whether lower is better)
+BASELINE_FIGURES = [("cpu_us", "CPU µs/req", True), ("rps", "req/s", False), ("p99_ms", "p99", True)]
+
+
+def baseline_comparison(results: dict[str, ServerResult]) -> dict[str, dict[str, Any]]:
+    """The current fastfpm against the baseline, per figure: the per-round ratios and their summary."""
+    me, base = results.get("fastfpm"), results.get(BASELINE)
+    found: dict[str, dict[str, Any]] = {}
+    for attr, _, lower_better in BASELINE_FIGURES:
+        ratios = round_ratios(me, base, attr)
+        if ratios:
+            better = sum(1 for r in ratios if (r < 1 if lower_better else r > 1))
+            found[attr] = {
+                "median": median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+                "rounds": ratios,
+                "better_rounds": better,
+            }
+    return found
+
+
+def baseline_lines(results: dict[str, ServerResult]) -> list[str]:
+    """The comparison with the baseline as markdown lines (none without a baseline)."""
+    found = baseline_comparison(results)
+    if not found:
+        return []
+    lines = [
+        f"fastfpm (this tree) against {SERVERS[BASELINE].label}, this tree / baseline, paired by round:"
+    ]
+    for attr, what, lower_better in BASELINE_FIGURES:
+        if attr in found:
+            c = found[attr]
+            lines.append(
+                f"- {what}: {c['median']:.3f}x (rounds {c['min']:.3f}x to {c['max']:.3f}x; this tree "
+                f"{'lower' if lower_better else 'higher'}, i.e. better, in {c['better_rounds']} of "
+                f"{len(c['rounds'])}): " + " ".join(f"{r:.3f}" for r in c["rounds"])
+            )
+    return lines
+
+
+def baseline_summary(done: list[tuple[Case, dict[str, ServerResult]]]) -> list[str]:
+    """One table over every case: the current tree against the baseline."""
+    rows = []
+    for case, results in done:
+        found = baseline_comparison(results)
+        if not found:
+            continue
+        cells = [case.key]
+        for attr, _, _ in BASELINE_FIGURES:
+            c = found.get(attr)
+            if c is None:
+                cells.append("-")
+                continue
+            cells.append(
+                f"{c['median']:.3f}x ({c['min']:.2f}–{c['max']:.2f}, better in {c['better_rounds']}/"
+                f"{len(c['rounds'])})"
+            )
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        f"## This tree against the baseline ({SERVERS[BASELINE].label})",
+        "",
+        "Median of the per-round ratios this tree / baseline (range over the rounds, and in how many "
+        "rounds this tree was better). CPU and p99: below 1 is better; req/s: above 1 is better.",
+        "",
+        "| case | " + " | ".join(what for _, what, _ in BASELINE_FIGURES) + " |",
+        "|---|" + "---:|" * len(BASELINE_FIGURES),
+        *rows,
+        "",
+    ]
 
 
 def target_lines(case: Case, results: dict[str, ServerResult]) -> list[str]:
@@ -1547,7 +1773,9 @@ def make_chart(path: Path, case: Case, results: dict[str, ServerResult]) -> bool
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     x = list(range(len(names)))
     colors = [
-        "#d62728" if n == "fastfpm" else "#7f7f7f" if n in ("raw-c", "nginx") else "#1f77b4" for n in names
+        "#d62728" if n == "fastfpm" else "#ff7f0e" if n == BASELINE else "#7f7f7f" if n in ("raw-c", "nginx")
+        else "#1f77b4"
+        for n in names
     ]
     axes[0].bar(x, [sums[n]["rps"] or 0 for n in names], color=colors)
     axes[0].set_title("throughput (req/s, median)")
@@ -1600,9 +1828,14 @@ def machine_info() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - any failure means "not installed"
             return "not installed"
 
-    fastfpm_version = first_line(
-        [sys.executable, "-c", "import fastfpm; print(fastfpm.__version__, fastfpm.__file__)"]
-    )
+    def fastfpm_build(server: FastFPM) -> str:
+        why, where = server.probe()
+        stale = stale_build(server.root)
+        return (
+            f"{where or why}, commit {git_commit(server.root)}"
+            + (f"; STALE BUILD: {stale}" if stale else "")
+        )
+
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -1610,7 +1843,7 @@ def machine_info() -> dict[str, str]:
         "kernel": platform.release(),
         "os": first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "python": platform.python_version(),
-        "fastfpm": fastfpm_version,
+        **{name: fastfpm_build(server) for name, server in SERVERS.items() if isinstance(server, FastFPM)},
         "nginx": first_line(["nginx", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
         "php-fpm": first_line([PHP_FPM, "-v"]),
@@ -1653,6 +1886,7 @@ def write_reports(
                     }
                     for name, res in results.items()
                 },
+                "vs_baseline": baseline_comparison(results),
             }
             for case, results in done
         ],
@@ -1674,13 +1908,23 @@ def write_reports(
         "divided by the requests wrk completed; nginx µs/req is the same for nginx.",
         "",
     ]
+    if opts.baseline:
+        md += [
+            f"{SERVERS[BASELINE].label}: fastfpm imported from {opts.baseline} (its own in-place build), "
+            "serving this tree's benchmarks/apps.py; every other round runs the servers in reverse order.",
+            "",
+        ]
     if skipped:
         md.append("Skipped servers:")
         md += [f"- {name}: {why}" for name, why in skipped.items()]
         md.append("")
+    md += baseline_summary(done)
     for case, results in done:
         md += [f"## {case.key}", "", case.scenario.description, ""]
         md += case_table(case, results)
+        vs_base = baseline_lines(results)
+        if vs_base:
+            md += ["", *vs_base]
         targets = target_lines(case, results)
         if targets:
             md += ["", "fastfpm against the goals:", *targets]
@@ -1749,9 +1993,22 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="before each run, wait up to S seconds for the machine to be idle (shared machines)",
     )
     p.add_argument("--keep-temp", action="store_true", help="keep the temp dir with configs and logs")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"also measure the fastfpm of the checkout at PATH (built in place there) as {BASELINE}, "
+        "next to this tree's, with the same app and scenarios; rounds alternate in order (ABBA)",
+    )
     a = p.parse_args(argv)
+    baseline = None
+    if a.baseline is not None:
+        baseline = a.baseline.expanduser().resolve()
+        if not (baseline / "fastfpm" / "__init__.py").is_file():
+            p.error(f"--baseline {a.baseline}: no fastfpm/__init__.py there (expected a fastfpm checkout)")
     try:
-        servers = split_list(a.servers, SERVER_ORDER, "server")
+        servers = split_list(a.servers, SERVER_ORDER + ([BASELINE] if baseline else []), "server")
         scenarios = split_list(a.scenarios, SCENARIO_ORDER, "scenario")
         transports = split_list(
             a.transport or ("unix" if a.quick else "unix,tcp"), ["unix", "tcp"], "transport"
@@ -1760,9 +2017,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             a.keepalive or ("off" if a.quick else "off,on"), ["off", "on"], "keep-alive setting"
         )
     except argparse.ArgumentTypeError as exc:
-        p.error(str(exc))
+        p.error(str(exc) + (f"; {BASELINE} needs --baseline PATH" if BASELINE in a.servers else ""))
     if a.workers < 1:
         p.error("--workers must be at least 1")
+    if baseline and BASELINE not in servers:
+        # Right after the current tree's fastfpm: the two are measured back to back in every round.
+        at = servers.index("fastfpm") + 1 if "fastfpm" in servers else 0
+        servers.insert(at, BASELINE)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Options(
         servers=servers,
@@ -1779,6 +2040,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         out=a.out or BENCH_DIR / "results" / (("quick-" if a.quick else "") + stamp),
         keep_temp=a.keep_temp,
         quick=a.quick,
+        baseline=baseline,
     )
 
 
@@ -1815,12 +2077,15 @@ def check_requirements(opts: Options) -> tuple[list[str], dict[str, str]]:
         log("note: matplotlib not importable, no charts (pip install matplotlib, or '.[bench]')")
     usable, skipped = [], {}
     for name in opts.servers:
-        why = SERVERS[name].check()
+        server = SERVERS[name]
+        why = server.check()
         if why:
             skipped[name] = why
             log(f"skip {name}: {why}")
         else:
             usable.append(name)
+            if isinstance(server, FastFPM) and (stale := stale_build(server.root)):
+                log(f"warning: {name}: the build in {server.root} looks stale: {stale}")
     return usable, skipped
 
 
@@ -1834,9 +2099,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ctrl-C raises KeyboardInterrupt even when started in the background (where SIGINT is ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    if opts.baseline:
+        commit = git_commit(opts.baseline)
+        label = f"fastfpm@{commit} (baseline)" if commit != "?" else "fastfpm@baseline"
+        SERVERS[BASELINE] = FastFPM(opts.baseline, BASELINE, label)
     usable, skipped = check_requirements(opts)
     if not usable:
         log("error: none of the requested servers can run here")
+        return 2
+    if BASELINE in skipped:
+        # Asked for by name: a comparison without it is no comparison.
+        log(f"error: the baseline cannot run: {skipped[BASELINE]}")
         return 2
     cases = plan_cases(opts)
     plan = [(case, [n for n in usable if SERVERS[n].supports(case.scenario)]) for case in cases]
