@@ -202,8 +202,7 @@ def serve(args: argparse.Namespace) -> int:
         print("fastfpm: warning: the demo's workers run as root; an application would need "
               "--allow-to-run-as-root (-R)", file=sys.stderr)
     g = config.global_
-    log = ErrorLog(g.error_log, g.log_level, g.log_limit, syslog_ident=g.syslog_ident,
-                   syslog_facility=g.syslog_facility)
+    log = ErrorLog.from_global(g)
     for warning in config.warnings:
         log.warning(warning)
     try:
