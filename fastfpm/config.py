@@ -1,9 +1,10 @@
 """fastfpm's configuration: php-fpm's INI format, one table of directives, and the typed result.
 
 Every directive is declared once, in DIRECTIVES below (name, section, type, default, one-line doc,
-and a note where fastfpm is not php-fpm). Everything else is derived from that table: the parser,
-the checks behind `python -m fastfpm check` / `serve -t`, the `serve -tt` dump (`dump`), the
-GlobalConfig / PoolConfig classes, and docs/configuration.md (`render_markdown`).
+a note where fastfpm is not php-fpm, and serve's command-line flag if it has one). Everything else
+is derived from that table: the parser, the checks behind `python -m fastfpm check` / `serve -t`,
+the `serve -tt` dump (`dump`), the GlobalConfig / PoolConfig classes, serve's directive flags with
+their help (fastfpm.cli), and docs/configuration.md (`render_markdown`).
 
 The public API:
 
@@ -80,6 +81,7 @@ class ValueType:
 
     label = "string"
     pytype: Any = str
+    metavar: str | None = "VALUE"  # a command-line flag's placeholder in --help (None: choices or no value)
 
     def parse(self, text: str) -> Any:
         """The typed value of an INI value's text."""
@@ -107,6 +109,7 @@ class Path(ValueType):
     """A file or directory; relative paths are resolved against the prefix (see check())."""
 
     label = "path"
+    metavar = "FILE"
 
     def parse(self, text: str) -> str:
         if "\0" in text:
@@ -127,6 +130,7 @@ class Int(ValueType):
     """An integer, optionally bounded."""
 
     pytype = int
+    metavar = "N"
 
     def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum
@@ -162,6 +166,7 @@ class Time(ValueType):
 
     label = "time (s, m, h, d; plain number = seconds)"
     pytype = float
+    metavar = "TIME"
     _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
     def parse(self, text: str) -> float:
@@ -188,6 +193,7 @@ class Bool(ValueType):
 
     label = "boolean"
     pytype = bool
+    metavar = None  # a flag that takes no value: giving it means yes
     _TRUE = {"1", "yes", "on", "true"}
     _FALSE = {"", "0", "no", "off", "false", "none"}
 
@@ -215,6 +221,7 @@ class Size(ValueType):
 
     label = "size (bytes; K, M, G suffixes)"
     pytype = int
+    metavar = "BYTES"
     _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
     def __init__(self, minimum: int = 0) -> None:
@@ -243,6 +250,8 @@ class Size(ValueType):
 class Choice(ValueType):
     """One word out of a fixed list (case-insensitive), with optional aliases."""
 
+    metavar = None  # --help shows the choices
+
     def __init__(self, *choices: str, aliases: Mapping[str, str] | None = None) -> None:
         self.choices = choices
         self.aliases = dict(aliases or {})
@@ -264,6 +273,7 @@ class Mode(ValueType):
 
     label = "octal mode"
     pytype = int
+    metavar = "MODE"
 
     def parse(self, text: str) -> int:
         if not re.fullmatch(r"0?[0-7]{1,4}", text):
@@ -305,6 +315,7 @@ class Listen(ValueType):
     """A listen address as php-fpm writes it: 127.0.0.1:9000, [::1]:9000, 9000, /run/app.sock."""
 
     label = "address"
+    metavar = "ADDR"
 
     def parse(self, text: str) -> str:
         from fastfpm.address import parse_address
@@ -374,6 +385,7 @@ class Mount(ValueType):
     """A URL prefix the app is served under: /prefix (empty: the root)."""
 
     label = "/prefix"
+    metavar = "PREFIX"
 
     def parse(self, text: str) -> str:
         if text and not text.startswith("/"):
@@ -399,6 +411,13 @@ class Directive:
     required: bool = False      # a pool section in a file must set it
     array: bool = False         # written name[KEY] = value
     default_doc: str = ""       # how the docs show a computed default
+    cli: tuple[str, ...] = ()   # serve's flag for it, then any short aliases: "--max-children" (a str
+                                # is taken as the one flag); none: the directive is set in a file only
+    metavar: str = ""           # the flag's value placeholder in --help; empty: the type's (N, TIME...)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cli, str):
+            object.__setattr__(self, "cli", (self.cli,))
 
     @property
     def attr(self) -> str:
@@ -413,6 +432,41 @@ class Directive:
     def default_value(self) -> Any:
         """The default, computed when it is a callable."""
         return self.default() if callable(self.default) else self.default
+
+    @property
+    def cli_dest(self) -> str:
+        """The name its flag's value gets from argparse (the first long flag, '-' as '_'); "" if none.
+
+        apply_options takes that name: it is the attribute, or the pm.* name without "pm." (_ALIASES).
+        """
+        flag = next((flag for flag in self.cli if flag.startswith("--")), "")
+        return flag[2:].replace("-", "_")
+
+    @property
+    def cli_metavar(self) -> str | None:
+        """The flag's value placeholder in --help: the directive's own, else its type's."""
+        assert self.type is not None
+        return self.metavar or self.type.metavar
+
+    def cli_help(self) -> str:
+        """The flag's --help text: the one-line doc and the default, ready for argparse (% escaped)."""
+        text = self.doc.replace("`", "")
+        default = self.cli_default_text()
+        if default:
+            text += f" (default: {default})"
+        return text.replace("%", "%%")
+
+    def cli_default_text(self) -> str:
+        """The default as --help shows it; a computed one also with its value here; "" when unset."""
+        if self.default is None:
+            return self.default_doc
+        assert self.type is not None
+        shown = self.type.format(self.default_value())
+        if not self.default_doc:
+            return shown or "empty"
+        if callable(self.default) and shown:
+            return f"{self.default_doc}, here {shown}"
+        return self.default_doc
 
 
 def _d(name: str, section: str, vtype: ValueType | None, default: Any = None, doc: str = "",
@@ -431,9 +485,9 @@ def _php(name: str, array: bool = True, why: str = PHP_SETTINGS_MESSAGE) -> Dire
 G, P = "global", "pool"
 DIRECTIVES: tuple[Directive, ...] = (
     # ---- [global]: php-fpm's order (php-fpm.conf.in)
-    _d("pid", G, Path(), None, "File the master writes its pid to; not written when unset."),
+    _d("pid", G, Path(), None, "File the master writes its pid to; not written when unset.", cli="--pid"),
     _d("error_log", G, LogTarget(), None,
-       "Where the master and pools log: a file, or `syslog`. Unset: standard error.",
+       "Where the master and pools log: a file, or `syslog`. Unset: standard error.", cli="--error-log",
        note="php-fpm defaults to log/php-fpm.log; fastfpm logs to standard error, which journald and "
             "container runtimes collect."),
     _d("syslog.facility", G, Choice("auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail",
@@ -443,7 +497,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("syslog.ident", G, Str(), "fastfpm", "Tag prepended to every syslog message.",
        note="php-fpm's default is php-fpm."),
     _d("log_level", G, Choice("alert", "error", "warning", "notice", "debug", aliases={"warn": "warning"}),
-       "notice", "Least severe level written to the error log."),
+       "notice", "Least severe level written to the error log.", cli="--log-level"),
     _d("log_limit", G, Int(512), 1024,
        "Longest error log line (characters, newline included): as php-fpm, a longer message line is cut "
        "and ends in `...`, a longer line of worker output is split over several lines, each decorated again.",
@@ -482,17 +536,22 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("prefix", P, Path(), None,
        "Directory the pool's relative paths (listen, slowlog, chdir, python_path) are taken from."),
     _d("user", P, Str(), None,
-       "Unix user (name or id) the workers run as; only when the master runs as root. Unset: the master's."),
-    _d("group", P, Str(), None, "Unix group (name or id) of the workers. Unset: the user's group."),
+       "Unix user (name or id) the workers run as; only when the master runs as root. Unset: the master's.",
+       cli="--user", metavar="USER"),
+    _d("group", P, Str(), None, "Unix group (name or id) of the workers. Unset: the user's group.",
+       cli="--group", metavar="GROUP"),
     _d("listen", P, Listen(), "127.0.0.1:9000",
        "Address to accept FastCGI connections on: 127.0.0.1:9000, [::1]:9000, 9000 (every address) "
-       "or /path/to.sock.", required=True,
+       "or /path/to.sock.", required=True, cli="--listen",
        note="Required in a pool section, as in php-fpm; 127.0.0.1:9000 is the default only for a pool "
             "built from the command line."),
-    _d("listen.backlog", P, Int(-1), 511, "listen(2) backlog; -1 means the system's maximum (somaxconn)."),
-    _d("listen.owner", P, Str(), None, "Owner (name or id) of a unix socket. Unset: the master's user."),
-    _d("listen.group", P, Str(), None, "Group (name or id) of a unix socket. Unset: the owner's group."),
-    _d("listen.mode", P, Mode(), 0o660, "Permissions of a unix socket."),
+    _d("listen.backlog", P, Int(-1), 511, "listen(2) backlog; -1 means the system's maximum (somaxconn).",
+       cli="--listen-backlog"),
+    _d("listen.owner", P, Str(), None, "Owner (name or id) of a unix socket. Unset: the master's user.",
+       cli="--listen-owner", metavar="USER"),
+    _d("listen.group", P, Str(), None, "Group (name or id) of a unix socket. Unset: the owner's group.",
+       cli="--listen-group", metavar="GROUP"),
+    _d("listen.mode", P, Mode(), 0o660, "Permissions of a unix socket.", cli="--listen-mode"),
     _d("listen.allowed_clients", P, Clients(), list,
        "Client addresses a TCP socket accepts, comma-separated; others are closed and logged. Empty: any.",
        note="fastfpm also takes networks (10.0.0.0/8). php-fpm ignores it on unix sockets; fastfpm warns.",
@@ -505,29 +564,30 @@ DIRECTIVES: tuple[Directive, ...] = (
     _unsupported("process.dumpable", P, NOT_YET),
     _d("pm", P, Choice("static", "dynamic", "ondemand"), "static",
        "How the number of workers is managed: static, dynamic or ondemand.",
-       note="php-fpm requires it; fastfpm defaults to static."),
+       note="php-fpm requires it; fastfpm defaults to static.", cli="--pm"),
     _d("pm.max_children", P, Int(1), default_max_children,
        "Workers alive at once: the number for static, the ceiling for dynamic and ondemand.",
        note="php-fpm requires it; fastfpm defaults to min(32, max(2, 2 x CPUs)).",
-       default_doc="min(32, max(2, 2 x CPUs))"),
+       default_doc="min(32, max(2, 2 x CPUs))", cli="--max-children"),
     _d("pm.start_servers", P, Int(0), None,
        "Workers started with a dynamic pool; 0 or unset: min_spare + (max_spare - min_spare) / 2.",
-       default_doc="min_spare + (max_spare - min_spare) / 2"),
+       default_doc="min_spare + (max_spare - min_spare) / 2", cli="--start-servers"),
     _d("pm.min_spare_servers", P, Int(0), None,
        "dynamic: fewest idle workers; below it, workers are spawned.",
        note="php-fpm requires it with pm = dynamic; unset, fastfpm uses max(1, max_children / 4).",
-       default_doc="max(1, max_children / 4)"),
+       default_doc="max(1, max_children / 4)", cli="--min-spare-servers"),
     _d("pm.max_spare_servers", P, Int(0), None,
        "dynamic: most idle workers; above it, one idle worker is stopped per second.",
        note="php-fpm requires it with pm = dynamic; unset, fastfpm uses max(min_spare, max_children / 2).",
-       default_doc="max(min_spare, max_children / 2)"),
+       default_doc="max(min_spare, max_children / 2)", cli="--max-spare-servers"),
     _d("pm.max_spawn_rate", P, Int(1), 32,
        "dynamic: most workers spawned in one second; the rate doubles each second up to it.",
        note="php-fpm can overshoot a limit that is not a power of two (1, 2, 4, 8 with 5); fastfpm stops "
             "at the limit."),
-    _d("pm.process_idle_timeout", P, Time(), 10.0, "ondemand: an idle worker is stopped after this long."),
+    _d("pm.process_idle_timeout", P, Time(), 10.0, "ondemand: an idle worker is stopped after this long.",
+       cli="--process-idle-timeout"),
     _d("pm.max_requests", P, Int(0), 0,
-       "A worker exits after serving this many requests and is replaced; 0: never."),
+       "A worker exits after serving this many requests and is replaced; 0: never.", cli="--max-requests"),
     _d("pm.max_requests_jitter", P, Int(0), 0,
        "Adds random(0..jitter) to each worker's pm.max_requests so workers do not all restart at once.",
        origin="fastfpm"),
@@ -538,14 +598,16 @@ DIRECTIVES: tuple[Directive, ...] = (
     _unsupported("access.log", P, NOT_YET),
     _unsupported("access.format", P, NOT_YET),
     _unsupported("access.suppress_path", P, NOT_YET, array=True),
-    _d("slowlog", P, Path(), None, "File the tracebacks of slow requests are appended to."),
+    _d("slowlog", P, Path(), None, "File the tracebacks of slow requests are appended to.", cli="--slowlog"),
     _d("request_slowlog_timeout", P, Time(), 0.0,
        "A request running this long gets its Python traceback written to slowlog; 0: off.",
+       cli="--request-slowlog-timeout",
        note="php-fpm traces with ptrace (which containers often forbid); fastfpm's workers write their "
             "own traceback, even while blocked in C code."),
     _d("request_slowlog_trace_depth", P, Int(1), 20, "Most stack frames written per slowlog entry."),
     _d("request_terminate_timeout", P, Time(), 0.0,
-       "A request running this long is ended (SIGTERM, then SIGKILL) and the worker replaced; 0: off."),
+       "A request running this long is ended (SIGTERM, then SIGKILL) and the worker replaced; 0: off.",
+       cli="--request-terminate-timeout"),
     Directive("request_terminate_timeout_track_finished", P, Bool(), False, "", status="ignored",
               note="php-fpm's switch for requests past fastcgi_finish_request(); a WSGI request ends when "
                    "the response is closed, so the directive is accepted and has no effect."),
@@ -555,9 +617,11 @@ DIRECTIVES: tuple[Directive, ...] = (
                  "chroot is not supported: the Python interpreter and its packages would have to live "
                  "inside it. Use a container or systemd's RootDirectory= instead."),
     _d("chdir", P, Path(), None,
-       "Directory the workers change to before loading the app. Unset: the master's."),
+       "Directory the workers change to before loading the app. Unset: the master's.",
+       cli="--chdir", metavar="DIR"),
     _d("catch_workers_output", P, Bool(), False,
-       "Send the workers' stdout and stderr to the error log (else /dev/null, as FastCGI expects)."),
+       "Send the workers' stdout and stderr to the error log (else /dev/null, as FastCGI expects).",
+       cli="--catch-workers-output"),
     _d("decorate_workers_output", P, Bool(), True,
        "With catch_workers_output, prefix each line with the pool and pid."),
     _d("clear_env", P, Bool(), True,
@@ -582,16 +646,16 @@ DIRECTIVES: tuple[Directive, ...] = (
        origin="fastfpm", default_doc="none"),
     _d("mount", P, Mount(), "",
        "URL prefix the app is served under: SCRIPT_NAME is the prefix, PATH_INFO the rest.",
-       origin="fastfpm", default_doc="none (the root)"),
+       origin="fastfpm", default_doc="none (the root)", cli="--mount"),
     _d("idle_timeout", P, Time(), 5.0,
        "A connection that sends no request for this long after accept (or between kept-alive requests) "
-       "is closed.", origin="fastfpm"),
+       "is closed.", origin="fastfpm", cli="--idle-timeout"),
     _d("read_timeout", P, Time(), 60.0,
        "A connection that stops sending in the middle of a request for this long is closed.",
        origin="fastfpm"),
     _d("max_params_size", P, Size(1024), 65536,
        "Largest total size of one request's FastCGI params (headers and CGI variables).",
-       origin="fastfpm"),
+       origin="fastfpm", cli="--max-params-size"),
 )
 del G, P
 
@@ -1015,13 +1079,10 @@ _EXAMPLE = {"listen": "listen = 127.0.0.1:9000", "app": "app = myapp.wsgi:applic
 # ---------------------------------------------------------------------------------------------------
 # Building in code: the command line's flags, or a test's.
 
-# Command-line spellings that are not attribute names.
-_ALIASES = {
-    "max_children": "pm_max_children", "start_servers": "pm_start_servers",
-    "min_spare_servers": "pm_min_spare_servers", "max_spare_servers": "pm_max_spare_servers",
-    "max_spawn_rate": "pm_max_spawn_rate", "process_idle_timeout": "pm_process_idle_timeout",
-    "max_requests": "pm_max_requests", "max_requests_jitter": "pm_max_requests_jitter",
-}
+# Option names that are not attribute names: a pm.* directive may be given without "pm." (max_children,
+# as serve's --max-children spells it), and every serve flag by the name argparse gives its value.
+_ALIASES = {d.attr.removeprefix("pm_"): d.attr for d in _STORED["pool"] if d.name.startswith("pm.")}
+_ALIASES.update({d.cli_dest: d.attr for d in DIRECTIVES if d.cli and d.cli_dest != d.attr})
 
 
 def apply_options(config: Config, options: Mapping[str, Any], source: str = CLI_SOURCE) -> Config:
