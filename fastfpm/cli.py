@@ -134,29 +134,16 @@ def identity_problems(config: Any, allow_root: bool) -> tuple[dict[str, Any], li
 
 def check(args: argparse.Namespace) -> int:
     """The `check` command (and serve -t): report every error as file:line: message."""
-    from fastfpm.config import ConfigError, dump
+    from fastfpm.config import run_check
 
-    try:
-        config, _ = load_config(args)
-    except ConfigError as exc:
-        for problem in exc.errors:
-            print(problem, file=sys.stderr)
-        print(f"fastfpm: configuration file {args.config} test failed", file=sys.stderr)
-        return 1
     demo = args.config is None and getattr(args, "app", None) is None
-    _, problems = identity_problems(config, getattr(args, "allow_root", False) or demo)
-    if problems:
-        for problem in problems:
-            print(f"fastfpm: {problem}", file=sys.stderr)
-        print(f"fastfpm: configuration file {args.config or '(command line)'} test failed", file=sys.stderr)
-        return 1
-    for warning in config.warnings:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    if getattr(args, "test", 0) >= 2:
-        print(dump(config))
-    print(f"fastfpm: configuration file {args.config or '(command line)'} test is successful",
-          file=sys.stderr)
-    return 0
+    allow_root = getattr(args, "allow_root", False) or demo
+
+    def refusals(config: Config) -> list[str]:
+        return identity_problems(config, allow_root)[1]
+
+    return run_check(lambda: load_config(args)[0], args.config, show=getattr(args, "test", 0) >= 2,
+                     refusals=refusals)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ The public API:
     check(config) -> Config                                       validate, derive, resolve paths
     dump(config) -> str                                           the effective config, as INI
     render_markdown() -> str                                      the reference page
+    run_check(build, path, ...) -> exit status                    the test of check / serve -t
 
 Errors are collected, never stopped at, and raised together as ConfigError(errors) where each error
 reads `file:line: message`.
@@ -37,7 +38,7 @@ from typing import Any
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "PoolConfig", "Directive", "DIRECTIVES",
     "load", "from_cli", "apply_options", "check", "dump", "render_markdown", "default_max_children",
-    "PHP_SETTINGS_MESSAGE", "main",
+    "PHP_SETTINGS_MESSAGE", "run_check", "CheckWording", "main",
 ]
 
 # Where values set in code or by command-line flags say they came from.
@@ -1581,6 +1582,55 @@ def render_markdown() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The configuration test: `python -m fastfpm check`, `serve -t` / `-tt` and `python -m fastfpm.config`.
+
+@dataclass(frozen=True)
+class CheckWording:
+    """What a configuration test puts before each kind of line it writes to stderr."""
+
+    error: str      # a problem in the configuration (the message is already `file:line: ...`)
+    refusal: str    # a problem the caller's own check found (workers that could not start)
+    failed: str     # "configuration file X test failed"
+    passed: str     # "configuration file X test is successful"
+
+
+# fastfpm's commands (check, serve -t); python -m fastfpm.config words its lines as `php-fpm -t` does.
+FASTFPM_WORDING = CheckWording(error="", refusal="fastfpm: ", failed="fastfpm: ", passed="fastfpm: ")
+PHP_FPM_WORDING = CheckWording(error="ERROR: ", refusal="ERROR: ", failed="ERROR: ", passed="NOTICE: ")
+
+
+def run_check(build: Callable[[], Config], path: str | None, *, show: bool = False,
+              refusals: Callable[[Config], list[str]] | None = None,
+              wording: CheckWording = FASTFPM_WORDING) -> int:
+    """Test a configuration, as php-fpm -t does, and return the exit status: 0 when it is usable, else 1.
+
+    build() reads it (ConfigError: every problem is printed); refusals(config) lists what else stops
+    it from running (serve's worker identity rules). Warnings are printed, show prints the effective
+    configuration on stdout (-tt), and the last line on stderr says whether the test of path (None:
+    the command line) failed or is successful.
+    """
+    name = path or "(command line)"
+    try:
+        config = build()
+    except ConfigError as exc:
+        return _check_failed(exc.errors, wording.error, name, wording)
+    problems = refusals(config) if refusals is not None else []
+    if problems:
+        return _check_failed(problems, wording.refusal, name, wording)
+    for warning in config.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if show:
+        print(dump(config))
+    print(f"{wording.passed}configuration file {name} test is successful", file=sys.stderr)
+    return 0
+
+
+def _check_failed(problems: Iterable[str], prefix: str, name: str, wording: CheckWording) -> int:
+    for problem in problems:
+        print(f"{prefix}{problem}", file=sys.stderr)
+    print(f"{wording.failed}configuration file {name} test failed", file=sys.stderr)
+    return 1
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fastfpm.config FILE` checks a file; --dump prints it; --markdown prints the docs."""
@@ -1597,20 +1647,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.file:
         parser.error("a configuration file is needed (or --markdown)")
-    try:
-        config = load(args.file, prefix=args.prefix)
-    except ConfigError as exc:
-        for error in exc.errors:
-            print(f"ERROR: {error}", file=sys.stderr)
-        print(f"ERROR: configuration file {args.file} test failed", file=sys.stderr)
-        return 1
-    for warning in config.warnings:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    if args.dump:
-        sys.stdout.write(dump(config))
-    print(f"NOTICE: configuration file {args.file} test is successful", file=sys.stderr)
-    return 0
-
+    return run_check(lambda: load(args.file, prefix=args.prefix), args.file, show=args.dump,
+                     wording=PHP_FPM_WORDING)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastfpm import cli
+from fastfpm import config as config_module
 from fastfpm.config import CLI_SOURCE, DIRECTIVES, Bool, Choice, GlobalConfig, from_cli
 from fastfpm.log import ErrorLog
 
@@ -129,3 +130,34 @@ def test_error_log_from_global(tmp_path: Path) -> None:
         assert (tmp_path / "error.log").read_text().endswith("WARNING: hello\n")
     finally:
         log.stream.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One configuration test behind `check`, `serve -t` and `python -m fastfpm.config`
+
+def test_check_and_the_config_module_report_the_same_problems(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text(f"[www]\nlisten = {tmp_path}/b.sock\napp = x:y\n"
+                   "pm.max_children = lots\nphp_value[x] = 1\n")
+    assert cli.main(["check", "-R", "-c", str(bad)]) == 1
+    from_check = capsys.readouterr().err.splitlines()
+    assert config_module.main([str(bad)]) == 1
+    from_module = capsys.readouterr().err.splitlines()
+    assert from_check[-1] == f"fastfpm: configuration file {bad} test failed"
+    assert from_module[-1] == f"ERROR: configuration file {bad} test failed"
+    assert [f"ERROR: {line}" for line in from_check[:-1]] == from_module[:-1]
+    assert from_check[0].startswith(f"{bad}:4: invalid value 'lots'")
+
+
+def test_a_command_line_that_fails_the_check_is_named_so(capsys) -> None:
+    assert cli.main(["serve", "-t", "tests.apps.router:app", "--max-children", "0", "-R"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["command line: invalid value '0' for pm.max_children: must be at least 1",
+                   "fastfpm: configuration file (command line) test failed"]
+
+
+def test_serve_tt_prints_the_effective_configuration(capsys) -> None:
+    assert cli.main(["serve", "-tt", "tests.apps.router:app", "--max-children", "3", "-R"]) == 0
+    out, err = capsys.readouterr()
+    assert "pm.max_children = 3\n" in out
+    assert err.splitlines()[-1] == "fastfpm: configuration file (command line) test is successful"
