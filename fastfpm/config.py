@@ -756,6 +756,33 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY = re.compile(r"([A-Za-z0-9_.]+)\s*(?:\[\s*(.*?)\s*\])?")
 
 
+def _expand_dollar(raw: str, j: int, environ: Mapping[str, str], pool: str | None, out: list[str]) -> int:
+    """raw[j] is "$": append what ${VAR}, ${VAR:-default} or $pool there stands for (a lone "$" stays
+    itself) to out, and return the index after it. ValueError says what is wrong."""
+    if raw.startswith("${", j):
+        end = raw.find("}", j + 2)
+        if end < 0:
+            raise ValueError("'${' without a closing '}'")
+        name, sep, fallback = raw[j + 2:end].partition(":-")
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"'${{{raw[j + 2:end]}}}' is not an environment variable reference")
+        if name in environ:
+            out.append(environ[name])
+        elif sep:
+            out.append(fallback)
+        else:
+            raise ValueError(f"environment variable {name} is not set "
+                             f"(write ${{{name}:-default}} to give a fallback)")
+        return end + 1
+    if raw.startswith("$pool", j):
+        if pool is None:
+            raise ValueError("'$pool' can only be used inside a pool section")
+        out.append(pool)
+        return j + 5
+    out.append("$")
+    return j + 1
+
+
 def _expand(raw: str, environ: Mapping[str, str], pool: str | None) -> tuple[str, bool]:
     """The value of an INI value's text, and whether any part of it was quoted.
 
@@ -770,29 +797,7 @@ def _expand(raw: str, environ: Mapping[str, str], pool: str | None) -> tuple[str
     i, n = 0, len(raw)
 
     def dollar(j: int) -> int:
-        # raw[j] == "$": expand ${VAR} or $pool at j; return the index after it
-        if raw.startswith("${", j):
-            end = raw.find("}", j + 2)
-            if end < 0:
-                raise ValueError("'${' without a closing '}'")
-            name, sep, fallback = raw[j + 2:end].partition(":-")
-            if not _ENV_NAME.fullmatch(name):
-                raise ValueError(f"'${{{raw[j + 2:end]}}}' is not an environment variable reference")
-            if name in environ:
-                out.append(environ[name])
-            elif sep:
-                out.append(fallback)
-            else:
-                raise ValueError(f"environment variable {name} is not set "
-                                 f"(write ${{{name}:-default}} to give a fallback)")
-            return end + 1
-        if raw.startswith("$pool", j):
-            if pool is None:
-                raise ValueError("'$pool' can only be used inside a pool section")
-            out.append(pool)
-            return j + 5
-        out.append("$")
-        return j + 1
+        return _expand_dollar(raw, j, environ, pool, out)
 
     while i < n:
         c = raw[i]
@@ -1219,7 +1224,12 @@ def _absolute(path: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
+# report(directive, message): a check's failure or warning, placed at the directive's file:line.
+_Report = Callable[[str | None, str], None]
+
+
 def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) -> None:
+    """One pool's checks, in order: its name and value types, then each concern's cross-checks."""
     name = pool.name
 
     def fail(directive: str | None, message: str) -> None:
@@ -1236,14 +1246,26 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     pool.derived.clear()
     if not _check_types(pool, "pool", name, errors):
         return  # the cross-checks below would only repeat the same problem
+    pool_base = _check_prefix(pool, base, fail)
+    _check_listen(pool, pool_base, warn)
+    _check_accounts(pool, warn)
+    _check_pm(pool, fail, warn)
+    _check_slowlog(pool, pool_base, fail, warn)
+    _check_directories(pool, pool_base, fail, warn)
+    _check_connections(pool, fail)
 
-    # prefix first: the pool's other relative paths are taken from it
+
+def _check_prefix(pool: Any, base: str, fail: _Report) -> str:
+    """Resolve the pool's prefix first, and return what its other relative paths are taken from."""
     if pool.prefix:
         pool.prefix = _absolute(pool.prefix, base)
         if not os.path.isdir(pool.prefix):
             fail("prefix", f"the prefix {pool.prefix} does not exist or is not a directory")
-    pool_base = pool.prefix or base
+    return pool.prefix or base
 
+
+def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
+    """A unix socket's path made absolute; settings for the other kind of socket are warned about."""
     from fastfpm.address import parse_address
 
     address = parse_address(pool.listen)
@@ -1257,6 +1279,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
             if directive in pool.source:
                 warn(directive, f"{directive} only applies to unix sockets; this pool listens on TCP")
 
+
+def _check_accounts(pool: Any, warn: _Report) -> None:
+    """Users and groups named (not numbered) that this machine does not know: a warning, not an error."""
     for directive in ("user", "group", "listen.owner", "listen.group"):
         value = getattr(pool, directive.replace(".", "_"))
         if value and not value.isdigit():
@@ -1267,7 +1292,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
                 kind = "user" if lookup is pwd.getpwnam else "group"
                 warn(directive, f"{directive}: {kind} {value!r} does not exist on this machine")
 
-    # pm: the conditions php-fpm checks in fpm_conf_process_all_pools
+
+def _check_pm(pool: Any, fail: _Report, warn: _Report) -> None:
+    """pm: the conditions php-fpm checks in fpm_conf_process_all_pools, and directives the mode ignores."""
     if pool.pm == "dynamic":
         _check_dynamic(pool, fail)
     elif pool.pm == "ondemand":
@@ -1284,7 +1311,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     if pool.pm_max_requests_jitter and not pool.pm_max_requests:
         warn("pm.max_requests_jitter", "pm.max_requests_jitter has no effect while pm.max_requests is 0")
 
-    # the slow log and the request timeouts, as php-fpm checks them
+
+def _check_slowlog(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
+    """The slow log and the request timeouts, as php-fpm checks them."""
     if pool.slowlog:
         pool.slowlog = _absolute(pool.slowlog, pool_base)
         if not os.path.isdir(os.path.dirname(pool.slowlog)):
@@ -1301,6 +1330,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
         # php-fpm refuses a trace depth without slowlog; it is harmless, so fastfpm only warns
         warn("request_slowlog_trace_depth", "request_slowlog_trace_depth has no effect without slowlog")
 
+
+def _check_directories(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
+    """chdir must exist; python_path directories should (a warning); both are made absolute."""
     if pool.chdir:
         pool.chdir = _absolute(pool.chdir, pool_base)
         if not os.path.isdir(pool.chdir):
@@ -1312,6 +1344,10 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
             warn("python_path", f"python_path directory {directory} does not exist")
         resolved.append(directory)
     pool.python_path = resolved
+
+
+def _check_connections(pool: Any, fail: _Report) -> None:
+    """fastfpm's connection timeouts, and env[...] set in code (a file's are checked as they are read)."""
     if pool.idle_timeout <= 0:
         fail("idle_timeout", "idle_timeout must be greater than 0")
     if pool.read_timeout <= 0:
@@ -1321,7 +1357,7 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
             fail(f"env[{key}]", f"env[{key}]: names and values must be strings, names without '='")
 
 
-def _check_dynamic(pool: Any, fail: Callable[[str | None, str], None]) -> None:
+def _check_dynamic(pool: Any, fail: _Report) -> None:
     """php-fpm's checks for pm = dynamic, with fastfpm's defaults for unset spare counts."""
     children = pool.pm_max_children
     if pool.pm_min_spare_servers is None:
