@@ -5,7 +5,8 @@
     localhost:9000     a host name, resolved when the socket is made
     /run/app.sock      a unix socket (also unix:/run/app.sock, as nginx writes it, or a relative path)
 
-Parsing never touches the network; create_listen_socket and connect do.
+Parsing never touches the network; create_listen_socket and connect do. AllowedClients is
+listen.allowed_clients (php-fpm's fcgi_is_allowed): which peers of a TCP listen socket may stay.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import pwd
 import re
 import socket
 import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG"]
+__all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG",
+           "AllowedClients", "REFUSED_MESSAGE"]
 
 # php-fpm's listen.backlog default on Linux (FPM_BACKLOG_DEFAULT in sapi/fpm/fpm/fpm_sockets.h).
 DEFAULT_BACKLOG = 511
@@ -408,3 +411,114 @@ def _unix_accept_queue(inode: int) -> tuple[int, int] | None:
             return struct.unpack_from("=II", reply, pos + 4)
         pos += (attr_len + 3) & ~3  # attributes are 4-byte aligned
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# listen.allowed_clients
+
+# php-fpm's log line for a connection listen.allowed_clients refuses (fastcgi.c), for the caller to use.
+REFUSED_MESSAGE = "Connection disallowed: IP address '{peer}' has been dropped."
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class AllowedClients:
+    """The client addresses a TCP listen socket accepts (listen.allowed_clients); empty: everyone.
+
+    Entries are IPv4 or IPv6 addresses, as in php-fpm, or networks (10.0.0.0/8, fd00::/8), which
+    php-fpm does not take. A peer written as an IPv4-mapped IPv6 address (::ffff:192.0.2.1, what a
+    dual-stack socket reports for an IPv4 client) matches IPv4 entries, and an IPv4 peer matches
+    IPv4-mapped entries. Where php-fpm differs: it compares only the first 12 bytes of IPv6 addresses
+    (so ::1 lets in all of ::/96) and does not match an IPv4 peer against an IPv4-mapped entry.
+    Unix socket clients are not subject to the list (allows_fd lets them in), as in php-fpm.
+    """
+
+    networks: tuple[_Network, ...] = ()
+
+    @classmethod
+    def parse(cls, entries: str | Iterable[str]) -> AllowedClients:
+        """From a comma-separated string (as written in a file) or a list of entries.
+
+        Raises ValueError naming the first entry that is not an address or network (php-fpm skips such
+        entries with an error; fastfpm.config refuses them before this is reached).
+        """
+        if isinstance(entries, str):
+            entries = entries.split(",")
+        networks = []
+        for entry in entries:
+            text = entry.strip()
+            if not text:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ValueError(f"listen.allowed_clients: {text!r} is not an IP address or "
+                                 f"network") from None
+        return cls(tuple(networks))
+
+    @property
+    def restricted(self) -> bool:
+        """Whether any entry is set (when not, every client is allowed and no check is needed)."""
+        return bool(self.networks)
+
+    def allows(self, peer_ip: str) -> bool:
+        """Whether a TCP client at peer_ip (as getpeername()[0] gives it; a %scope is ignored) may stay.
+
+        True for every peer when no entry is set; False for text that is not an IP address.
+        """
+        if not self.networks:
+            return True
+        try:
+            address: _Address = ipaddress.ip_address(peer_ip.partition("%")[0])
+        except ValueError:
+            return False
+        other: _Address | None
+        if isinstance(address, ipaddress.IPv6Address):
+            other = address.ipv4_mapped
+        else:
+            other = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+        return any(address in network or (other is not None and other in network)
+                   for network in self.networks)
+
+    def allows_fd(self, fd: int) -> bool:
+        """allows() for the peer of the connected socket fd (a unix socket peer is always allowed).
+
+        The signature the worker loop's client_filter takes; a socket whose peer is already gone is
+        refused. fd is left open either way.
+        """
+        return self._check_fd(fd)[0]
+
+    def client_filter(self, on_refused: Callable[[str], None] | None = None) -> Callable[[int], bool] | None:
+        """A client_filter(fd) -> bool for the worker loop, or None when every client is allowed.
+
+        on_refused(peer_ip) is called for each refused client, to log it (for example
+        log.error(REFUSED_MESSAGE.format(peer=peer_ip)), php-fpm's line).
+        """
+        if not self.networks:
+            return None
+        check = self._check_fd
+
+        def client_filter(fd: int) -> bool:
+            allowed, peer = check(fd)
+            if not allowed and on_refused is not None:
+                on_refused(peer)
+            return allowed
+
+        return client_filter
+
+    def _check_fd(self, fd: int) -> tuple[bool, str]:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return False, "?"
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return True, ""
+            peer = sock.getpeername()[0]
+        except OSError:
+            return False, "?"
+        finally:
+            sock.detach()
+        return self.allows(peer), peer

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from fastfpm import NotBuiltError, __version__
-from fastfpm.config import default_max_children
+from fastfpm.config import DIRECTIVES, Bool, Choice, Directive
 
 if TYPE_CHECKING:
     from fastfpm.config import Config
@@ -38,48 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the configuration and exit; -tt also prints the effective configuration")
     serve.add_argument("-R", "--allow-to-run-as-root", action="store_true", dest="allow_root",
                        help="allow workers to run as root (as php-fpm's -R)")
-    pool = serve.add_argument_group("pool options (override the configuration file)")
-    pool.add_argument("--listen", metavar="ADDR",
-                      help="127.0.0.1:9000, [::1]:9000, 9000 (all addresses) or /path/to.sock "
-                           "(default: 127.0.0.1:9000, as php-fpm)")
-    pool.add_argument("--listen-mode", metavar="MODE", help="permissions of a unix socket (default: 0660)")
-    pool.add_argument("--listen-owner", metavar="USER",
-                      help="owner of a unix socket, e.g. the web server's user (default: fastfpm's own)")
-    pool.add_argument("--listen-group", metavar="GROUP",
-                      help="group of a unix socket (default: the owner's group)")
-    pool.add_argument("--listen-backlog", metavar="N", help="listen queue length (default: 511)")
-    pool.add_argument("--user", metavar="USER", help="run the workers as USER (when started as root)")
-    pool.add_argument("--group", metavar="GROUP", help="run the workers as GROUP (default: USER's group)")
-    pool.add_argument("--pm", choices=["static", "dynamic", "ondemand"],
-                      help="process manager (default: static)")
-    pool.add_argument("--max-children", metavar="N",
-                      help=f"the most workers (static: all of them; default: two per CPU, here "
-                           f"{default_max_children()})")
-    pool.add_argument("--start-servers", metavar="N", help="dynamic: workers at start")
-    pool.add_argument("--min-spare-servers", metavar="N", help="dynamic: fewest idle workers")
-    pool.add_argument("--max-spare-servers", metavar="N", help="dynamic: most idle workers")
-    pool.add_argument("--process-idle-timeout", metavar="TIME", help="ondemand: stop a worker idle this long")
-    pool.add_argument("--max-requests", metavar="N", help="recycle a worker after N requests (0: never)")
-    pool.add_argument("--request-terminate-timeout", metavar="TIME",
-                      help="end a request running longer (0: off)")
-    pool.add_argument("--request-slowlog-timeout", metavar="TIME",
-                      help="log the traceback of a request running longer (0: off)")
-    pool.add_argument("--slowlog", metavar="FILE", help="where slow requests' tracebacks go")
-    pool.add_argument("--chdir", metavar="DIR",
-                      help="change to DIR before loading the app; DIR is on sys.path")
-    pool.add_argument("--mount", metavar="PREFIX",
-                      help="serve the app under PREFIX: SCRIPT_NAME=PREFIX, PATH_INFO=the rest")
-    pool.add_argument("--idle-timeout", metavar="TIME",
-                      help="close a connection that sends no request for this long (default: 5s)")
-    pool.add_argument("--max-params-size", metavar="BYTES",
-                      help="largest total size of a request's FastCGI params (default: 64K)")
-    pool.add_argument("--catch-workers-output", action="store_const", const="yes",
-                      help="log what the app prints to stdout/stderr")
-    glob = serve.add_argument_group("global options")
-    glob.add_argument("--log-level", choices=["alert", "error", "warning", "notice", "debug"],
-                      help="least severe level written to the error log (default: notice)")
-    glob.add_argument("--error-log", metavar="FILE", help="append the log to FILE (default: stderr)")
-    glob.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
+    add_directive_flags(serve)
 
     check = commands.add_parser("check", help="check a configuration file (as serve -t)",
                                 description="Check a configuration file; errors are printed as "
@@ -108,13 +67,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The serve flags that map to directives, in the spelling config.apply_options accepts.
-OPTION_FLAGS = ("listen", "listen_mode", "listen_owner", "listen_group", "listen_backlog", "user", "group",
-                "pm", "max_children", "start_servers", "min_spare_servers", "max_spare_servers",
-                "process_idle_timeout",
-                "max_requests", "request_terminate_timeout", "request_slowlog_timeout", "slowlog", "chdir",
-                "mount", "idle_timeout", "max_params_size", "catch_workers_output", "log_level",
-                "error_log", "pid")
+# serve's flags that set directives: each comes from its Directive's cli= in fastfpm.config, so the
+# flag, its default in --help and the directive cannot drift apart.
+DIRECTIVE_FLAG_GROUPS = (("pool", "pool options (override the configuration file)"),
+                         ("global", "global options"))
+
+
+def add_directive_flags(serve: argparse.ArgumentParser) -> None:
+    """Add a flag to serve for every directive declared with cli=, pool ones first, in the table's order.
+
+    A flag's default is None (not given: the file's value or the directive's default applies); its
+    help is the directive's doc and default.
+    """
+    for section, title in DIRECTIVE_FLAG_GROUPS:
+        group = serve.add_argument_group(title)
+        for directive in DIRECTIVES:
+            if directive.cli and directive.section == section:
+                group.add_argument(*directive.cli, **directive_flag_arguments(directive))
+
+
+def directive_flag_arguments(directive: Directive) -> dict[str, Any]:
+    """argparse's add_argument keywords for a directive's flag: a boolean is a switch meaning yes, a
+    choice lists its words, anything else takes a value parsed as the file's text would be."""
+    arguments: dict[str, Any] = {"help": directive.cli_help()}
+    if isinstance(directive.type, Bool):
+        arguments.update(action="store_const", const="yes")
+    elif isinstance(directive.type, Choice):
+        arguments["choices"] = list(directive.type.choices)
+    else:
+        arguments["metavar"] = directive.cli_metavar
+    return arguments
+
+
+# The names argparse gives the directive flags' values, as config.apply_options takes them.
+OPTION_FLAGS = tuple(directive.cli_dest for directive in DIRECTIVES if directive.cli)
 
 
 def load_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -148,29 +134,16 @@ def identity_problems(config: Any, allow_root: bool) -> tuple[dict[str, Any], li
 
 def check(args: argparse.Namespace) -> int:
     """The `check` command (and serve -t): report every error as file:line: message."""
-    from fastfpm.config import ConfigError, dump
+    from fastfpm.config import run_check
 
-    try:
-        config, _ = load_config(args)
-    except ConfigError as exc:
-        for problem in exc.errors:
-            print(problem, file=sys.stderr)
-        print(f"fastfpm: configuration file {args.config} test failed", file=sys.stderr)
-        return 1
     demo = args.config is None and getattr(args, "app", None) is None
-    _, problems = identity_problems(config, getattr(args, "allow_root", False) or demo)
-    if problems:
-        for problem in problems:
-            print(f"fastfpm: {problem}", file=sys.stderr)
-        print(f"fastfpm: configuration file {args.config or '(command line)'} test failed", file=sys.stderr)
-        return 1
-    for warning in config.warnings:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    if getattr(args, "test", 0) >= 2:
-        print(dump(config))
-    print(f"fastfpm: configuration file {args.config or '(command line)'} test is successful",
-          file=sys.stderr)
-    return 0
+    allow_root = getattr(args, "allow_root", False) or demo
+
+    def refusals(config: Config) -> list[str]:
+        return identity_problems(config, allow_root)[1]
+
+    return run_check(lambda: load_config(args)[0], args.config, show=getattr(args, "test", 0) >= 2,
+                     refusals=refusals)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -202,8 +175,7 @@ def serve(args: argparse.Namespace) -> int:
         print("fastfpm: warning: the demo's workers run as root; an application would need "
               "--allow-to-run-as-root (-R)", file=sys.stderr)
     g = config.global_
-    log = ErrorLog(g.error_log, g.log_level, g.log_limit, syslog_ident=g.syslog_ident,
-                   syslog_facility=g.syslog_facility)
+    log = ErrorLog.from_global(g)
     for warning in config.warnings:
         log.warning(warning)
     try:

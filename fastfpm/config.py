@@ -1,9 +1,10 @@
 """fastfpm's configuration: php-fpm's INI format, one table of directives, and the typed result.
 
 Every directive is declared once, in DIRECTIVES below (name, section, type, default, one-line doc,
-and a note where fastfpm is not php-fpm). Everything else is derived from that table: the parser,
-the checks behind `python -m fastfpm check` / `serve -t`, the `serve -tt` dump (`dump`), the
-GlobalConfig / PoolConfig classes, and docs/configuration.md (`render_markdown`).
+a note where fastfpm is not php-fpm, and serve's command-line flag if it has one). Everything else
+is derived from that table: the parser, the checks behind `python -m fastfpm check` / `serve -t`,
+the `serve -tt` dump (`dump`), the GlobalConfig / PoolConfig classes, serve's directive flags with
+their help (fastfpm.cli), and docs/configuration.md (`render_markdown`).
 
 The public API:
 
@@ -13,6 +14,7 @@ The public API:
     check(config) -> Config                                       validate, derive, resolve paths
     dump(config) -> str                                           the effective config, as INI
     render_markdown() -> str                                      the reference page
+    run_check(build, path, ...) -> exit status                    the test of check / serve -t
 
 Errors are collected, never stopped at, and raised together as ConfigError(errors) where each error
 reads `file:line: message`.
@@ -36,7 +38,7 @@ from typing import Any
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "PoolConfig", "Directive", "DIRECTIVES",
     "load", "from_cli", "apply_options", "check", "dump", "render_markdown", "default_max_children",
-    "PHP_SETTINGS_MESSAGE", "main",
+    "PHP_SETTINGS_MESSAGE", "run_check", "CheckWording", "main",
 ]
 
 # Where values set in code or by command-line flags say they came from.
@@ -80,6 +82,7 @@ class ValueType:
 
     label = "string"
     pytype: Any = str
+    metavar: str | None = "VALUE"  # a command-line flag's placeholder in --help (None: choices or no value)
 
     def parse(self, text: str) -> Any:
         """The typed value of an INI value's text."""
@@ -107,6 +110,7 @@ class Path(ValueType):
     """A file or directory; relative paths are resolved against the prefix (see check())."""
 
     label = "path"
+    metavar = "FILE"
 
     def parse(self, text: str) -> str:
         if "\0" in text:
@@ -127,6 +131,7 @@ class Int(ValueType):
     """An integer, optionally bounded."""
 
     pytype = int
+    metavar = "N"
 
     def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
         self.minimum, self.maximum = minimum, maximum
@@ -162,6 +167,7 @@ class Time(ValueType):
 
     label = "time (s, m, h, d; plain number = seconds)"
     pytype = float
+    metavar = "TIME"
     _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
     def parse(self, text: str) -> float:
@@ -188,6 +194,7 @@ class Bool(ValueType):
 
     label = "boolean"
     pytype = bool
+    metavar = None  # a flag that takes no value: giving it means yes
     _TRUE = {"1", "yes", "on", "true"}
     _FALSE = {"", "0", "no", "off", "false", "none"}
 
@@ -215,6 +222,7 @@ class Size(ValueType):
 
     label = "size (bytes; K, M, G suffixes)"
     pytype = int
+    metavar = "BYTES"
     _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
     def __init__(self, minimum: int = 0) -> None:
@@ -243,6 +251,8 @@ class Size(ValueType):
 class Choice(ValueType):
     """One word out of a fixed list (case-insensitive), with optional aliases."""
 
+    metavar = None  # --help shows the choices
+
     def __init__(self, *choices: str, aliases: Mapping[str, str] | None = None) -> None:
         self.choices = choices
         self.aliases = dict(aliases or {})
@@ -264,6 +274,7 @@ class Mode(ValueType):
 
     label = "octal mode"
     pytype = int
+    metavar = "MODE"
 
     def parse(self, text: str) -> int:
         if not re.fullmatch(r"0?[0-7]{1,4}", text):
@@ -305,6 +316,7 @@ class Listen(ValueType):
     """A listen address as php-fpm writes it: 127.0.0.1:9000, [::1]:9000, 9000, /run/app.sock."""
 
     label = "address"
+    metavar = "ADDR"
 
     def parse(self, text: str) -> str:
         from fastfpm.address import parse_address
@@ -374,6 +386,7 @@ class Mount(ValueType):
     """A URL prefix the app is served under: /prefix (empty: the root)."""
 
     label = "/prefix"
+    metavar = "PREFIX"
 
     def parse(self, text: str) -> str:
         if text and not text.startswith("/"):
@@ -399,6 +412,13 @@ class Directive:
     required: bool = False      # a pool section in a file must set it
     array: bool = False         # written name[KEY] = value
     default_doc: str = ""       # how the docs show a computed default
+    cli: tuple[str, ...] = ()   # serve's flag for it, then any short aliases: "--max-children" (a str
+                                # is taken as the one flag); none: the directive is set in a file only
+    metavar: str = ""           # the flag's value placeholder in --help; empty: the type's (N, TIME...)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cli, str):
+            object.__setattr__(self, "cli", (self.cli,))
 
     @property
     def attr(self) -> str:
@@ -413,6 +433,41 @@ class Directive:
     def default_value(self) -> Any:
         """The default, computed when it is a callable."""
         return self.default() if callable(self.default) else self.default
+
+    @property
+    def cli_dest(self) -> str:
+        """The name its flag's value gets from argparse (the first long flag, '-' as '_'); "" if none.
+
+        apply_options takes that name: it is the attribute, or the pm.* name without "pm." (_ALIASES).
+        """
+        flag = next((flag for flag in self.cli if flag.startswith("--")), "")
+        return flag[2:].replace("-", "_")
+
+    @property
+    def cli_metavar(self) -> str | None:
+        """The flag's value placeholder in --help: the directive's own, else its type's."""
+        assert self.type is not None
+        return self.metavar or self.type.metavar
+
+    def cli_help(self) -> str:
+        """The flag's --help text: the one-line doc and the default, ready for argparse (% escaped)."""
+        text = self.doc.replace("`", "")
+        default = self.cli_default_text()
+        if default:
+            text += f" (default: {default})"
+        return text.replace("%", "%%")
+
+    def cli_default_text(self) -> str:
+        """The default as --help shows it; a computed one also with its value here; "" when unset."""
+        if self.default is None:
+            return self.default_doc
+        assert self.type is not None
+        shown = self.type.format(self.default_value())
+        if not self.default_doc:
+            return shown or "empty"
+        if callable(self.default) and shown:
+            return f"{self.default_doc}, here {shown}"
+        return self.default_doc
 
 
 def _d(name: str, section: str, vtype: ValueType | None, default: Any = None, doc: str = "",
@@ -431,9 +486,9 @@ def _php(name: str, array: bool = True, why: str = PHP_SETTINGS_MESSAGE) -> Dire
 G, P = "global", "pool"
 DIRECTIVES: tuple[Directive, ...] = (
     # ---- [global]: php-fpm's order (php-fpm.conf.in)
-    _d("pid", G, Path(), None, "File the master writes its pid to; not written when unset."),
+    _d("pid", G, Path(), None, "File the master writes its pid to; not written when unset.", cli="--pid"),
     _d("error_log", G, LogTarget(), None,
-       "Where the master and pools log: a file, or `syslog`. Unset: standard error.",
+       "Where the master and pools log: a file, or `syslog`. Unset: standard error.", cli="--error-log",
        note="php-fpm defaults to log/php-fpm.log; fastfpm logs to standard error, which journald and "
             "container runtimes collect."),
     _d("syslog.facility", G, Choice("auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail",
@@ -443,7 +498,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("syslog.ident", G, Str(), "fastfpm", "Tag prepended to every syslog message.",
        note="php-fpm's default is php-fpm."),
     _d("log_level", G, Choice("alert", "error", "warning", "notice", "debug", aliases={"warn": "warning"}),
-       "notice", "Least severe level written to the error log."),
+       "notice", "Least severe level written to the error log.", cli="--log-level"),
     _d("log_limit", G, Int(512), 1024,
        "Longest error log line (characters, newline included): as php-fpm, a longer message line is cut "
        "and ends in `...`, a longer line of worker output is split over several lines, each decorated again.",
@@ -482,17 +537,22 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("prefix", P, Path(), None,
        "Directory the pool's relative paths (listen, slowlog, chdir, python_path) are taken from."),
     _d("user", P, Str(), None,
-       "Unix user (name or id) the workers run as; only when the master runs as root. Unset: the master's."),
-    _d("group", P, Str(), None, "Unix group (name or id) of the workers. Unset: the user's group."),
+       "Unix user (name or id) the workers run as; only when the master runs as root. Unset: the master's.",
+       cli="--user", metavar="USER"),
+    _d("group", P, Str(), None, "Unix group (name or id) of the workers. Unset: the user's group.",
+       cli="--group", metavar="GROUP"),
     _d("listen", P, Listen(), "127.0.0.1:9000",
        "Address to accept FastCGI connections on: 127.0.0.1:9000, [::1]:9000, 9000 (every address) "
-       "or /path/to.sock.", required=True,
+       "or /path/to.sock.", required=True, cli="--listen",
        note="Required in a pool section, as in php-fpm; 127.0.0.1:9000 is the default only for a pool "
             "built from the command line."),
-    _d("listen.backlog", P, Int(-1), 511, "listen(2) backlog; -1 means the system's maximum (somaxconn)."),
-    _d("listen.owner", P, Str(), None, "Owner (name or id) of a unix socket. Unset: the master's user."),
-    _d("listen.group", P, Str(), None, "Group (name or id) of a unix socket. Unset: the owner's group."),
-    _d("listen.mode", P, Mode(), 0o660, "Permissions of a unix socket."),
+    _d("listen.backlog", P, Int(-1), 511, "listen(2) backlog; -1 means the system's maximum (somaxconn).",
+       cli="--listen-backlog"),
+    _d("listen.owner", P, Str(), None, "Owner (name or id) of a unix socket. Unset: the master's user.",
+       cli="--listen-owner", metavar="USER"),
+    _d("listen.group", P, Str(), None, "Group (name or id) of a unix socket. Unset: the owner's group.",
+       cli="--listen-group", metavar="GROUP"),
+    _d("listen.mode", P, Mode(), 0o660, "Permissions of a unix socket.", cli="--listen-mode"),
     _d("listen.allowed_clients", P, Clients(), list,
        "Client addresses a TCP socket accepts, comma-separated; others are closed and logged. Empty: any.",
        note="fastfpm also takes networks (10.0.0.0/8). php-fpm ignores it on unix sockets; fastfpm warns.",
@@ -505,29 +565,30 @@ DIRECTIVES: tuple[Directive, ...] = (
     _unsupported("process.dumpable", P, NOT_YET),
     _d("pm", P, Choice("static", "dynamic", "ondemand"), "static",
        "How the number of workers is managed: static, dynamic or ondemand.",
-       note="php-fpm requires it; fastfpm defaults to static."),
+       note="php-fpm requires it; fastfpm defaults to static.", cli="--pm"),
     _d("pm.max_children", P, Int(1), default_max_children,
        "Workers alive at once: the number for static, the ceiling for dynamic and ondemand.",
        note="php-fpm requires it; fastfpm defaults to min(32, max(2, 2 x CPUs)).",
-       default_doc="min(32, max(2, 2 x CPUs))"),
+       default_doc="min(32, max(2, 2 x CPUs))", cli="--max-children"),
     _d("pm.start_servers", P, Int(0), None,
        "Workers started with a dynamic pool; 0 or unset: min_spare + (max_spare - min_spare) / 2.",
-       default_doc="min_spare + (max_spare - min_spare) / 2"),
+       default_doc="min_spare + (max_spare - min_spare) / 2", cli="--start-servers"),
     _d("pm.min_spare_servers", P, Int(0), None,
        "dynamic: fewest idle workers; below it, workers are spawned.",
        note="php-fpm requires it with pm = dynamic; unset, fastfpm uses max(1, max_children / 4).",
-       default_doc="max(1, max_children / 4)"),
+       default_doc="max(1, max_children / 4)", cli="--min-spare-servers"),
     _d("pm.max_spare_servers", P, Int(0), None,
        "dynamic: most idle workers; above it, one idle worker is stopped per second.",
        note="php-fpm requires it with pm = dynamic; unset, fastfpm uses max(min_spare, max_children / 2).",
-       default_doc="max(min_spare, max_children / 2)"),
+       default_doc="max(min_spare, max_children / 2)", cli="--max-spare-servers"),
     _d("pm.max_spawn_rate", P, Int(1), 32,
        "dynamic: most workers spawned in one second; the rate doubles each second up to it.",
        note="php-fpm can overshoot a limit that is not a power of two (1, 2, 4, 8 with 5); fastfpm stops "
             "at the limit."),
-    _d("pm.process_idle_timeout", P, Time(), 10.0, "ondemand: an idle worker is stopped after this long."),
+    _d("pm.process_idle_timeout", P, Time(), 10.0, "ondemand: an idle worker is stopped after this long.",
+       cli="--process-idle-timeout"),
     _d("pm.max_requests", P, Int(0), 0,
-       "A worker exits after serving this many requests and is replaced; 0: never."),
+       "A worker exits after serving this many requests and is replaced; 0: never.", cli="--max-requests"),
     _d("pm.max_requests_jitter", P, Int(0), 0,
        "Adds random(0..jitter) to each worker's pm.max_requests so workers do not all restart at once.",
        origin="fastfpm"),
@@ -538,14 +599,16 @@ DIRECTIVES: tuple[Directive, ...] = (
     _unsupported("access.log", P, NOT_YET),
     _unsupported("access.format", P, NOT_YET),
     _unsupported("access.suppress_path", P, NOT_YET, array=True),
-    _d("slowlog", P, Path(), None, "File the tracebacks of slow requests are appended to."),
+    _d("slowlog", P, Path(), None, "File the tracebacks of slow requests are appended to.", cli="--slowlog"),
     _d("request_slowlog_timeout", P, Time(), 0.0,
        "A request running this long gets its Python traceback written to slowlog; 0: off.",
+       cli="--request-slowlog-timeout",
        note="php-fpm traces with ptrace (which containers often forbid); fastfpm's workers write their "
             "own traceback, even while blocked in C code."),
     _d("request_slowlog_trace_depth", P, Int(1), 20, "Most stack frames written per slowlog entry."),
     _d("request_terminate_timeout", P, Time(), 0.0,
-       "A request running this long is ended (SIGTERM, then SIGKILL) and the worker replaced; 0: off."),
+       "A request running this long is ended (SIGTERM, then SIGKILL) and the worker replaced; 0: off.",
+       cli="--request-terminate-timeout"),
     Directive("request_terminate_timeout_track_finished", P, Bool(), False, "", status="ignored",
               note="php-fpm's switch for requests past fastcgi_finish_request(); a WSGI request ends when "
                    "the response is closed, so the directive is accepted and has no effect."),
@@ -555,9 +618,11 @@ DIRECTIVES: tuple[Directive, ...] = (
                  "chroot is not supported: the Python interpreter and its packages would have to live "
                  "inside it. Use a container or systemd's RootDirectory= instead."),
     _d("chdir", P, Path(), None,
-       "Directory the workers change to before loading the app. Unset: the master's."),
+       "Directory the workers change to before loading the app. Unset: the master's.",
+       cli="--chdir", metavar="DIR"),
     _d("catch_workers_output", P, Bool(), False,
-       "Send the workers' stdout and stderr to the error log (else /dev/null, as FastCGI expects)."),
+       "Send the workers' stdout and stderr to the error log (else /dev/null, as FastCGI expects).",
+       cli="--catch-workers-output"),
     _d("decorate_workers_output", P, Bool(), True,
        "With catch_workers_output, prefix each line with the pool and pid."),
     _d("clear_env", P, Bool(), True,
@@ -582,16 +647,16 @@ DIRECTIVES: tuple[Directive, ...] = (
        origin="fastfpm", default_doc="none"),
     _d("mount", P, Mount(), "",
        "URL prefix the app is served under: SCRIPT_NAME is the prefix, PATH_INFO the rest.",
-       origin="fastfpm", default_doc="none (the root)"),
+       origin="fastfpm", default_doc="none (the root)", cli="--mount"),
     _d("idle_timeout", P, Time(), 5.0,
        "A connection that sends no request for this long after accept (or between kept-alive requests) "
-       "is closed.", origin="fastfpm"),
+       "is closed.", origin="fastfpm", cli="--idle-timeout"),
     _d("read_timeout", P, Time(), 60.0,
        "A connection that stops sending in the middle of a request for this long is closed.",
        origin="fastfpm"),
     _d("max_params_size", P, Size(1024), 65536,
        "Largest total size of one request's FastCGI params (headers and CGI variables).",
-       origin="fastfpm"),
+       origin="fastfpm", cli="--max-params-size"),
 )
 del G, P
 
@@ -691,6 +756,33 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY = re.compile(r"([A-Za-z0-9_.]+)\s*(?:\[\s*(.*?)\s*\])?")
 
 
+def _expand_dollar(raw: str, j: int, environ: Mapping[str, str], pool: str | None, out: list[str]) -> int:
+    """raw[j] is "$": append what ${VAR}, ${VAR:-default} or $pool there stands for (a lone "$" stays
+    itself) to out, and return the index after it. ValueError says what is wrong."""
+    if raw.startswith("${", j):
+        end = raw.find("}", j + 2)
+        if end < 0:
+            raise ValueError("'${' without a closing '}'")
+        name, sep, fallback = raw[j + 2:end].partition(":-")
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"'${{{raw[j + 2:end]}}}' is not an environment variable reference")
+        if name in environ:
+            out.append(environ[name])
+        elif sep:
+            out.append(fallback)
+        else:
+            raise ValueError(f"environment variable {name} is not set "
+                             f"(write ${{{name}:-default}} to give a fallback)")
+        return end + 1
+    if raw.startswith("$pool", j):
+        if pool is None:
+            raise ValueError("'$pool' can only be used inside a pool section")
+        out.append(pool)
+        return j + 5
+    out.append("$")
+    return j + 1
+
+
 def _expand(raw: str, environ: Mapping[str, str], pool: str | None) -> tuple[str, bool]:
     """The value of an INI value's text, and whether any part of it was quoted.
 
@@ -705,29 +797,7 @@ def _expand(raw: str, environ: Mapping[str, str], pool: str | None) -> tuple[str
     i, n = 0, len(raw)
 
     def dollar(j: int) -> int:
-        # raw[j] == "$": expand ${VAR} or $pool at j; return the index after it
-        if raw.startswith("${", j):
-            end = raw.find("}", j + 2)
-            if end < 0:
-                raise ValueError("'${' without a closing '}'")
-            name, sep, fallback = raw[j + 2:end].partition(":-")
-            if not _ENV_NAME.fullmatch(name):
-                raise ValueError(f"'${{{raw[j + 2:end]}}}' is not an environment variable reference")
-            if name in environ:
-                out.append(environ[name])
-            elif sep:
-                out.append(fallback)
-            else:
-                raise ValueError(f"environment variable {name} is not set "
-                                 f"(write ${{{name}:-default}} to give a fallback)")
-            return end + 1
-        if raw.startswith("$pool", j):
-            if pool is None:
-                raise ValueError("'$pool' can only be used inside a pool section")
-            out.append(pool)
-            return j + 5
-        out.append("$")
-        return j + 1
+        return _expand_dollar(raw, j, environ, pool, out)
 
     while i < n:
         c = raw[i]
@@ -1015,13 +1085,10 @@ _EXAMPLE = {"listen": "listen = 127.0.0.1:9000", "app": "app = myapp.wsgi:applic
 # ---------------------------------------------------------------------------------------------------
 # Building in code: the command line's flags, or a test's.
 
-# Command-line spellings that are not attribute names.
-_ALIASES = {
-    "max_children": "pm_max_children", "start_servers": "pm_start_servers",
-    "min_spare_servers": "pm_min_spare_servers", "max_spare_servers": "pm_max_spare_servers",
-    "max_spawn_rate": "pm_max_spawn_rate", "process_idle_timeout": "pm_process_idle_timeout",
-    "max_requests": "pm_max_requests", "max_requests_jitter": "pm_max_requests_jitter",
-}
+# Option names that are not attribute names: a pm.* directive may be given without "pm." (max_children,
+# as serve's --max-children spells it), and every serve flag by the name argparse gives its value.
+_ALIASES = {d.attr.removeprefix("pm_"): d.attr for d in _STORED["pool"] if d.name.startswith("pm.")}
+_ALIASES.update({d.cli_dest: d.attr for d in DIRECTIVES if d.cli and d.cli_dest != d.attr})
 
 
 def apply_options(config: Config, options: Mapping[str, Any], source: str = CLI_SOURCE) -> Config:
@@ -1157,7 +1224,12 @@ def _absolute(path: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
+# report(directive, message): a check's failure or warning, placed at the directive's file:line.
+_Report = Callable[[str | None, str], None]
+
+
 def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) -> None:
+    """One pool's checks, in order: its name and value types, then each concern's cross-checks."""
     name = pool.name
 
     def fail(directive: str | None, message: str) -> None:
@@ -1174,14 +1246,26 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     pool.derived.clear()
     if not _check_types(pool, "pool", name, errors):
         return  # the cross-checks below would only repeat the same problem
+    pool_base = _check_prefix(pool, base, fail)
+    _check_listen(pool, pool_base, warn)
+    _check_accounts(pool, warn)
+    _check_pm(pool, fail, warn)
+    _check_slowlog(pool, pool_base, fail, warn)
+    _check_directories(pool, pool_base, fail, warn)
+    _check_connections(pool, fail)
 
-    # prefix first: the pool's other relative paths are taken from it
+
+def _check_prefix(pool: Any, base: str, fail: _Report) -> str:
+    """Resolve the pool's prefix first, and return what its other relative paths are taken from."""
     if pool.prefix:
         pool.prefix = _absolute(pool.prefix, base)
         if not os.path.isdir(pool.prefix):
             fail("prefix", f"the prefix {pool.prefix} does not exist or is not a directory")
-    pool_base = pool.prefix or base
+    return pool.prefix or base
 
+
+def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
+    """A unix socket's path made absolute; settings for the other kind of socket are warned about."""
     from fastfpm.address import parse_address
 
     address = parse_address(pool.listen)
@@ -1195,6 +1279,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
             if directive in pool.source:
                 warn(directive, f"{directive} only applies to unix sockets; this pool listens on TCP")
 
+
+def _check_accounts(pool: Any, warn: _Report) -> None:
+    """Users and groups named (not numbered) that this machine does not know: a warning, not an error."""
     for directive in ("user", "group", "listen.owner", "listen.group"):
         value = getattr(pool, directive.replace(".", "_"))
         if value and not value.isdigit():
@@ -1205,7 +1292,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
                 kind = "user" if lookup is pwd.getpwnam else "group"
                 warn(directive, f"{directive}: {kind} {value!r} does not exist on this machine")
 
-    # pm: the conditions php-fpm checks in fpm_conf_process_all_pools
+
+def _check_pm(pool: Any, fail: _Report, warn: _Report) -> None:
+    """pm: the conditions php-fpm checks in fpm_conf_process_all_pools, and directives the mode ignores."""
     if pool.pm == "dynamic":
         _check_dynamic(pool, fail)
     elif pool.pm == "ondemand":
@@ -1222,7 +1311,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     if pool.pm_max_requests_jitter and not pool.pm_max_requests:
         warn("pm.max_requests_jitter", "pm.max_requests_jitter has no effect while pm.max_requests is 0")
 
-    # the slow log and the request timeouts, as php-fpm checks them
+
+def _check_slowlog(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
+    """The slow log and the request timeouts, as php-fpm checks them."""
     if pool.slowlog:
         pool.slowlog = _absolute(pool.slowlog, pool_base)
         if not os.path.isdir(os.path.dirname(pool.slowlog)):
@@ -1239,6 +1330,9 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
         # php-fpm refuses a trace depth without slowlog; it is harmless, so fastfpm only warns
         warn("request_slowlog_trace_depth", "request_slowlog_trace_depth has no effect without slowlog")
 
+
+def _check_directories(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
+    """chdir must exist; python_path directories should (a warning); both are made absolute."""
     if pool.chdir:
         pool.chdir = _absolute(pool.chdir, pool_base)
         if not os.path.isdir(pool.chdir):
@@ -1250,6 +1344,10 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
             warn("python_path", f"python_path directory {directory} does not exist")
         resolved.append(directory)
     pool.python_path = resolved
+
+
+def _check_connections(pool: Any, fail: _Report) -> None:
+    """fastfpm's connection timeouts, and env[...] set in code (a file's are checked as they are read)."""
     if pool.idle_timeout <= 0:
         fail("idle_timeout", "idle_timeout must be greater than 0")
     if pool.read_timeout <= 0:
@@ -1259,7 +1357,7 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
             fail(f"env[{key}]", f"env[{key}]: names and values must be strings, names without '='")
 
 
-def _check_dynamic(pool: Any, fail: Callable[[str | None, str], None]) -> None:
+def _check_dynamic(pool: Any, fail: _Report) -> None:
     """php-fpm's checks for pm = dynamic, with fastfpm's defaults for unset spare counts."""
     children = pool.pm_max_children
     if pool.pm_min_spare_servers is None:
@@ -1520,6 +1618,55 @@ def render_markdown() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The configuration test: `python -m fastfpm check`, `serve -t` / `-tt` and `python -m fastfpm.config`.
+
+@dataclass(frozen=True)
+class CheckWording:
+    """What a configuration test puts before each kind of line it writes to stderr."""
+
+    error: str      # a problem in the configuration (the message is already `file:line: ...`)
+    refusal: str    # a problem the caller's own check found (workers that could not start)
+    failed: str     # "configuration file X test failed"
+    passed: str     # "configuration file X test is successful"
+
+
+# fastfpm's commands (check, serve -t); python -m fastfpm.config words its lines as `php-fpm -t` does.
+FASTFPM_WORDING = CheckWording(error="", refusal="fastfpm: ", failed="fastfpm: ", passed="fastfpm: ")
+PHP_FPM_WORDING = CheckWording(error="ERROR: ", refusal="ERROR: ", failed="ERROR: ", passed="NOTICE: ")
+
+
+def run_check(build: Callable[[], Config], path: str | None, *, show: bool = False,
+              refusals: Callable[[Config], list[str]] | None = None,
+              wording: CheckWording = FASTFPM_WORDING) -> int:
+    """Test a configuration, as php-fpm -t does, and return the exit status: 0 when it is usable, else 1.
+
+    build() reads it (ConfigError: every problem is printed); refusals(config) lists what else stops
+    it from running (serve's worker identity rules). Warnings are printed, show prints the effective
+    configuration on stdout (-tt), and the last line on stderr says whether the test of path (None:
+    the command line) failed or is successful.
+    """
+    name = path or "(command line)"
+    try:
+        config = build()
+    except ConfigError as exc:
+        return _check_failed(exc.errors, wording.error, name, wording)
+    problems = refusals(config) if refusals is not None else []
+    if problems:
+        return _check_failed(problems, wording.refusal, name, wording)
+    for warning in config.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if show:
+        print(dump(config))
+    print(f"{wording.passed}configuration file {name} test is successful", file=sys.stderr)
+    return 0
+
+
+def _check_failed(problems: Iterable[str], prefix: str, name: str, wording: CheckWording) -> int:
+    for problem in problems:
+        print(f"{prefix}{problem}", file=sys.stderr)
+    print(f"{wording.failed}configuration file {name} test failed", file=sys.stderr)
+    return 1
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fastfpm.config FILE` checks a file; --dump prints it; --markdown prints the docs."""
@@ -1536,20 +1683,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.file:
         parser.error("a configuration file is needed (or --markdown)")
-    try:
-        config = load(args.file, prefix=args.prefix)
-    except ConfigError as exc:
-        for error in exc.errors:
-            print(f"ERROR: {error}", file=sys.stderr)
-        print(f"ERROR: configuration file {args.file} test failed", file=sys.stderr)
-        return 1
-    for warning in config.warnings:
-        print(f"WARNING: {warning}", file=sys.stderr)
-    if args.dump:
-        sys.stdout.write(dump(config))
-    print(f"NOTICE: configuration file {args.file} test is successful", file=sys.stderr)
-    return 0
-
+    return run_check(lambda: load(args.file, prefix=args.prefix), args.file, show=args.dump,
+                     wording=PHP_FPM_WORDING)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ import sys
 import syslog
 import time
 import traceback
-from typing import TextIO
+from typing import Any, TextIO
 
 LEVELS = {"alert": 1, "error": 2, "warning": 3, "notice": 4, "debug": 5}
 SYSLOG_PRIORITIES = {"alert": syslog.LOG_ALERT, "error": syslog.LOG_ERR, "warning": syslog.LOG_WARNING,
@@ -64,6 +64,14 @@ class ErrorLog:
         self.syslog_ident = syslog_ident
         self.syslog_facility = getattr(syslog, f"LOG_{syslog_facility.upper()}")
         self.open()
+
+    @classmethod
+    def from_global(cls, global_config: Any) -> ErrorLog:
+        """The error log a [global] section asks for: error_log, log_level, log_limit, syslog.ident
+        and syslog.facility. Opens it, so OSError says when the file cannot be opened."""
+        g = global_config
+        return cls(g.error_log, g.log_level, g.log_limit, syslog_ident=g.syslog_ident,
+                   syslog_facility=g.syslog_facility)
 
     def open(self) -> None:
         """(Re)open the log file: at start and after logrotate renamed it (SIGUSR1)."""

@@ -641,8 +641,7 @@ class Master:
         if all(getattr(old, name) == getattr(new, name) for name in LOG_DIRECTIVES):
             return self.log
         try:
-            return ErrorLog(new.error_log, new.log_level, new.log_limit, syslog_ident=new.syslog_ident,
-                            syslog_facility=new.syslog_facility)
+            return ErrorLog.from_global(new)
         except OSError as exc:
             self.abort_reload([f"failed to open error_log ({new.error_log}): {exc.strerror or exc}"])
             return None

@@ -1,7 +1,7 @@
 """What a worker does to its own process right after fork, and what the master does to itself at start.
 
 php-fpm's fpm_unix.c and fpm_env.c: who the workers run as, their resource limits, nice value, working
-directory and environment, plus listen.allowed_clients (php-fpm's fcgi_is_allowed).
+directory and environment. (listen.allowed_clients, php-fpm's fcgi_is_allowed, is in fastfpm.address.)
 
 The public API:
 
@@ -9,7 +9,6 @@ The public API:
     check_root(pool, identity, allow_root) -> [Notice]  master, at config time: php-fpm's root rules
     prepare_master(global_) -> [Notice]              master, at start: rlimits and process.priority
     prepare_worker(pool, identity) -> [Notice]       worker, right after fork, before importing the app
-    AllowedClients.parse(entries).allows(peer_ip)    listen.allowed_clients
 
 A Notice is (level, message) with a level fastfpm.log knows ("error", "warning", "notice"); what the
 caller does with it is the caller's business (log it; an "error" from check_root means: do not start).
@@ -19,22 +18,17 @@ Failures that must stop the process raise SetupError, with the message to log.
 from __future__ import annotations
 
 import grp
-import ipaddress
 import os
 import pwd
 import resource
-import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 __all__ = [
     "Notice", "SetupError", "Identity", "resolve_identity", "check_root", "prepare_master",
-    "prepare_worker", "worker_environ", "AllowedClients", "REFUSED_MESSAGE",
+    "prepare_worker", "worker_environ",
 ]
-
-# php-fpm's log line for a connection listen.allowed_clients refuses (fastcgi.c), for the caller to use.
-REFUSED_MESSAGE = "Connection disallowed: IP address '{peer}' has been dropped."
 
 
 class Notice(NamedTuple):
@@ -356,111 +350,3 @@ def prepare_worker(pool: Any, identity: Identity | None, *,
         _drop_privileges(label, identity)
     _replace_environ(worker_environ(pool, identity, master_environ, euid=euid))
     return notices
-
-
-# ---------------------------------------------------------------------------------------------------
-# listen.allowed_clients
-
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-@dataclass(frozen=True)
-class AllowedClients:
-    """The client addresses a TCP listen socket accepts (listen.allowed_clients); empty: everyone.
-
-    Entries are IPv4 or IPv6 addresses, as in php-fpm, or networks (10.0.0.0/8, fd00::/8), which
-    php-fpm does not take. A peer written as an IPv4-mapped IPv6 address (::ffff:192.0.2.1, what a
-    dual-stack socket reports for an IPv4 client) matches IPv4 entries, and an IPv4 peer matches
-    IPv4-mapped entries. Where php-fpm differs: it compares only the first 12 bytes of IPv6 addresses
-    (so ::1 lets in all of ::/96) and does not match an IPv4 peer against an IPv4-mapped entry.
-    Unix socket clients are not subject to the list (allows_fd lets them in), as in php-fpm.
-    """
-
-    networks: tuple[_Network, ...] = ()
-
-    @classmethod
-    def parse(cls, entries: str | Iterable[str]) -> AllowedClients:
-        """From a comma-separated string (as written in a file) or a list of entries.
-
-        Raises ValueError naming the first entry that is not an address or network (php-fpm skips such
-        entries with an error; fastfpm.config refuses them before this is reached).
-        """
-        if isinstance(entries, str):
-            entries = entries.split(",")
-        networks = []
-        for entry in entries:
-            text = entry.strip()
-            if not text:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                raise ValueError(f"listen.allowed_clients: {text!r} is not an IP address or "
-                                 f"network") from None
-        return cls(tuple(networks))
-
-    @property
-    def restricted(self) -> bool:
-        """Whether any entry is set (when not, every client is allowed and no check is needed)."""
-        return bool(self.networks)
-
-    def allows(self, peer_ip: str) -> bool:
-        """Whether a TCP client at peer_ip (as getpeername()[0] gives it; a %scope is ignored) may stay.
-
-        True for every peer when no entry is set; False for text that is not an IP address.
-        """
-        if not self.networks:
-            return True
-        try:
-            address: _Address = ipaddress.ip_address(peer_ip.partition("%")[0])
-        except ValueError:
-            return False
-        other: _Address | None
-        if isinstance(address, ipaddress.IPv6Address):
-            other = address.ipv4_mapped
-        else:
-            other = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
-        return any(address in network or (other is not None and other in network)
-                   for network in self.networks)
-
-    def allows_fd(self, fd: int) -> bool:
-        """allows() for the peer of the connected socket fd (a unix socket peer is always allowed).
-
-        The signature the worker loop's client_filter takes; a socket whose peer is already gone is
-        refused. fd is left open either way.
-        """
-        return self._check_fd(fd)[0]
-
-    def client_filter(self, on_refused: Callable[[str], None] | None = None) -> Callable[[int], bool] | None:
-        """A client_filter(fd) -> bool for the worker loop, or None when every client is allowed.
-
-        on_refused(peer_ip) is called for each refused client, to log it (for example
-        log.error(REFUSED_MESSAGE.format(peer=peer_ip)), php-fpm's line).
-        """
-        if not self.networks:
-            return None
-        check = self._check_fd
-
-        def client_filter(fd: int) -> bool:
-            allowed, peer = check(fd)
-            if not allowed and on_refused is not None:
-                on_refused(peer)
-            return allowed
-
-        return client_filter
-
-    def _check_fd(self, fd: int) -> tuple[bool, str]:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            return False, "?"
-        try:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                return True, ""
-            peer = sock.getpeername()[0]
-        except OSError:
-            return False, "?"
-        finally:
-            sock.detach()
-        return self.allows(peer), peer

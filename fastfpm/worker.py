@@ -19,9 +19,10 @@ try:
     from fastfpm._core import FileWrapper, Worker
 except ModuleNotFoundError as exc:
     raise not_built(exc) from None
+from fastfpm.address import REFUSED_MESSAGE, AllowedClients
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
-from fastfpm.process import REFUSED_MESSAGE, AllowedClients, SetupError, prepare_worker
+from fastfpm.process import SetupError, prepare_worker
 
 # Exit status of a worker whose application failed to import: the master stops rather than
 # respawning it in a loop (gunicorn does the same with its WORKER_BOOT_ERROR).

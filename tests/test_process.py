@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from fastfpm.address import AllowedClients
 from fastfpm.config import from_cli, load
 from fastfpm.process import (
-    AllowedClients,
     Identity,
     Notice,
     SetupError,
