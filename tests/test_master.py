@@ -12,23 +12,10 @@ import threading
 import pytest
 
 from fastfpm import __version__
-from fastfpm.client import FastCGIClient, build_params
-from tests.servers import REPO_ROOT, Launcher, wait_until
+from tests.fcgi_helpers import get
+from tests.servers import REPO_ROOT, Launcher, run_cli, server_busy, wait_until
 
 ROUTER = "tests.apps.router:app"
-
-
-def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`python -m fastfpm ARGS` to completion."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([sys.executable, "-m", "fastfpm", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def get(address: str, path: str, query: str = "", timeout: float = 20):
-    """One GET through the project's client."""
-    with FastCGIClient(address, timeout=timeout) as client:
-        return client.request(build_params("GET", path, query, {}, None, {}))
 
 
 def test_ready_line_comes_after_every_worker_started(launcher: Launcher) -> None:
@@ -65,19 +52,6 @@ def test_sigquit_lets_the_request_in_flight_finish(launcher: Launcher) -> None:
     assert server.proc is not None and server.proc.wait(10) == 0
     log = server.log_text()
     assert "Finishing ..." in log and "exited with code 0" in log and "exiting, bye-bye!" in log
-
-
-def server_busy(server) -> bool:
-    """True once the only worker is sleeping inside the app (its wchan shows it waiting)."""
-    pids = server.worker_pids()
-    if not pids:
-        return False
-    with open(f"/proc/{pids[0]}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Blocked in accept() and blocked in sleep() both show S; the syscall tells them apart.
-    with open(f"/proc/{pids[0]}/syscall") as f:
-        syscall = f.read().split()[0]
-    return fields[0] == "S" and syscall not in ("43", "288")  # not accept(2) / accept4(2)
 
 
 def test_sigterm_stops_at_once_and_cuts_requests(launcher: Launcher) -> None:

@@ -14,58 +14,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fastfpm import master
-from tests.servers import REPO_ROOT, FastFPMServer, Launcher, wait_until
-from tests.test_master import get, server_busy
+from tests.fcgi_helpers import get
+from tests.servers import REPO_ROOT, ConfiguredServer, FastFPMServer, Launcher, server_busy, wait_until
 
 ROUTER = "tests.apps.router:app"
 ROOT = os.geteuid() == 0
 # A master spinning on a waiting connection used 0.5 to 1.2 s of CPU in these windows (on a shared
 # 2-core machine); one that sleeps uses next to nothing. A bound against a spin, not a timing.
 SPIN_BOUND_SECONDS = 0.2
-
-
-class ConfiguredServer(FastFPMServer):
-    """`serve -c FILE`, with or without -R (the harness always passes it)."""
-
-    def __init__(self, workdir: Path, conf: Path, allow_root: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> None:
-        super().__init__("", workdir, extra_args=["-c", str(conf), *extra_args])
-        self.conf = conf
-        self.allow_root = allow_root
-
-    def command(self) -> list[str]:
-        """The harness's command, minus -R when the test wants the refusal."""
-        command = super().command()
-        if not self.allow_root:
-            command.remove("-R")
-        return command
-
-    def rewrite(self, body: str) -> None:
-        """Replace the configuration file ({dir} is the server's directory)."""
-        self.conf.write_text(body.replace("{dir}", str(self.workdir)))
-
-
-@pytest.fixture
-def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ConfiguredServer]]:
-    """Start servers from a config text whose `{dir}` is their own directory; stopped at the end."""
-    started: list[ConfiguredServer] = []
-
-    def start(body: str, allow_root: bool = True, extra_args: tuple[str, ...] = ()) -> ConfiguredServer:
-        workdir = tmp_path_factory.mktemp("fpm")
-        server = ConfiguredServer(workdir, workdir / "fastfpm.conf", allow_root, extra_args)
-        server.rewrite(body)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def cpu_seconds(pid: int) -> float:

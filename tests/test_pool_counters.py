@@ -20,10 +20,16 @@ from pathlib import Path
 import pytest
 
 from tests.apps.counters_app import payload
-from tests.servers import Launcher, free_port, missing_requirement, wait_until
-from tests.test_master import get, run_cli
-from tests.test_pools import write_config
-from tests.test_systemd_master import start
+from tests.fcgi_helpers import get
+from tests.servers import (
+    Launcher,
+    free_port,
+    missing_requirement,
+    run_cli,
+    serve_as_systemd,
+    wait_until,
+    write_config,
+)
 
 APP = "tests.apps.counters_app:app"
 
@@ -74,7 +80,7 @@ slowlog = {tmp_path}/slow.log
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(10)
-        proc = start(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
         try:
             assert "READY=1" in notify.recv(4096).decode()
             # nginx percent-decodes the path into SCRIPT_FILENAME: %0A becomes a newline there.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import Launcher, wait_until
-from tests.test_master import get, run_cli, server_busy
+from tests.fcgi_helpers import get
+from tests.servers import Launcher, run_cli, server_busy, wait_until, write_config
 
 ROUTER = "tests.apps.router:app"
 
@@ -23,12 +23,6 @@ def background_gets(address: str, count: int, seconds: float) -> list[threading.
     for thread in threads:
         thread.start()
     return threads
-
-
-def write_config(path: Path, body: str) -> Path:
-    """A config file with the given text (dedented by the caller)."""
-    path.write_text(body)
-    return path
 
 
 def test_dynamic_starts_start_servers_spawns_under_load_and_trims_idle(launcher: Launcher) -> None:
