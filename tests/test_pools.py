@@ -1,4 +1,4 @@
-"""php-fpm's process management through real processes: pm modes, timeouts, reload, logs, config."""
+"""php-fpm's process management through real processes: pm modes, timeouts, logs, config."""
 
 from __future__ import annotations
 
@@ -94,46 +94,6 @@ def test_request_terminate_timeout_ends_a_stuck_request(launcher: Launcher) -> N
     log = server.wait_for_log("execution timed out")
     assert "terminating" in log
     wait_until(lambda: len(server.worker_pids()) == 1, 5, message="a replacement worker")
-    assert get(server.address, "/env").status == 200
-
-
-def test_sigusr2_reloads_with_a_new_generation_and_leaves_no_old_worker(launcher: Launcher) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=2)
-    old = set(server.worker_pids())
-    mark = server.log_size()
-    server.signal(signal.SIGUSR2)
-    server.wait_for_log("reloaded: generation 2", mark)
-    new = wait_until(lambda: (pids := set(server.worker_pids())) and not pids & old and len(pids) == 2
-                     and pids, 10, message="only new workers")
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in old)
-    assert len(new) == 2
-    assert get(server.address, "/env").status == 200
-
-
-def test_reload_lets_a_request_in_flight_finish(launcher: Launcher) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1)
-    results = []
-    thread = threading.Thread(target=lambda: results.append(get(server.address, "/slow", "seconds=1.5")))
-    thread.start()
-    wait_until(lambda: server_busy(server), 5, message="the slow request to start")
-    server.signal(signal.SIGUSR2)
-    thread.join(10)
-    assert results and results[0].status == 200
-    assert get(server.address, "/env").status == 200
-
-
-def test_reload_with_a_broken_config_keeps_serving(launcher: Launcher, tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "fastfpm.conf", f"[www]\nlisten = {tmp_path}/r.sock\napp = {ROUTER}\n"
-                        "pm = static\npm.max_children = 1\n")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    server.address = str(tmp_path / "r.sock")  # from the file, not the harness's default
-    pids = server.worker_pids()
-    conf.write_text(conf.read_text() + "pm.max_children = lots\n")
-    mark = server.log_size()
-    server.signal(signal.SIGUSR2)
-    log = server.wait_for_log("reload aborted", mark)
-    assert f"{conf}:6:" in log and "pm.max_children" in log
-    assert server.worker_pids() == pids
     assert get(server.address, "/env").status == 200
 
 
@@ -290,31 +250,6 @@ pm.max_children = 1
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise
-
-
-def test_emergency_restart_reloads_after_repeated_crashes(launcher: Launcher, tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "e.conf", f"""
-[global]
-emergency_restart_threshold = 2
-emergency_restart_interval = 1m
-
-[www]
-listen = {tmp_path}/e.sock
-app = tests.apps.crash:app
-pm.max_children = 2
-""")
-    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
-    address = str(tmp_path / "e.sock")
-    for _ in range(2):
-        try:
-            get(address, "/crash")
-        except Exception:
-            pass  # the worker died mid-request: that is the point
-    log = server.wait_for_log("initiating reload")
-    assert "failed processes threshold (2 in 60 sec) is reached" in log
-    assert log.count("exited on signal 11 (SIGSEGV)") == 2
-    server.wait_for_log("reloaded: generation 2")
-    assert get(address, "/").status == 200
 
 
 def test_process_max_caps_all_pools_together(launcher: Launcher, tmp_path: Path) -> None:
