@@ -1,5 +1,5 @@
-"""Through real processes: a pool's counters, the SIGKILL after SIGTERM of request_terminate_timeout,
-slowlog rotation, log_limit on worker output, config check failures and listen.backlog.
+"""Through real processes: a pool's counters, slowlog rotation, log_limit on worker output,
+config check failures and listen.backlog.
 
 The counters are checked where operators read them: the systemd STATUS line (`slow: N`) and the
 pool's scoreboard header, which the master fills in (max_children_reached, slow_requests) and
@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -108,41 +107,6 @@ slowlog = {tmp_path}/slow.log
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-
-
-def test_request_terminate_timeout_kills_a_worker_that_ignores_sigterm(launcher: Launcher,
-                                                                      tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "t.conf", f"""
-[www]
-listen = {tmp_path}/t.sock
-app = {APP}
-pm = static
-pm.max_children = 1
-request_terminate_timeout = 1s
-""")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    server.address = str(tmp_path / "t.sock")
-    (pid,) = server.worker_pids()
-    outcome: list[object] = []
-
-    def stuck() -> None:
-        try:
-            outcome.append(get(server.address, "/", "do=ignore-term&seconds=30"))
-        except Exception as exc:  # the connection dies with the worker: what this test expects
-            outcome.append(exc)
-
-    thread = threading.Thread(target=stuck)
-    thread.start()
-    log = server.wait_for_log(f"child {pid} exited on signal 9 (SIGKILL)", timeout=15)
-    timed_out = log.index(f"child {pid}, script '/var/www/html/' (request: \"GET /?do=ignore-term")
-    assert "execution timed out" in log[timed_out:].splitlines()[0]
-    killing = log.index(f"child {pid} still running 1s after SIGTERM, sending SIGKILL")
-    assert timed_out < killing < log.index(f"child {pid} exited on signal 9 (SIGKILL)")
-    thread.join(10)
-    assert outcome and isinstance(outcome[0], Exception)
-    (replacement,) = wait_until(lambda: (pids := server.worker_pids()) and pid not in pids and pids, 10,
-                                message="a replacement worker")
-    assert get(server.address, "/").body == f"done in {replacement}\n".encode()
 
 
 def test_slowlog_entries_follow_a_renamed_file_without_a_signal(launcher: Launcher, tmp_path: Path) -> None:

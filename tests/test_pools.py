@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fcgi_helpers import get
-from tests.servers import Launcher, run_cli, server_busy, wait_until, write_config
+from tests.servers import Launcher, run_cli, wait_until, write_config
 
 ROUTER = "tests.apps.router:app"
 
@@ -79,22 +79,6 @@ def test_ondemand_forks_for_a_whole_burst_at_once(launcher: Launcher, transport:
     assert len(answers) == 6
     pids = {answer.split()[-1] for answer in answers}
     assert len(pids) == 6, f"the burst shared workers: {sorted(pids)}"
-
-
-def test_request_terminate_timeout_ends_a_stuck_request(launcher: Launcher) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--request-terminate-timeout", "1s"])
-    started = time.monotonic()
-    try:
-        response = get(server.address, "/slow", "seconds=30")
-        ended = response.status
-    except Exception as exc:  # the connection is cut with the worker
-        ended = exc
-    assert time.monotonic() - started < 10
-    assert not isinstance(ended, int) or ended >= 500
-    log = server.wait_for_log("execution timed out")
-    assert "terminating" in log
-    wait_until(lambda: len(server.worker_pids()) == 1, 5, message="a replacement worker")
-    assert get(server.address, "/env").status == 200
 
 
 def test_sigusr1_reopens_the_error_log(launcher: Launcher, tmp_path: Path) -> None:
@@ -389,38 +373,6 @@ def test_slowlog_gets_the_traceback_of_a_request_blocked_in_c(launcher: Launcher
     frames = [line for line in entry.splitlines() if line.startswith("[0x")]
     assert frames[0].startswith("[0x") and " app() " in frames[0]
     assert "tests/apps/slow.py:" in frames[0] and "tests/apps/router.py:" in frames[1]
-
-
-def test_graceful_stop_terminates_after_process_control_timeout(launcher: Launcher, tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "p.conf", f"""
-[global]
-process_control_timeout = 1s
-
-[www]
-listen = {tmp_path}/p.sock
-app = {ROUTER}
-pm.max_children = 1
-""")
-    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
-    server.address = str(tmp_path / "p.sock")
-    outcome: list[object] = []
-
-    def long_request() -> None:
-        try:
-            outcome.append(get(server.address, "/slow", "seconds=30"))
-        except Exception as exc:  # the request is cut: that is what this test expects
-            outcome.append(exc)
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    wait_until(lambda: server_busy(server), 5, message="the long request to start")
-    started = time.monotonic()
-    server.signal(signal.SIGQUIT)
-    assert server.proc is not None and server.proc.wait(15) == 0
-    assert 0.9 <= time.monotonic() - started < 10
-    assert "process_control_timeout passed" in server.log_text()
-    thread.join(5)
-    assert outcome and isinstance(outcome[0], Exception)  # cut, not answered
 
 
 def test_undecorated_worker_output_is_logged_as_is(launcher: Launcher, tmp_path: Path) -> None:
