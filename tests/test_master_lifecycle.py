@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -70,34 +69,6 @@ def test_ondemand_master_sleeps_while_the_worker_for_a_connection_starts(launche
     finally:
         waiting.close()
     assert get(server.address, "/").status == 200
-
-
-# ------------------------------------------------------------------ SIGUSR1
-
-
-def test_failed_log_reopen_keeps_serving_and_logs_the_error(launcher: Launcher, tmp_path: Path) -> None:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--error-log", str(logs / "error.log")])
-    gone = tmp_path / "logs.gone"
-    logs.rename(gone)  # the directory went away: reopening must fail
-    server.signal(signal.SIGUSR1)
-    old_file = gone / "error.log"
-    wait_until(lambda: "unable to re-opened error log file" in old_file.read_text(), 5,
-               message="the reopen error in the old file")
-    text = old_file.read_text()
-    assert f"ERROR: failed to open error_log ({logs / 'error.log'}): No such file or directory" in text
-    assert server.proc is not None and server.proc.poll() is None
-    assert get(server.address, "/env").status == 200
-    # The old file is still the log, and a later reopen that can succeed does.
-    get(server.address, "/raise-before", "marker=still-in-old-file")
-    wait_until(lambda: "still-in-old-file" in old_file.read_text(), 5,
-               message="the traceback in the old file")
-    logs.mkdir()
-    server.signal(signal.SIGUSR1)
-    wait_until(lambda: (logs / "error.log").exists()
-               and "NOTICE: error log file re-opened" in (logs / "error.log").read_text(), 5,
-               message="php-fpm's success line in the new file")
 
 
 # ------------------------------------------------------------------ exit lines

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.apps.counters_app import payload
 from tests.fcgi_helpers import get
 from tests.servers import (
     Launcher,
@@ -136,30 +135,6 @@ slowlog = {slowlog}
     # Re-created by the worker with the mode the master gives it at start (not world-readable:
     # tracebacks show request data).
     assert slowlog.stat().st_mode & 0o777 == rotated.stat().st_mode & 0o777 == 0o640
-
-
-def test_long_undecorated_worker_output_is_split_at_log_limit(launcher: Launcher, tmp_path: Path) -> None:
-    # php-fpm wraps worker output (it never drops any): lines of at most log_limit characters,
-    # newline included, which put back together give what the application printed.
-    conf = write_config(tmp_path / "o.conf", f"""
-[global]
-log_limit = 512
-
-[www]
-listen = {tmp_path}/o.sock
-app = {APP}
-pm.max_children = 1
-catch_workers_output = yes
-decorate_workers_output = no
-""")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    mark = server.log_size()
-    assert get(str(tmp_path / "o.sock"), "/", "do=print&n=1500").status == 200
-    text = payload(1500)
-    log = server.wait_for_log(text[-20:], mark)
-    lines = [line for line in log.splitlines(keepends=True) if line.strip("\n") and line[0] in text]
-    assert all(len(line) <= 512 for line in lines) and len(lines) >= 3
-    assert "".join(line.rstrip("\n") for line in lines) == text
 
 
 @pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -81,36 +80,6 @@ def test_ondemand_forks_for_a_whole_burst_at_once(launcher: Launcher, transport:
     assert len(pids) == 6, f"the burst shared workers: {sorted(pids)}"
 
 
-def test_sigusr1_reopens_the_error_log(launcher: Launcher, tmp_path: Path) -> None:
-    log_path = tmp_path / "error.log"
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--error-log", str(log_path)])
-    wait_until(lambda: log_path.exists() and "ready to handle" in log_path.read_text(), 5,
-               message="the error log file")
-    rotated = tmp_path / "error.log.1"
-    log_path.rename(rotated)
-    server.signal(signal.SIGUSR1)
-    wait_until(log_path.exists, 5, message="the reopened log")
-    get(server.address, "/raise-before", "marker=after-rotation")
-    wait_until(lambda: "after-rotation" in log_path.read_text(), 5, message="the traceback in the new log")
-    assert "after-rotation" not in rotated.read_text()
-
-
-def test_catch_workers_output_logs_stdout_and_stderr(launcher: Launcher) -> None:
-    server = launcher.fastfpm("tests.apps.printing:app", max_children=1,
-                              extra_args=["--catch-workers-output"])
-    get(server.address, "/")
-    log = server.wait_for_log('said into stderr: "to stderr"')
-    assert 'said into stdout: "to stdout"' in server.wait_for_log("said into stdout")
-    assert f"child {server.worker_pids()[0]} said into stderr" in log
-
-
-def test_worker_output_is_dropped_without_catch_workers_output(launcher: Launcher) -> None:
-    server = launcher.fastfpm("tests.apps.printing:app", max_children=1)
-    assert get(server.address, "/").status == 200
-    time.sleep(0.3)
-    assert "to stderr" not in server.log_text() and "to stdout" not in server.log_text()
-
-
 def test_pid_file_is_written_and_removed(launcher: Launcher, tmp_path: Path) -> None:
     pid_path = tmp_path / "fastfpm.pid"
     server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--pid", str(pid_path)])
@@ -184,56 +153,6 @@ pm.max_children = 1
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, message="the daemon to exit")
-
-
-def test_error_log_to_syslog(tmp_path: Path) -> None:
-    import socket
-    import subprocess
-    import sys
-
-    import pytest
-
-    from tests.servers import REPO_ROOT
-
-    if os.path.exists("/dev/log"):
-        pytest.skip("a system syslog owns /dev/log; this test needs to stand in for it")
-    conf = write_config(tmp_path / "s.conf", f"""
-[global]
-error_log = syslog
-syslog.ident = ffpm-test
-syslog.facility = local3
-
-[www]
-listen = {tmp_path}/s.sock
-app = {ROUTER}
-pm.max_children = 1
-""")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as fake_syslog:
-        fake_syslog.bind("/dev/log")
-        fake_syslog.settimeout(10)
-        proc = subprocess.Popen([sys.executable, "-m", "fastfpm", "serve", "-c", str(conf), "-R"],
-                                cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-        try:
-            messages: list[bytes] = []
-            while not any(b"ready to handle connections" in m for m in messages):
-                messages.append(fake_syslog.recv(4096))
-            text = b"\n".join(messages).decode()
-            assert "ffpm-test[" in text and "NOTICE: fpm is running" in text
-            assert "<157>" in text  # facility local3 (19) * 8 + notice (5)
-            # A worker's line reaches syslog through the master too.
-            get(str(tmp_path / "s.sock"), "/raise-before", "marker=via-syslog")
-            while not any(b"via-syslog" in m for m in messages):
-                messages.append(fake_syslog.recv(4096))
-        finally:
-            # Stop standing in for syslog first: a full, unread /dev/log would block the master.
-            os.unlink("/dev/log")
-            fake_syslog.close()
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
 
 
 def test_process_max_caps_all_pools_together(launcher: Launcher, tmp_path: Path) -> None:
@@ -373,25 +292,3 @@ def test_slowlog_gets_the_traceback_of_a_request_blocked_in_c(launcher: Launcher
     frames = [line for line in entry.splitlines() if line.startswith("[0x")]
     assert frames[0].startswith("[0x") and " app() " in frames[0]
     assert "tests/apps/slow.py:" in frames[0] and "tests/apps/router.py:" in frames[1]
-
-
-def test_undecorated_worker_output_is_logged_as_is(launcher: Launcher, tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "d.conf", f"""
-[www]
-listen = {tmp_path}/d.sock
-app = tests.apps.printing:app
-pm.max_children = 1
-catch_workers_output = yes
-decorate_workers_output = no
-""")
-    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
-    get(str(tmp_path / "d.sock"), "/")
-    log = server.wait_for_log("to stderr")
-    assert "\nto stderr\n" in log and "said into" not in log
-
-
-def test_log_level_filters_lines(launcher: Launcher) -> None:
-    default = launcher.fastfpm(ROUTER, max_children=1)
-    assert "DEBUG: " not in default.log_text()
-    chatty = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--log-level", "debug"])
-    assert f"DEBUG: [pool www] listening on {chatty.address}" in chatty.log_text()
