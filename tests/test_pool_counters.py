@@ -108,35 +108,6 @@ slowlog = {tmp_path}/slow.log
                 proc.wait(5)
 
 
-def test_slowlog_entries_follow_a_renamed_file_without_a_signal(launcher: Launcher, tmp_path: Path) -> None:
-    # The worker opens the slowlog for each entry (fastfpm.slowlog.append_entry), as php-fpm's
-    # fpm_php_trace opens it for each trace, so logrotate's rename is enough: no SIGUSR1 needed.
-    slowlog = tmp_path / "slow.log"
-    conf = write_config(tmp_path / "s.conf", f"""
-[www]
-listen = {tmp_path}/s.sock
-app = {APP}
-pm = static
-pm.max_children = 1
-request_slowlog_timeout = 0.5s
-slowlog = {slowlog}
-""")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    server.address = str(tmp_path / "s.sock")
-    assert get(server.address, "/first", "do=sleep&seconds=1.2").status == 200
-    wait_until(lambda: "/first" in slowlog.read_text(), 5, message="the first entry")
-    rotated = tmp_path / "slow.log.1"
-    slowlog.rename(rotated)
-    assert get(server.address, "/second", "do=sleep&seconds=1.2").status == 200
-    wait_until(lambda: slowlog.exists() and "/second" in slowlog.read_text(), 5,
-               message="the second entry in a new slow.log")
-    assert "/second" not in rotated.read_text() and rotated.read_text().count("[pool www] pid") == 1
-    assert "/first" not in slowlog.read_text()
-    # Re-created by the worker with the mode the master gives it at start (not world-readable:
-    # tracebacks show request data).
-    assert slowlog.stat().st_mode & 0o777 == rotated.stat().st_mode & 0o777 == 0o640
-
-
 @pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
 def test_a_bad_config_fails_the_check_with_file_and_line(tmp_path: Path, command: list[str]) -> None:
     conf = write_config(tmp_path / "bad.conf", f"""[www]

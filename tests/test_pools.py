@@ -272,23 +272,3 @@ pm.max_children = 1
         assert sock.recv(10) == b""  # closed before anything is read
     log = server.wait_for_log("Connection disallowed")
     assert "IP address '127.0.0.1' has been dropped." in log
-
-
-def test_slowlog_gets_the_traceback_of_a_request_blocked_in_c(launcher: Launcher, tmp_path: Path) -> None:
-    slowlog = tmp_path / "slow.log"
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=[
-        "--request-slowlog-timeout", "0.5s", "--slowlog", str(slowlog)])
-    response = get(server.address, "/slow", "seconds=2")
-    # The request kept running and finished normally after its traceback was taken.
-    assert response.status == 200 and response.body.startswith(b"slept 2")
-    log = server.wait_for_log("executing too slow")
-    assert '(request: "GET /slow?seconds=2")' in log
-    entry = wait_until(lambda: slowlog.exists() and "pool www" in slowlog.read_text() and slowlog.read_text(),
-                       5, message="the slowlog entry")
-    pid = response.body.split()[-1].decode()
-    assert f"[pool www] pid {pid}" in entry
-    assert "script_filename = /var/www/html/slow" in entry  # SCRIPT_FILENAME as the client sent it
-    # Innermost frame first: the app blocked in time.sleep (C code), then the router that called it.
-    frames = [line for line in entry.splitlines() if line.startswith("[0x")]
-    assert frames[0].startswith("[0x") and " app() " in frames[0]
-    assert "tests/apps/slow.py:" in frames[0] and "tests/apps/router.py:" in frames[1]
