@@ -16,14 +16,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.fcgi_helpers import get
 from tests.servers import (
     Launcher,
     free_port,
     missing_requirement,
-    run_cli,
     serve_as_systemd,
     wait_until,
     write_config,
@@ -106,39 +103,6 @@ slowlog = {tmp_path}/slow.log
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-
-
-@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
-def test_a_bad_config_fails_the_check_with_file_and_line(tmp_path: Path, command: list[str]) -> None:
-    conf = write_config(tmp_path / "bad.conf", f"""[www]
-listen = {tmp_path}/b.sock
-app = {APP}
-pm.max_children = lots
-no_such_directive = 1
-""")
-    result = run_cli(*command, "-c", str(conf))
-    assert result.returncode != 0
-    assert f"{conf}:4: invalid value 'lots' for 'pm.max_children'" in result.stderr
-    assert f"{conf}:5: unknown directive 'no_such_directive'" in result.stderr
-    assert "test failed" in result.stderr and "ready to handle" not in result.stderr
-
-
-@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
-def test_the_check_refuses_root_workers_as_serve_does(tmp_path: Path, command: list[str]) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the refusal applies to a master started as root; this test runs as another user")
-    conf = write_config(tmp_path / "root.conf", f"""[www]
-listen = {tmp_path}/r.sock
-app = {APP}
-pm.max_children = 1
-""")
-    refused = run_cli(*command, "-c", str(conf))
-    assert refused.returncode == 1
-    assert "[pool www] please specify user and group other than root" in refused.stderr
-    assert "test failed" in refused.stderr
-    allowed = run_cli(*command, "-R", "-c", str(conf))
-    assert allowed.returncode == 0, allowed.stderr
-    assert "test is successful" in allowed.stderr
 
 
 def listen_send_q(kind: str, local: str) -> int:

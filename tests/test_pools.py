@@ -111,26 +111,6 @@ pm.max_children = 2
     assert len(server.worker_pids()) == 3
 
 
-def test_config_errors_are_reported_with_file_and_line(tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "bad.conf", "[www]\nlisten = 127.0.0.1:9\napp = x:y\n"
-                        "pm = dynamic\npm.max_children = 2\npm.min_spare_servers = 5\n"
-                        "php_value[memory_limit] = 1G\n"
-                        "no_such_directive = 1\n")
-    result = run_cli("serve", "-c", str(conf), "-R")
-    assert result.returncode == 1
-    assert f"{conf}:7:" in result.stderr and "PHP" in result.stderr
-    assert f"{conf}:8:" in result.stderr and "no_such_directive" in result.stderr
-    assert "pm.min_spare_servers" in result.stderr
-    assert "ready to handle" not in result.stderr  # nothing started
-
-
-def test_serve_tt_dumps_the_effective_configuration(tmp_path: Path) -> None:
-    result = run_cli("serve", "tests.apps.router:app", "--pm", "dynamic", "--max-children", "8", "-R", "-tt")
-    assert result.returncode == 0, result.stderr
-    assert "pm = dynamic" in result.stdout and "pm.max_children = 8" in result.stdout
-    assert "pm.start_servers" in result.stdout
-
-
 def test_daemonize_returns_once_ready_and_the_master_serves_in_the_background(tmp_path: Path) -> None:
     conf = write_config(tmp_path / "d.conf", f"""
 [global]
