@@ -131,24 +131,6 @@ def test_refuses_to_run_workers_as_root_without_R(tmp_path) -> None:
     assert not (tmp_path / "s.sock").exists()
 
 
-def test_request_command_prints_the_response(launcher: Launcher) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1)
-    result = run_cli("request", server.address, "/env?x=1", "-H", "X-Probe: yes", "-d", "hello",
-                     "--param", "SCRIPT_FILENAME=/srv/app.py")
-    assert result.returncode == 0, result.stderr
-    assert '"QUERY_STRING": "x=1"' in result.stdout
-    assert '"HTTP_X_PROBE": "yes"' in result.stdout
-    assert '"SCRIPT_FILENAME": "/srv/app.py"' in result.stdout
-    assert '"REQUEST_METHOD": "POST"' in result.stdout and '"body_length": 5' in result.stdout
-
-
-def test_request_command_fails_on_5xx_and_on_no_server(launcher: Launcher, tmp_path) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1)
-    assert run_cli("request", server.address, "/raise-before").returncode == 1
-    failed = run_cli("request", str(tmp_path / "nobody.sock"), "/")
-    assert failed.returncode == 1 and "failed" in failed.stderr
-
-
 def test_demo_app_is_served_without_an_app(launcher: Launcher) -> None:
     demo = launcher.fastfpm("", max_children=1)
     response = get(demo.address, "/hello/world", "a=b")
@@ -157,13 +139,6 @@ def test_demo_app_is_served_without_an_app(launcher: Launcher) -> None:
     assert b"PATH_INFO" in response.body and b"/hello/world" in response.body
     assert b"request(s)" in response.body
     assert f"fastcgi_pass unix:{demo.address}" in demo.log_text()
-
-
-def test_version_and_help() -> None:
-    assert run_cli("--version").stdout.strip() == f"fastfpm {__version__}"
-    helptext = run_cli("serve", "--help").stdout
-    for option in ("--listen", "--max-children", "--chdir", "--log-level", "--pm", "MODULE:CALLABLE"):
-        assert option in helptext
 
 
 def test_an_unbuilt_source_copy_says_how_to_build_it(tmp_path) -> None:
