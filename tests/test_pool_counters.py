@@ -1,5 +1,4 @@
-"""Through real processes: a pool's counters, slowlog rotation, log_limit on worker output,
-config check failures and listen.backlog.
+"""A pool's counters through real processes (max_children_reached, slow_requests).
 
 The counters are checked where operators read them: the systemd STATUS line (`slow: N`) and the
 pool's scoreboard header, which the master fills in (max_children_reached, slow_requests) and
@@ -8,23 +7,13 @@ which is read here out of the running master's memory, as a status page would ma
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 from tests.fcgi_helpers import get
-from tests.servers import (
-    Launcher,
-    free_port,
-    missing_requirement,
-    serve_as_systemd,
-    wait_until,
-    write_config,
-)
+from tests.servers import missing_requirement, serve_as_systemd, wait_until, write_config
 
 APP = "tests.apps.counters_app:app"
 
@@ -103,40 +92,3 @@ slowlog = {tmp_path}/slow.log
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-
-
-def listen_send_q(kind: str, local: str) -> int:
-    """The Send-Q that `ss` shows for a listening socket: its backlog (unix path or TCP address)."""
-    ss = shutil.which("ss")
-    if ss is None:
-        missing_requirement("ss (iproute2) is not installed")
-    selector = ["src", local] if kind == "unix" else ["sport", "=", f":{local.rsplit(':', 1)[1]}"]
-    flag = "-x" if kind == "unix" else "-t"
-    out = subprocess.run([ss, "-H", "-l", "-n", flag, *selector], capture_output=True, text=True,
-                         check=True).stdout
-    (line,) = [row for row in out.splitlines() if row.strip()]
-    fields = line.split()
-    return int(fields[fields.index("LISTEN") + 2])  # State, Recv-Q, Send-Q
-
-
-def test_listen_backlog_from_the_config_reaches_the_socket(launcher: Launcher, tmp_path: Path) -> None:
-    port = free_port()
-    conf = write_config(tmp_path / "b.conf", f"""
-[unix]
-listen = {tmp_path}/b.sock
-listen.backlog = 37
-app = {APP}
-pm.max_children = 1
-
-[tcp]
-listen = 127.0.0.1:{port}
-listen.backlog = -1
-app = {APP}
-pm.max_children = 1
-""")
-    launcher.fastfpm("", max_children=2, extra_args=["-c", str(conf)])
-    assert listen_send_q("unix", str(tmp_path / "b.sock")) == 37
-    # -1: the system's maximum, as php-fpm
-    with open("/proc/sys/net/core/somaxconn") as f:
-        assert listen_send_q("tcp", f"127.0.0.1:{port}") == int(f.read())
-    assert os.path.exists(tmp_path / "b.sock")

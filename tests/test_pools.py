@@ -1,18 +1,33 @@
-"""php-fpm's process management through real processes: pm modes, timeouts, logs, config."""
+"""Pools through real processes: pm modes, their limits, users, sockets and clients, several pools at once."""
 
 from __future__ import annotations
 
 import os
-import signal
+import shutil
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.fcgi_helpers import get
-from tests.servers import Launcher, run_cli, wait_until, write_config
+from tests.servers import (
+    FastFPMServer,
+    Launcher,
+    free_port,
+    missing_requirement,
+    run_cli,
+    server_busy,
+    wait_until,
+    write_config,
+)
 
 ROUTER = "tests.apps.router:app"
+APP = "tests.apps.counters_app:app"
+# A master spinning on a waiting connection used 0.5 to 1.2 s of CPU in these windows (on a shared
+# 2-core machine); one that sleeps uses next to nothing. A bound against a spin, not a timing.
+SPIN_BOUND_SECONDS = 0.2
 
 
 def background_gets(address: str, count: int, seconds: float) -> list[threading.Thread]:
@@ -80,12 +95,60 @@ def test_ondemand_forks_for_a_whole_burst_at_once(launcher: Launcher, transport:
     assert len(pids) == 6, f"the burst shared workers: {sorted(pids)}"
 
 
-def test_pid_file_is_written_and_removed(launcher: Launcher, tmp_path: Path) -> None:
-    pid_path = tmp_path / "fastfpm.pid"
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--pid", str(pid_path)])
-    assert pid_path.read_text().strip() == str(server.pid)
-    server.stop()
-    assert not pid_path.exists()
+# ------------------------------------------------------------------ ondemand: no busy loop
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def master_cpu_over(server: FastFPMServer, seconds: float) -> float:
+    """CPU the master used during the next `seconds` of wall time."""
+    before = cpu_seconds(server.pid)
+    time.sleep(seconds)
+    return cpu_seconds(server.pid) - before
+
+
+def test_ondemand_master_sleeps_while_a_connection_waits_for_a_busy_full_pool(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--pm", "ondemand"])
+    thread = threading.Thread(target=get, args=(server.address, "/slow", "seconds=4"))
+    thread.start()
+    waiting = None
+    try:
+        wait_until(lambda: server_busy(server), 5, message="the slow request to start")
+        waiting = server.connect()  # queued behind the only worker pm.max_children allows
+        mark = server.log_size()
+        used = master_cpu_over(server, 1.5)
+        assert used < SPIN_BOUND_SECONDS, f"the master used {used:.2f}s of CPU in 1.5s"
+        # The full pool is still noticed (at the once-a-second maintenance), once.
+        log = server.wait_for_log("reached pm.max_children setting (1)", mark, timeout=3)
+        assert log.count("reached pm.max_children") == 1
+    finally:
+        if waiting is not None:
+            waiting.close()
+        thread.join(10)
+
+
+def test_ondemand_master_sleeps_while_the_worker_for_a_connection_starts(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.lifecycle_slow_start:app", max_children=2,
+                              extra_args=["--pm", "ondemand"])
+    waiting = server.connect()
+    try:
+        wait_until(lambda: server.worker_pids(), 5, message="a worker forked for the connection")
+        used = master_cpu_over(server, 1.2)  # the worker imports for 2 s
+        assert used < SPIN_BOUND_SECONDS, f"the master used {used:.2f}s of CPU in 1.2s"
+        assert len(server.worker_pids()) == 1  # one connection, one worker
+    finally:
+        waiting.close()
+    assert get(server.address, "/").status == 200
+
+
+
+
+# ------------------------------------------------------------------ limits, users, sockets
 
 
 def test_config_file_with_two_pools(launcher: Launcher, tmp_path: Path) -> None:
@@ -109,30 +172,6 @@ pm.max_children = 2
     assert get(str(tmp_path / "alpha.sock"), "/env").status == 200
     assert get(str(tmp_path / "beta.sock"), "/", "seconds=0").body.startswith(b"slept")
     assert len(server.worker_pids()) == 3
-
-
-def test_daemonize_returns_once_ready_and_the_master_serves_in_the_background(tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "d.conf", f"""
-[global]
-daemonize = yes
-pid = {tmp_path}/d.pid
-error_log = {tmp_path}/d.log
-
-[www]
-listen = {tmp_path}/d.sock
-app = {ROUTER}
-pm.max_children = 1
-""")
-    result = run_cli("serve", "-c", str(conf), "-R")
-    assert result.returncode == 0, result.stderr
-    pid = int((tmp_path / "d.pid").read_text())
-    try:
-        assert "ready to handle connections" in (tmp_path / "d.log").read_text()
-        assert get(str(tmp_path / "d.sock"), "/env").status == 200
-        assert os.getsid(pid) != os.getsid(0)  # detached: a session of its own, not ours
-    finally:
-        os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, message="the daemon to exit")
 
 
 def test_process_max_caps_all_pools_together(launcher: Launcher, tmp_path: Path) -> None:
@@ -178,6 +217,13 @@ pm.max_children = 1
     assert pwd.getpwuid(info.st_uid).pw_name == "nobody"
     assert grp.getgrgid(info.st_gid).gr_name == "nogroup"
     assert stat.S_IMODE(info.st_mode) == 0o600
+
+
+def test_max_requests_recycles_workers(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.slow:app", max_children=1, extra_args=["--max-requests", "2"])
+    pids = [get(server.address, "/", "seconds=0").body.split()[-1] for _ in range(4)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
+    assert "exited with code 0" in server.log_text()
 
 
 def test_max_requests_jitter_spreads_recycling(launcher: Launcher, tmp_path: Path) -> None:
@@ -252,3 +298,40 @@ pm.max_children = 1
         assert sock.recv(10) == b""  # closed before anything is read
     log = server.wait_for_log("Connection disallowed")
     assert "IP address '127.0.0.1' has been dropped." in log
+
+
+def listen_send_q(kind: str, local: str) -> int:
+    """The Send-Q that `ss` shows for a listening socket: its backlog (unix path or TCP address)."""
+    ss = shutil.which("ss")
+    if ss is None:
+        missing_requirement("ss (iproute2) is not installed")
+    selector = ["src", local] if kind == "unix" else ["sport", "=", f":{local.rsplit(':', 1)[1]}"]
+    flag = "-x" if kind == "unix" else "-t"
+    out = subprocess.run([ss, "-H", "-l", "-n", flag, *selector], capture_output=True, text=True,
+                         check=True).stdout
+    (line,) = [row for row in out.splitlines() if row.strip()]
+    fields = line.split()
+    return int(fields[fields.index("LISTEN") + 2])  # State, Recv-Q, Send-Q
+
+
+def test_listen_backlog_from_the_config_reaches_the_socket(launcher: Launcher, tmp_path: Path) -> None:
+    port = free_port()
+    conf = write_config(tmp_path / "b.conf", f"""
+[unix]
+listen = {tmp_path}/b.sock
+listen.backlog = 37
+app = {APP}
+pm.max_children = 1
+
+[tcp]
+listen = 127.0.0.1:{port}
+listen.backlog = -1
+app = {APP}
+pm.max_children = 1
+""")
+    launcher.fastfpm("", max_children=2, extra_args=["-c", str(conf)])
+    assert listen_send_q("unix", str(tmp_path / "b.sock")) == 37
+    # -1: the system's maximum, as php-fpm
+    with open("/proc/sys/net/core/somaxconn") as f:
+        assert listen_send_q("tcp", f"127.0.0.1:{port}") == int(f.read())
+    assert os.path.exists(tmp_path / "b.sock")
