@@ -254,6 +254,66 @@ class FastFPMServer:
         return _tail(self.log_path)
 
 
+class ConfiguredServer(FastFPMServer):
+    """`serve -c FILE`, with or without -R (the harness always passes it)."""
+
+    def __init__(self, workdir: Path, conf: Path, allow_root: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        super().__init__("", workdir, extra_args=["-c", str(conf), *extra_args])
+        self.conf = conf
+        self.allow_root = allow_root
+
+    def command(self) -> list[str]:
+        """The harness's command, minus -R when the test wants the refusal."""
+        command = super().command()
+        if not self.allow_root:
+            command.remove("-R")
+        return command
+
+    def rewrite(self, body: str) -> None:
+        """Replace the configuration file ({dir} is the server's directory)."""
+        self.conf.write_text(body.replace("{dir}", str(self.workdir)))
+
+
+def server_busy(server) -> bool:
+    """True once the only worker is sleeping inside the app (its wchan shows it waiting)."""
+    pids = server.worker_pids()
+    if not pids:
+        return False
+    with open(f"/proc/{pids[0]}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Blocked in accept() and blocked in sleep() both show S; the syscall tells them apart.
+    with open(f"/proc/{pids[0]}/syscall") as f:
+        syscall = f.read().split()[0]
+    return fields[0] == "S" and syscall not in ("43", "288")  # not accept(2) / accept4(2)
+
+
+# --- commands and configuration files ---------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m fastfpm ARGS` to completion."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "fastfpm", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def serve_as_systemd(args: list[str], env: dict[str, str], **popen: object) -> subprocess.Popen[bytes]:
+    """fastfpm serve as systemd would start it."""
+    return subprocess.Popen([sys.executable, "-m", "fastfpm", "serve", *args, "-R"], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)  # type: ignore[arg-type]
+
+
+def write_config(path: Path, body: str) -> Path:
+    """A config file with the given text (dedented by the caller)."""
+    path.write_text(body)
+    return path
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
 NGINX_CONF = """\
 {user}daemon off;
 master_process on;

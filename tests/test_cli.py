@@ -1,4 +1,4 @@
-"""`python -m fastfpm request`: the FastCGI client for humans, run as a real command against a real server.
+"""The command line as users type it: `python -m fastfpm request` against a real server, --version, --help.
 
 Every option is shown to reach the application as it says: -X, -d DATA, -d @FILE, -H, --param, -i,
 the query in the path, and the exit status (0 for 2xx/3xx, 1 for an error status or no answer,
@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.servers import REPO_ROOT, FastFPMServer, Launcher
+from fastfpm import __version__
+from tests.servers import REPO_ROOT, FastFPMServer, Launcher, run_cli
 
 ROUTER = "tests.apps.router:app"
 
@@ -168,3 +169,28 @@ def test_no_server_is_status_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert b"failed" in result.stderr
     assert result.stdout == b""
+
+
+def test_request_command_prints_the_response(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    result = run_cli("request", server.address, "/env?x=1", "-H", "X-Probe: yes", "-d", "hello",
+                     "--param", "SCRIPT_FILENAME=/srv/app.py")
+    assert result.returncode == 0, result.stderr
+    assert '"QUERY_STRING": "x=1"' in result.stdout
+    assert '"HTTP_X_PROBE": "yes"' in result.stdout
+    assert '"SCRIPT_FILENAME": "/srv/app.py"' in result.stdout
+    assert '"REQUEST_METHOD": "POST"' in result.stdout and '"body_length": 5' in result.stdout
+
+
+def test_request_command_fails_on_5xx_and_on_no_server(launcher: Launcher, tmp_path) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    assert run_cli("request", server.address, "/raise-before").returncode == 1
+    failed = run_cli("request", str(tmp_path / "nobody.sock"), "/")
+    assert failed.returncode == 1 and "failed" in failed.stderr
+
+
+def test_version_and_help() -> None:
+    assert run_cli("--version").stdout.strip() == f"fastfpm {__version__}"
+    helptext = run_cli("serve", "--help").stdout
+    for option in ("--listen", "--max-children", "--chdir", "--log-level", "--pm", "MODULE:CALLABLE"):
+        assert option in helptext

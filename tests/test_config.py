@@ -1,4 +1,4 @@
-"""fastfpm.config: php-fpm's INI format, the directive table, checks, the -tt dump and the docs."""
+"""fastfpm.config: php-fpm's INI format, the directive table, checks, the -tt dump, the docs, `check`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import pytest
 
 from fastfpm import config as cfg
 from fastfpm.config import Config, ConfigError, PoolConfig, check, dump, from_cli, load
+from tests.servers import run_cli, write_config
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 POOL = "[www]\nlisten = 127.0.0.1:9000\napp = myapp:application\n"
+APP = "tests.apps.counters_app:app"
 
 
 def write(directory: Path, name: str, text: str) -> Path:
@@ -852,3 +854,59 @@ def test_module_command_line(tmp_path, capsys):
     assert "[www]" in capsys.readouterr().out
     assert cfg.main(["--markdown"]) == 0
     assert capsys.readouterr().out.startswith("# Configuration reference")
+
+
+# ---------------------------------------------------------------------------------------------------
+# check, serve -t and serve -tt run as real commands
+
+def test_config_errors_are_reported_with_file_and_line(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "bad.conf", "[www]\nlisten = 127.0.0.1:9\napp = x:y\n"
+                        "pm = dynamic\npm.max_children = 2\npm.min_spare_servers = 5\n"
+                        "php_value[memory_limit] = 1G\n"
+                        "no_such_directive = 1\n")
+    result = run_cli("serve", "-c", str(conf), "-R")
+    assert result.returncode == 1
+    assert f"{conf}:7:" in result.stderr and "PHP" in result.stderr
+    assert f"{conf}:8:" in result.stderr and "no_such_directive" in result.stderr
+    assert "pm.min_spare_servers" in result.stderr
+    assert "ready to handle" not in result.stderr  # nothing started
+
+
+def test_serve_tt_dumps_the_effective_configuration(tmp_path: Path) -> None:
+    result = run_cli("serve", "tests.apps.router:app", "--pm", "dynamic", "--max-children", "8", "-R", "-tt")
+    assert result.returncode == 0, result.stderr
+    assert "pm = dynamic" in result.stdout and "pm.max_children = 8" in result.stdout
+    assert "pm.start_servers" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
+def test_a_bad_config_fails_the_check_with_file_and_line(tmp_path: Path, command: list[str]) -> None:
+    conf = write_config(tmp_path / "bad.conf", f"""[www]
+listen = {tmp_path}/b.sock
+app = {APP}
+pm.max_children = lots
+no_such_directive = 1
+""")
+    result = run_cli(*command, "-c", str(conf))
+    assert result.returncode != 0
+    assert f"{conf}:4: invalid value 'lots' for 'pm.max_children'" in result.stderr
+    assert f"{conf}:5: unknown directive 'no_such_directive'" in result.stderr
+    assert "test failed" in result.stderr and "ready to handle" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
+def test_the_check_refuses_root_workers_as_serve_does(tmp_path: Path, command: list[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the refusal applies to a master started as root; this test runs as another user")
+    conf = write_config(tmp_path / "root.conf", f"""[www]
+listen = {tmp_path}/r.sock
+app = {APP}
+pm.max_children = 1
+""")
+    refused = run_cli(*command, "-c", str(conf))
+    assert refused.returncode == 1
+    assert "[pool www] please specify user and group other than root" in refused.stderr
+    assert "test failed" in refused.stderr
+    allowed = run_cli(*command, "-R", "-c", str(conf))
+    assert allowed.returncode == 0, allowed.stderr
+    assert "test is successful" in allowed.stderr

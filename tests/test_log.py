@@ -1,16 +1,28 @@
-"""The error log's format and level filter (fastfpm.log), without processes."""
+"""The error log: its format and level filter (fastfpm.log), then through real processes.
+
+The first tests need no process; the later ones run a master and check what reaches its log:
+SIGUSR1 reopening, the workers' stdout and stderr (catch_workers_output, log_limit), log_level
+and syslog.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from fastfpm.log import ErrorLog, WsgiErrors, truncate, wrap
+from tests.apps.counters_app import payload
+from tests.fcgi_helpers import get
+from tests.servers import Launcher, wait_until, write_config
 
 LINE = re.compile(r"^\[\d\d-[A-Z][a-z]{2}-\d{4} \d\d:\d\d:\d\d\] (ALERT|ERROR|WARNING|NOTICE|DEBUG): ")
+ROUTER = "tests.apps.router:app"
+APP = "tests.apps.counters_app:app"
 
 
 def test_lines_are_php_fpm_shaped_and_filtered_by_level(tmp_path: Path) -> None:
@@ -110,3 +122,157 @@ def test_wsgi_errors_writes_whole_lines_to_the_log(tmp_path: Path) -> None:
     errors.flush()
     text = path.read_text()
     assert "WARNING: part one, part two" in text and "WARNING: tail without newline" in text
+
+
+# --- through real processes: reopening, workers' output, log_level, syslog -------------------
+
+
+def test_sigusr1_reopens_the_error_log(launcher: Launcher, tmp_path: Path) -> None:
+    log_path = tmp_path / "error.log"
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--error-log", str(log_path)])
+    wait_until(lambda: log_path.exists() and "ready to handle" in log_path.read_text(), 5,
+               message="the error log file")
+    rotated = tmp_path / "error.log.1"
+    log_path.rename(rotated)
+    server.signal(signal.SIGUSR1)
+    wait_until(log_path.exists, 5, message="the reopened log")
+    get(server.address, "/raise-before", "marker=after-rotation")
+    wait_until(lambda: "after-rotation" in log_path.read_text(), 5, message="the traceback in the new log")
+    assert "after-rotation" not in rotated.read_text()
+
+
+def test_failed_log_reopen_keeps_serving_and_logs_the_error(launcher: Launcher, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--error-log", str(logs / "error.log")])
+    gone = tmp_path / "logs.gone"
+    logs.rename(gone)  # the directory went away: reopening must fail
+    server.signal(signal.SIGUSR1)
+    old_file = gone / "error.log"
+    wait_until(lambda: "unable to re-opened error log file" in old_file.read_text(), 5,
+               message="the reopen error in the old file")
+    text = old_file.read_text()
+    assert f"ERROR: failed to open error_log ({logs / 'error.log'}): No such file or directory" in text
+    assert server.proc is not None and server.proc.poll() is None
+    assert get(server.address, "/env").status == 200
+    # The old file is still the log, and a later reopen that can succeed does.
+    get(server.address, "/raise-before", "marker=still-in-old-file")
+    wait_until(lambda: "still-in-old-file" in old_file.read_text(), 5,
+               message="the traceback in the old file")
+    logs.mkdir()
+    server.signal(signal.SIGUSR1)
+    wait_until(lambda: (logs / "error.log").exists()
+               and "NOTICE: error log file re-opened" in (logs / "error.log").read_text(), 5,
+               message="php-fpm's success line in the new file")
+
+
+def test_catch_workers_output_logs_stdout_and_stderr(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.printing:app", max_children=1,
+                              extra_args=["--catch-workers-output"])
+    get(server.address, "/")
+    log = server.wait_for_log('said into stderr: "to stderr"')
+    assert 'said into stdout: "to stdout"' in server.wait_for_log("said into stdout")
+    assert f"child {server.worker_pids()[0]} said into stderr" in log
+
+
+def test_worker_output_is_dropped_without_catch_workers_output(launcher: Launcher) -> None:
+    server = launcher.fastfpm("tests.apps.printing:app", max_children=1)
+    assert get(server.address, "/").status == 200
+    time.sleep(0.3)
+    assert "to stderr" not in server.log_text() and "to stdout" not in server.log_text()
+
+
+def test_undecorated_worker_output_is_logged_as_is(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "d.conf", f"""
+[www]
+listen = {tmp_path}/d.sock
+app = tests.apps.printing:app
+pm.max_children = 1
+catch_workers_output = yes
+decorate_workers_output = no
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    get(str(tmp_path / "d.sock"), "/")
+    log = server.wait_for_log("to stderr")
+    assert "\nto stderr\n" in log and "said into" not in log
+
+
+def test_long_undecorated_worker_output_is_split_at_log_limit(launcher: Launcher, tmp_path: Path) -> None:
+    # php-fpm wraps worker output (it never drops any): lines of at most log_limit characters,
+    # newline included, which put back together give what the application printed.
+    conf = write_config(tmp_path / "o.conf", f"""
+[global]
+log_limit = 512
+
+[www]
+listen = {tmp_path}/o.sock
+app = {APP}
+pm.max_children = 1
+catch_workers_output = yes
+decorate_workers_output = no
+""")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    mark = server.log_size()
+    assert get(str(tmp_path / "o.sock"), "/", "do=print&n=1500").status == 200
+    text = payload(1500)
+    log = server.wait_for_log(text[-20:], mark)
+    lines = [line for line in log.splitlines(keepends=True) if line.strip("\n") and line[0] in text]
+    assert all(len(line) <= 512 for line in lines) and len(lines) >= 3
+    assert "".join(line.rstrip("\n") for line in lines) == text
+
+
+def test_log_level_filters_lines(launcher: Launcher) -> None:
+    default = launcher.fastfpm(ROUTER, max_children=1)
+    assert "DEBUG: " not in default.log_text()
+    chatty = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--log-level", "debug"])
+    assert f"DEBUG: [pool www] listening on {chatty.address}" in chatty.log_text()
+
+
+def test_error_log_to_syslog(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    import pytest
+
+    from tests.servers import REPO_ROOT
+
+    if os.path.exists("/dev/log"):
+        pytest.skip("a system syslog owns /dev/log; this test needs to stand in for it")
+    conf = write_config(tmp_path / "s.conf", f"""
+[global]
+error_log = syslog
+syslog.ident = ffpm-test
+syslog.facility = local3
+
+[www]
+listen = {tmp_path}/s.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as fake_syslog:
+        fake_syslog.bind("/dev/log")
+        fake_syslog.settimeout(10)
+        proc = subprocess.Popen([sys.executable, "-m", "fastfpm", "serve", "-c", str(conf), "-R"],
+                                cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        try:
+            messages: list[bytes] = []
+            while not any(b"ready to handle connections" in m for m in messages):
+                messages.append(fake_syslog.recv(4096))
+            text = b"\n".join(messages).decode()
+            assert "ffpm-test[" in text and "NOTICE: fpm is running" in text
+            assert "<157>" in text  # facility local3 (19) * 8 + notice (5)
+            # A worker's line reaches syslog through the master too.
+            get(str(tmp_path / "s.sock"), "/raise-before", "marker=via-syslog")
+            while not any(b"via-syslog" in m for m in messages):
+                messages.append(fake_syslog.recv(4096))
+        finally:
+            # Stop standing in for syslog first: a full, unread /dev/log would block the master.
+            os.unlink("/dev/log")
+            fake_syslog.close()
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise

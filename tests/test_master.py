@@ -1,4 +1,4 @@
-"""The master's life through real processes: start-up, respawn, signals, refusals, the CLI."""
+"""The master's own life through real processes: start-up, refusals, respawn, stopping, exit lines."""
 
 from __future__ import annotations
 
@@ -8,27 +8,24 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from fastfpm import __version__
-from fastfpm.client import FastCGIClient, build_params
-from tests.servers import REPO_ROOT, Launcher, wait_until
+from fastfpm import __version__, master
+from tests.fcgi_helpers import get
+from tests.servers import (
+    REPO_ROOT,
+    ConfiguredServer,
+    Launcher,
+    run_cli,
+    server_busy,
+    wait_until,
+    write_config,
+)
 
 ROUTER = "tests.apps.router:app"
-
-
-def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`python -m fastfpm ARGS` to completion."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([sys.executable, "-m", "fastfpm", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def get(address: str, path: str, query: str = "", timeout: float = 20):
-    """One GET through the project's client."""
-    with FastCGIClient(address, timeout=timeout) as client:
-        return client.request(build_params("GET", path, query, {}, None, {}))
 
 
 def test_ready_line_comes_after_every_worker_started(launcher: Launcher) -> None:
@@ -65,19 +62,6 @@ def test_sigquit_lets_the_request_in_flight_finish(launcher: Launcher) -> None:
     assert server.proc is not None and server.proc.wait(10) == 0
     log = server.log_text()
     assert "Finishing ..." in log and "exited with code 0" in log and "exiting, bye-bye!" in log
-
-
-def server_busy(server) -> bool:
-    """True once the only worker is sleeping inside the app (its wchan shows it waiting)."""
-    pids = server.worker_pids()
-    if not pids:
-        return False
-    with open(f"/proc/{pids[0]}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Blocked in accept() and blocked in sleep() both show S; the syscall tells them apart.
-    with open(f"/proc/{pids[0]}/syscall") as f:
-        syscall = f.read().split()[0]
-    return fields[0] == "S" and syscall not in ("43", "288")  # not accept(2) / accept4(2)
 
 
 def test_sigterm_stops_at_once_and_cuts_requests(launcher: Launcher) -> None:
@@ -127,13 +111,6 @@ def test_tcp_listen(launcher: Launcher) -> None:
     assert get(server.address, "/env").status == 200
 
 
-def test_max_requests_recycles_workers(launcher: Launcher) -> None:
-    server = launcher.fastfpm("tests.apps.slow:app", max_children=1, extra_args=["--max-requests", "2"])
-    pids = [get(server.address, "/", "seconds=0").body.split()[-1] for _ in range(4)]
-    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
-    assert "exited with code 0" in server.log_text()
-
-
 def test_application_import_error_stops_the_master(tmp_path) -> None:
     result = run_cli("serve", "no_such_module_here:app", "--listen", str(tmp_path / "s.sock"),
                      "--max-children", "2", "-R")
@@ -157,24 +134,6 @@ def test_refuses_to_run_workers_as_root_without_R(tmp_path) -> None:
     assert not (tmp_path / "s.sock").exists()
 
 
-def test_request_command_prints_the_response(launcher: Launcher) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1)
-    result = run_cli("request", server.address, "/env?x=1", "-H", "X-Probe: yes", "-d", "hello",
-                     "--param", "SCRIPT_FILENAME=/srv/app.py")
-    assert result.returncode == 0, result.stderr
-    assert '"QUERY_STRING": "x=1"' in result.stdout
-    assert '"HTTP_X_PROBE": "yes"' in result.stdout
-    assert '"SCRIPT_FILENAME": "/srv/app.py"' in result.stdout
-    assert '"REQUEST_METHOD": "POST"' in result.stdout and '"body_length": 5' in result.stdout
-
-
-def test_request_command_fails_on_5xx_and_on_no_server(launcher: Launcher, tmp_path) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1)
-    assert run_cli("request", server.address, "/raise-before").returncode == 1
-    failed = run_cli("request", str(tmp_path / "nobody.sock"), "/")
-    assert failed.returncode == 1 and "failed" in failed.stderr
-
-
 def test_demo_app_is_served_without_an_app(launcher: Launcher) -> None:
     demo = launcher.fastfpm("", max_children=1)
     response = get(demo.address, "/hello/world", "a=b")
@@ -183,13 +142,6 @@ def test_demo_app_is_served_without_an_app(launcher: Launcher) -> None:
     assert b"PATH_INFO" in response.body and b"/hello/world" in response.body
     assert b"request(s)" in response.body
     assert f"fastcgi_pass unix:{demo.address}" in demo.log_text()
-
-
-def test_version_and_help() -> None:
-    assert run_cli("--version").stdout.strip() == f"fastfpm {__version__}"
-    helptext = run_cli("serve", "--help").stdout
-    for option in ("--listen", "--max-children", "--chdir", "--log-level", "--pm", "MODULE:CALLABLE"):
-        assert option in helptext
 
 
 def test_an_unbuilt_source_copy_says_how_to_build_it(tmp_path) -> None:
@@ -207,3 +159,108 @@ def test_an_unbuilt_source_copy_says_how_to_build_it(tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "compiled module fastfpm._" in result.stderr and "pip install -e ." in result.stderr
+
+
+def test_pid_file_is_written_and_removed(launcher: Launcher, tmp_path: Path) -> None:
+    pid_path = tmp_path / "fastfpm.pid"
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--pid", str(pid_path)])
+    assert pid_path.read_text().strip() == str(server.pid)
+    server.stop()
+    assert not pid_path.exists()
+
+
+def test_daemonize_returns_once_ready_and_the_master_serves_in_the_background(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "d.conf", f"""
+[global]
+daemonize = yes
+pid = {tmp_path}/d.pid
+error_log = {tmp_path}/d.log
+
+[www]
+listen = {tmp_path}/d.sock
+app = {ROUTER}
+pm.max_children = 1
+""")
+    result = run_cli("serve", "-c", str(conf), "-R")
+    assert result.returncode == 0, result.stderr
+    pid = int((tmp_path / "d.pid").read_text())
+    try:
+        assert "ready to handle connections" in (tmp_path / "d.log").read_text()
+        assert get(str(tmp_path / "d.sock"), "/env").status == 200
+        assert os.getsid(pid) != os.getsid(0)  # detached: a session of its own, not ours
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, message="the daemon to exit")
+
+
+# ------------------------------------------------------------------ exit lines
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (0, "exited with code 0"),
+    (3 << 8, "exited with code 3"),
+    (signal.SIGKILL, "exited on signal 9 (SIGKILL)"),
+    (signal.SIGSEGV | 0x80, "exited on signal 11 (SIGSEGV - core dumped)"),  # WCOREDUMP's bit
+    (40, "exited on signal 40 (SIGRTMIN+6)"),
+])
+def test_describe_exit(status: int, expected: str) -> None:
+    assert master.describe_exit(status) == expected
+
+
+def core_dumps_land_in_the_cwd() -> bool:
+    """Whether a crashing worker's core goes to a file in its directory (not to a crash collector)."""
+    try:
+        with open("/proc/sys/kernel/core_pattern") as f:
+            pattern = f.read().strip()
+    except OSError:
+        return False
+    import resource
+
+    return not pattern.startswith("|") and "/" not in pattern and \
+        resource.getrlimit(resource.RLIMIT_CORE)[1] != 0
+
+
+@pytest.mark.skipif(not core_dumps_land_in_the_cwd(), reason="core dumps do not go to the worker's cwd here")
+def test_a_worker_that_dumps_core_is_logged_as_such(configured: Callable[..., ConfiguredServer]) -> None:
+    server = configured("""
+[www]
+listen = {dir}/fpm.sock
+app = tests.apps.crash:app
+chdir = {dir}
+rlimit_core = unlimited
+pm = static
+pm.max_children = 1
+""")
+    worker = server.worker_pids()[0]
+    mark = server.log_size()
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - the worker dies mid-request: any client error
+            get(server.address, "/crash")
+        log = server.wait_for_log(f"child {worker} exited", mark)
+        assert f"child {worker} exited on signal 11 (SIGSEGV - core dumped) after" in log
+    finally:
+        for core in server.workdir.glob("core*"):
+            core.unlink()  # some megabytes each
+
+
+def test_workers_stop_when_the_master_is_killed(launcher: Launcher) -> None:
+    # SIGKILL leaves the master no chance to stop its workers: they must notice on their own
+    # (gunicorn's workers do the same) rather than serve on with nobody to supervise them.
+    server = launcher.fastfpm("tests.apps.router:app", max_children=2)
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(timeout=10)
+
+    def all_gone() -> bool:
+        alive = []
+        for pid in workers:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":
+                        alive.append(pid)
+            except FileNotFoundError:
+                pass
+        return not alive
+
+    wait_until(all_gone, 10, message="workers exiting after their master was killed")

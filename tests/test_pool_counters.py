@@ -1,5 +1,4 @@
-"""Through real processes: a pool's counters, the SIGKILL after SIGTERM of request_terminate_timeout,
-slowlog rotation, log_limit on worker output, config check failures and listen.backlog.
+"""A pool's counters through real processes (max_children_reached, slow_requests).
 
 The counters are checked where operators read them: the systemd STATUS line (`slow: N`) and the
 pool's scoreboard header, which the master fills in (max_children_reached, slow_requests) and
@@ -8,22 +7,13 @@ which is read here out of the running master's memory, as a status page would ma
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
-import subprocess
-import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.apps.counters_app import payload
-from tests.servers import Launcher, free_port, missing_requirement, wait_until
-from tests.test_master import get, run_cli
-from tests.test_pools import write_config
-from tests.test_systemd_master import start
+from tests.fcgi_helpers import get
+from tests.servers import missing_requirement, serve_as_systemd, wait_until, write_config
 
 APP = "tests.apps.counters_app:app"
 
@@ -74,7 +64,7 @@ slowlog = {tmp_path}/slow.log
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(10)
-        proc = start(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
         try:
             assert "READY=1" in notify.recv(4096).decode()
             # nginx percent-decodes the path into SCRIPT_FILENAME: %0A becomes a newline there.
@@ -102,161 +92,3 @@ slowlog = {tmp_path}/slow.log
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-
-
-def test_request_terminate_timeout_kills_a_worker_that_ignores_sigterm(launcher: Launcher,
-                                                                      tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "t.conf", f"""
-[www]
-listen = {tmp_path}/t.sock
-app = {APP}
-pm = static
-pm.max_children = 1
-request_terminate_timeout = 1s
-""")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    server.address = str(tmp_path / "t.sock")
-    (pid,) = server.worker_pids()
-    outcome: list[object] = []
-
-    def stuck() -> None:
-        try:
-            outcome.append(get(server.address, "/", "do=ignore-term&seconds=30"))
-        except Exception as exc:  # the connection dies with the worker: what this test expects
-            outcome.append(exc)
-
-    thread = threading.Thread(target=stuck)
-    thread.start()
-    log = server.wait_for_log(f"child {pid} exited on signal 9 (SIGKILL)", timeout=15)
-    timed_out = log.index(f"child {pid}, script '/var/www/html/' (request: \"GET /?do=ignore-term")
-    assert "execution timed out" in log[timed_out:].splitlines()[0]
-    killing = log.index(f"child {pid} still running 1s after SIGTERM, sending SIGKILL")
-    assert timed_out < killing < log.index(f"child {pid} exited on signal 9 (SIGKILL)")
-    thread.join(10)
-    assert outcome and isinstance(outcome[0], Exception)
-    (replacement,) = wait_until(lambda: (pids := server.worker_pids()) and pid not in pids and pids, 10,
-                                message="a replacement worker")
-    assert get(server.address, "/").body == f"done in {replacement}\n".encode()
-
-
-def test_slowlog_entries_follow_a_renamed_file_without_a_signal(launcher: Launcher, tmp_path: Path) -> None:
-    # The worker opens the slowlog for each entry (fastfpm.slowlog.append_entry), as php-fpm's
-    # fpm_php_trace opens it for each trace, so logrotate's rename is enough: no SIGUSR1 needed.
-    slowlog = tmp_path / "slow.log"
-    conf = write_config(tmp_path / "s.conf", f"""
-[www]
-listen = {tmp_path}/s.sock
-app = {APP}
-pm = static
-pm.max_children = 1
-request_slowlog_timeout = 0.5s
-slowlog = {slowlog}
-""")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    server.address = str(tmp_path / "s.sock")
-    assert get(server.address, "/first", "do=sleep&seconds=1.2").status == 200
-    wait_until(lambda: "/first" in slowlog.read_text(), 5, message="the first entry")
-    rotated = tmp_path / "slow.log.1"
-    slowlog.rename(rotated)
-    assert get(server.address, "/second", "do=sleep&seconds=1.2").status == 200
-    wait_until(lambda: slowlog.exists() and "/second" in slowlog.read_text(), 5,
-               message="the second entry in a new slow.log")
-    assert "/second" not in rotated.read_text() and rotated.read_text().count("[pool www] pid") == 1
-    assert "/first" not in slowlog.read_text()
-    # Re-created by the worker with the mode the master gives it at start (not world-readable:
-    # tracebacks show request data).
-    assert slowlog.stat().st_mode & 0o777 == rotated.stat().st_mode & 0o777 == 0o640
-
-
-def test_long_undecorated_worker_output_is_split_at_log_limit(launcher: Launcher, tmp_path: Path) -> None:
-    # php-fpm wraps worker output (it never drops any): lines of at most log_limit characters,
-    # newline included, which put back together give what the application printed.
-    conf = write_config(tmp_path / "o.conf", f"""
-[global]
-log_limit = 512
-
-[www]
-listen = {tmp_path}/o.sock
-app = {APP}
-pm.max_children = 1
-catch_workers_output = yes
-decorate_workers_output = no
-""")
-    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
-    mark = server.log_size()
-    assert get(str(tmp_path / "o.sock"), "/", "do=print&n=1500").status == 200
-    text = payload(1500)
-    log = server.wait_for_log(text[-20:], mark)
-    lines = [line for line in log.splitlines(keepends=True) if line.strip("\n") and line[0] in text]
-    assert all(len(line) <= 512 for line in lines) and len(lines) >= 3
-    assert "".join(line.rstrip("\n") for line in lines) == text
-
-
-@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
-def test_a_bad_config_fails_the_check_with_file_and_line(tmp_path: Path, command: list[str]) -> None:
-    conf = write_config(tmp_path / "bad.conf", f"""[www]
-listen = {tmp_path}/b.sock
-app = {APP}
-pm.max_children = lots
-no_such_directive = 1
-""")
-    result = run_cli(*command, "-c", str(conf))
-    assert result.returncode != 0
-    assert f"{conf}:4: invalid value 'lots' for 'pm.max_children'" in result.stderr
-    assert f"{conf}:5: unknown directive 'no_such_directive'" in result.stderr
-    assert "test failed" in result.stderr and "ready to handle" not in result.stderr
-
-
-@pytest.mark.parametrize("command", [["check"], ["serve", "-t"]])
-def test_the_check_refuses_root_workers_as_serve_does(tmp_path: Path, command: list[str]) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the refusal applies to a master started as root; this test runs as another user")
-    conf = write_config(tmp_path / "root.conf", f"""[www]
-listen = {tmp_path}/r.sock
-app = {APP}
-pm.max_children = 1
-""")
-    refused = run_cli(*command, "-c", str(conf))
-    assert refused.returncode == 1
-    assert "[pool www] please specify user and group other than root" in refused.stderr
-    assert "test failed" in refused.stderr
-    allowed = run_cli(*command, "-R", "-c", str(conf))
-    assert allowed.returncode == 0, allowed.stderr
-    assert "test is successful" in allowed.stderr
-
-
-def listen_send_q(kind: str, local: str) -> int:
-    """The Send-Q that `ss` shows for a listening socket: its backlog (unix path or TCP address)."""
-    ss = shutil.which("ss")
-    if ss is None:
-        missing_requirement("ss (iproute2) is not installed")
-    selector = ["src", local] if kind == "unix" else ["sport", "=", f":{local.rsplit(':', 1)[1]}"]
-    flag = "-x" if kind == "unix" else "-t"
-    out = subprocess.run([ss, "-H", "-l", "-n", flag, *selector], capture_output=True, text=True,
-                         check=True).stdout
-    (line,) = [row for row in out.splitlines() if row.strip()]
-    fields = line.split()
-    return int(fields[fields.index("LISTEN") + 2])  # State, Recv-Q, Send-Q
-
-
-def test_listen_backlog_from_the_config_reaches_the_socket(launcher: Launcher, tmp_path: Path) -> None:
-    port = free_port()
-    conf = write_config(tmp_path / "b.conf", f"""
-[unix]
-listen = {tmp_path}/b.sock
-listen.backlog = 37
-app = {APP}
-pm.max_children = 1
-
-[tcp]
-listen = 127.0.0.1:{port}
-listen.backlog = -1
-app = {APP}
-pm.max_children = 1
-""")
-    launcher.fastfpm("", max_children=2, extra_args=["-c", str(conf)])
-    assert listen_send_q("unix", str(tmp_path / "b.sock")) == 37
-    # -1: the system's maximum, as php-fpm
-    with open("/proc/sys/net/core/somaxconn") as f:
-        assert listen_send_q("tcp", f"127.0.0.1:{port}") == int(f.read())
-    assert os.path.exists(tmp_path / "b.sock")

@@ -1,8 +1,10 @@
 """The slow log: stack dumps written by a worker's dumper thread while its main thread is blocked.
 
-Process tests fork a child that calls install() and then blocks the way a slow request does (in
-time.sleep, in a socket read, in a pure-Python loop); the parent plays the master: it sends
-SLOWLOG_SIGNAL and reads the slowlog. The child's request must keep running and end normally.
+Everything about request_slowlog_timeout and the slowlog file belongs here. Process tests fork a
+child that calls install() and then blocks the way a slow request does (in time.sleep, in a
+socket read, in a pure-Python loop); the parent plays the master: it sends SLOWLOG_SIGNAL and
+reads the slowlog. The child's request must keep running and end normally. The last tests run a
+real master instead.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import pytest
 
 from fastfpm import slowlog
 from fastfpm.slowlog import SLOWLOG_SIGNAL
+from tests.fcgi_helpers import get
+from tests.servers import Launcher, wait_until, write_config
 
 HEADER = re.compile(r"^\[\d\d-[A-Z][a-z]{2}-\d{4} \d\d:\d\d:\d\d\]  \[pool (?P<pool>\S+)\] pid (?P<pid>\d+)$")
 FRAME = re.compile(r"^\[0x[0-9a-f]{16}\] (?P<function>\S+)\(\) (?P<file>.+):(?P<line>\d+)$")
 THIS_FILE = os.path.abspath(__file__)
+ROUTER = "tests.apps.router:app"
+APP = "tests.apps.counters_app:app"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,3 +439,56 @@ def test_request_line_and_seconds_text() -> None:
     assert slowlog.seconds_text(1.9999999) == "1.999999"  # truncated, as a timeval prints
     assert slowlog.seconds_text(1000.0 - (1000.0 - 0.29)) == "0.290000"  # float noise is not a microsecond
     assert slowlog.seconds_text(-0.5) == "0.000000"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through a real master and its workers: the request_slowlog_timeout warning and the entry.
+
+
+def test_slowlog_gets_the_traceback_of_a_request_blocked_in_c(launcher: Launcher, tmp_path: Path) -> None:
+    slowlog = tmp_path / "slow.log"
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=[
+        "--request-slowlog-timeout", "0.5s", "--slowlog", str(slowlog)])
+    response = get(server.address, "/slow", "seconds=2")
+    # The request kept running and finished normally after its traceback was taken.
+    assert response.status == 200 and response.body.startswith(b"slept 2")
+    log = server.wait_for_log("executing too slow")
+    assert '(request: "GET /slow?seconds=2")' in log
+    entry = wait_until(lambda: slowlog.exists() and "pool www" in slowlog.read_text() and slowlog.read_text(),
+                       5, message="the slowlog entry")
+    pid = response.body.split()[-1].decode()
+    assert f"[pool www] pid {pid}" in entry
+    assert "script_filename = /var/www/html/slow" in entry  # SCRIPT_FILENAME as the client sent it
+    # Innermost frame first: the app blocked in time.sleep (C code), then the router that called it.
+    frames = [line for line in entry.splitlines() if line.startswith("[0x")]
+    assert frames[0].startswith("[0x") and " app() " in frames[0]
+    assert "tests/apps/slow.py:" in frames[0] and "tests/apps/router.py:" in frames[1]
+
+
+def test_slowlog_entries_follow_a_renamed_file_without_a_signal(launcher: Launcher, tmp_path: Path) -> None:
+    # The worker opens the slowlog for each entry (fastfpm.slowlog.append_entry), as php-fpm's
+    # fpm_php_trace opens it for each trace, so logrotate's rename is enough: no SIGUSR1 needed.
+    slowlog = tmp_path / "slow.log"
+    conf = write_config(tmp_path / "s.conf", f"""
+[www]
+listen = {tmp_path}/s.sock
+app = {APP}
+pm = static
+pm.max_children = 1
+request_slowlog_timeout = 0.5s
+slowlog = {slowlog}
+""")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "s.sock")
+    assert get(server.address, "/first", "do=sleep&seconds=1.2").status == 200
+    wait_until(lambda: "/first" in slowlog.read_text(), 5, message="the first entry")
+    rotated = tmp_path / "slow.log.1"
+    slowlog.rename(rotated)
+    assert get(server.address, "/second", "do=sleep&seconds=1.2").status == 200
+    wait_until(lambda: slowlog.exists() and "/second" in slowlog.read_text(), 5,
+               message="the second entry in a new slow.log")
+    assert "/second" not in rotated.read_text() and rotated.read_text().count("[pool www] pid") == 1
+    assert "/first" not in slowlog.read_text()
+    # Re-created by the worker with the mode the master gives it at start (not world-readable:
+    # tracebacks show request data).
+    assert slowlog.stat().st_mode & 0o777 == rotated.stat().st_mode & 0o777 == 0o640

@@ -10,16 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from tests.servers import REPO_ROOT
-from tests.test_master import get
-from tests.test_pools import ROUTER, write_config
+from tests.fcgi_helpers import get
+from tests.servers import REPO_ROOT, serve_as_systemd, write_config
 
-
-def start(args: list[str], env: dict[str, str], **popen: object) -> subprocess.Popen[bytes]:
-    """fastfpm serve as systemd would start it."""
-    return subprocess.Popen([sys.executable, "-m", "fastfpm", "serve", *args, "-R"], cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)  # type: ignore[arg-type]
+ROUTER = "tests.apps.router:app"
 
 
 def test_notify_ready_status_and_stopping(tmp_path: Path) -> None:
@@ -35,7 +29,7 @@ pm.max_children = 1
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(10)
-        proc = start(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
         try:
             ready = notify.recv(4096).decode()
             assert "READY=1" in ready and f"MAINPID={proc.pid}" in ready
@@ -65,7 +59,7 @@ pm.max_children = 1
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(10)
         # WatchdogSec=1s: systemd sets WATCHDOG_USEC (WATCHDOG_PID may be left out).
-        proc = start(["-c", str(conf)],
+        proc = serve_as_systemd(["-c", str(conf)],
                      {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"})
         try:
             # Pings start with the master, so one may come before READY=1.

@@ -16,50 +16,10 @@ import pytest
 
 from fastfpm import protocol as p
 from fastfpm.client import FastCGIClient, build_params
+from tests.fcgi_helpers import closed_by_peer, read_records, request_bytes
 from tests.servers import Launcher, wait_until
 
 ROUTER = "tests.apps.lifecycle:app"
-
-
-def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
-                 timeout: float = 5.0) -> list[p.Record]:
-    """Records from sock until one of until_type arrives or the peer closes."""
-    sock.settimeout(timeout)
-    buf = b""
-    records: list[p.Record] = []
-    offset = 0
-    while True:
-        while (record := p.parse_record(buf, offset)) is not None:
-            records.append(record)
-            offset += record.size
-            if record.type == until_type:
-                return records
-        data = sock.recv(65536)
-        if not data:
-            return records
-        buf += data
-
-
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the server closes the connection (EOF or reset) within timeout."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
-
-
-def request_bytes(request_id: int, params: dict[str, str], body: bytes = b"", flags: int = 0,
-                  role: int = p.RESPONDER) -> bytes:
-    """A whole request as a web server sends it: BEGIN, PARAMS, empty PARAMS, STDIN, empty STDIN."""
-    pairs = p.encode_pairs([(k.encode(), v.encode()) for k, v in params.items()])
-    return (p.encode_begin_request(request_id, role, flags) + p.encode_stream(p.PARAMS, request_id, pairs)
-            + p.encode_record(p.PARAMS, request_id) + p.encode_stream(p.STDIN, request_id, body)
-            + p.encode_record(p.STDIN, request_id))
 
 
 def stdout_of(records: list[p.Record], request_id: int = 1) -> bytes:

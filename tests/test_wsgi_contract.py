@@ -31,6 +31,7 @@ from fastfpm import protocol as p
 from fastfpm.client import FastCGIClient, FastCGIError, FastCGITimeout, Response, build_params
 from fastfpm.scoreboard import STAGE_IDLE
 from tests.apps import contract_validated, contract_wsgi
+from tests.fcgi_helpers import closed_by_peer, read_records, request_bytes
 from tests.servers import (
     FastFPMServer,
     Launcher,
@@ -41,7 +42,6 @@ from tests.servers import (
     http_request,
     wait_until,
 )
-from tests.test_worker import closed_by_peer
 
 CONTRACT = "tests.apps.contract_wsgi:app"
 VALIDATED = "tests.apps.contract_validated:app"
@@ -92,35 +92,6 @@ def log_up_to_sentinel(server: FastFPMServer, mark: int) -> str:
     assert request(server, "/log", query_string(text=text)).status == 200
     log = server.wait_for_log(text, mark)
     return log[:log.index(text)]
-
-
-def request_bytes(params: dict[str, str], body: bytes = b"", request_id: int = 1, flags: int = 0) -> bytes:
-    """A whole request as a web server sends it: BEGIN, PARAMS, empty PARAMS, STDIN, empty STDIN."""
-    pairs = p.encode_pairs([(k.encode(), v.encode()) for k, v in params.items()])
-    return (p.encode_begin_request(request_id, p.RESPONDER, flags)
-            + p.encode_stream(p.PARAMS, request_id, pairs) + p.encode_record(p.PARAMS, request_id)
-            + p.encode_stream(p.STDIN, request_id, body)
-            + p.encode_record(p.STDIN, request_id))
-
-
-def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
-                 timeout: float = 10.0) -> list[p.Record]:
-    """Records from sock until one of until_type arrives or the peer closes."""
-    sock.settimeout(timeout)
-    buf, offset, records = b"", 0, []
-    while True:
-        while (record := p.parse_record(buf, offset)) is not None:
-            records.append(record)
-            offset += record.size
-            if record.type == until_type:
-                return records
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            return records
-        if not data:
-            return records
-        buf += data
 
 
 def known_bytes(size: int) -> bytes:
@@ -295,7 +266,7 @@ def test_iterable_is_closed_when_the_client_disconnects(launcher: Launcher, tmp_
     params = build_params("GET", "/stream", query_string(chunks=100000, pause=0.01, closed=closed))
     mark = server.log_size()
     with server.connect() as sock:
-        sock.sendall(request_bytes(params))
+        sock.sendall(request_bytes(1, params))
         first = read_records(sock, until_type=p.STDOUT)
         assert contract_wsgi.FIRST_CHUNK in b"".join(r.content for r in first if r.type == p.STDOUT)
     wait_until(closed.exists, 10, message="close() of the iterable after the client went away")
@@ -550,7 +521,7 @@ def test_slot_reads_running_with_method_and_uri(slot_worker, tmp_path: Path) -> 
 def test_slot_reads_reading_headers_while_params_are_half_sent(slot_worker) -> None:
     board, address, _ = slot_worker
     params = build_params("GET", "/log", "text=half", {"Host": "h"}, None, {})
-    whole = request_bytes(params)
+    whole = request_bytes(1, params)
     begin_len = len(p.encode_begin_request(1))
     half = begin_len + 40  # BEGIN_REQUEST and the first bytes of the PARAMS record
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -599,7 +570,7 @@ def test_default_params_limit_is_64_kib(defaults: FastFPMServer) -> None:
     params["HTTP_X_BIG"] = "y" * (65 * 1024)
     mark = defaults.log_size()
     with defaults.connect() as sock:
-        sock.sendall(request_bytes(params))
+        sock.sendall(request_bytes(1, params))
         records = read_records(sock)
         assert not [r for r in records if r.type in (p.STDOUT, p.END_REQUEST)], records
         assert closed_by_peer(sock, timeout=5)

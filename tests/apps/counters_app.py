@@ -1,4 +1,4 @@
-"""Requests that trip the pool's timeouts, for tests/test_pool_counters.py, picked by `?do=`.
+"""Requests that trip the pool's timeouts and counters, for the end-to-end tests, picked by `?do=`.
 
 `do=sleep&seconds=S` sleeps; `do=ignore-term&seconds=S` first ignores SIGTERM, as a stuck
 extension or a careless signal handler would, so only SIGKILL ends the worker; `do=print&n=N`

@@ -1,6 +1,7 @@
-"""The master's life beyond the first start: ondemand waiting, SIGUSR1, SIGUSR2 reloads, exit lines.
+"""Reloads through real processes: SIGUSR2 (and the emergency restart's), one generation after another.
 
-Real masters and workers, as in test_pools.py; the configuration file is rewritten between signals.
+What a reload applies, refuses, rolls back, and how the old generation hands over to the new one.
+The configuration file is rewritten between signals.
 """
 
 from __future__ import annotations
@@ -14,72 +15,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from fastfpm import master
-from tests.servers import REPO_ROOT, FastFPMServer, Launcher, wait_until
-from tests.test_master import get, server_busy
+from tests.fcgi_helpers import get
+from tests.servers import (
+    REPO_ROOT,
+    ConfiguredServer,
+    FastFPMServer,
+    Launcher,
+    server_busy,
+    wait_until,
+    write_config,
+)
 
 ROUTER = "tests.apps.router:app"
 ROOT = os.geteuid() == 0
-# A master spinning on a waiting connection used 0.5 to 1.2 s of CPU in these windows (on a shared
-# 2-core machine); one that sleeps uses next to nothing. A bound against a spin, not a timing.
-SPIN_BOUND_SECONDS = 0.2
-
-
-class ConfiguredServer(FastFPMServer):
-    """`serve -c FILE`, with or without -R (the harness always passes it)."""
-
-    def __init__(self, workdir: Path, conf: Path, allow_root: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> None:
-        super().__init__("", workdir, extra_args=["-c", str(conf), *extra_args])
-        self.conf = conf
-        self.allow_root = allow_root
-
-    def command(self) -> list[str]:
-        """The harness's command, minus -R when the test wants the refusal."""
-        command = super().command()
-        if not self.allow_root:
-            command.remove("-R")
-        return command
-
-    def rewrite(self, body: str) -> None:
-        """Replace the configuration file ({dir} is the server's directory)."""
-        self.conf.write_text(body.replace("{dir}", str(self.workdir)))
-
-
-@pytest.fixture
-def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ConfiguredServer]]:
-    """Start servers from a config text whose `{dir}` is their own directory; stopped at the end."""
-    started: list[ConfiguredServer] = []
-
-    def start(body: str, allow_root: bool = True, extra_args: tuple[str, ...] = ()) -> ConfiguredServer:
-        workdir = tmp_path_factory.mktemp("fpm")
-        server = ConfiguredServer(workdir, workdir / "fastfpm.conf", allow_root, extra_args)
-        server.rewrite(body)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def master_cpu_over(server: FastFPMServer, seconds: float) -> float:
-    """CPU the master used during the next `seconds` of wall time."""
-    before = cpu_seconds(server.pid)
-    time.sleep(seconds)
-    return cpu_seconds(server.pid) - before
 
 
 def reload_and_wait(server: FastFPMServer, old: set[int], count: int = 1) -> set[int]:
@@ -89,69 +42,75 @@ def reload_and_wait(server: FastFPMServer, old: set[int], count: int = 1) -> set
                       and not pids & old and pids, 10, message="a new generation only")
 
 
-# ------------------------------------------------------------------ ondemand: no busy loop
+# ------------------------------------------------------------------ SIGUSR2: a new generation
 
 
-def test_ondemand_master_sleeps_while_a_connection_waits_for_a_busy_full_pool(launcher: Launcher) -> None:
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--pm", "ondemand"])
-    thread = threading.Thread(target=get, args=(server.address, "/slow", "seconds=4"))
-    thread.start()
-    waiting = None
-    try:
-        wait_until(lambda: server_busy(server), 5, message="the slow request to start")
-        waiting = server.connect()  # queued behind the only worker pm.max_children allows
-        mark = server.log_size()
-        used = master_cpu_over(server, 1.5)
-        assert used < SPIN_BOUND_SECONDS, f"the master used {used:.2f}s of CPU in 1.5s"
-        # The full pool is still noticed (at the once-a-second maintenance), once.
-        log = server.wait_for_log("reached pm.max_children setting (1)", mark, timeout=3)
-        assert log.count("reached pm.max_children") == 1
-    finally:
-        if waiting is not None:
-            waiting.close()
-        thread.join(10)
-
-
-def test_ondemand_master_sleeps_while_the_worker_for_a_connection_starts(launcher: Launcher) -> None:
-    server = launcher.fastfpm("tests.apps.lifecycle_slow_start:app", max_children=2,
-                              extra_args=["--pm", "ondemand"])
-    waiting = server.connect()
-    try:
-        wait_until(lambda: server.worker_pids(), 5, message="a worker forked for the connection")
-        used = master_cpu_over(server, 1.2)  # the worker imports for 2 s
-        assert used < SPIN_BOUND_SECONDS, f"the master used {used:.2f}s of CPU in 1.2s"
-        assert len(server.worker_pids()) == 1  # one connection, one worker
-    finally:
-        waiting.close()
-    assert get(server.address, "/").status == 200
-
-
-# ------------------------------------------------------------------ SIGUSR1
-
-
-def test_failed_log_reopen_keeps_serving_and_logs_the_error(launcher: Launcher, tmp_path: Path) -> None:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=["--error-log", str(logs / "error.log")])
-    gone = tmp_path / "logs.gone"
-    logs.rename(gone)  # the directory went away: reopening must fail
-    server.signal(signal.SIGUSR1)
-    old_file = gone / "error.log"
-    wait_until(lambda: "unable to re-opened error log file" in old_file.read_text(), 5,
-               message="the reopen error in the old file")
-    text = old_file.read_text()
-    assert f"ERROR: failed to open error_log ({logs / 'error.log'}): No such file or directory" in text
-    assert server.proc is not None and server.proc.poll() is None
+def test_sigusr2_reloads_with_a_new_generation_and_leaves_no_old_worker(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=2)
+    old = set(server.worker_pids())
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("reloaded: generation 2", mark)
+    new = wait_until(lambda: (pids := set(server.worker_pids())) and not pids & old and len(pids) == 2
+                     and pids, 10, message="only new workers")
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in old)
+    assert len(new) == 2
     assert get(server.address, "/env").status == 200
-    # The old file is still the log, and a later reopen that can succeed does.
-    get(server.address, "/raise-before", "marker=still-in-old-file")
-    wait_until(lambda: "still-in-old-file" in old_file.read_text(), 5,
-               message="the traceback in the old file")
-    logs.mkdir()
-    server.signal(signal.SIGUSR1)
-    wait_until(lambda: (logs / "error.log").exists()
-               and "NOTICE: error log file re-opened" in (logs / "error.log").read_text(), 5,
-               message="php-fpm's success line in the new file")
+
+
+def test_reload_lets_a_request_in_flight_finish(launcher: Launcher) -> None:
+    server = launcher.fastfpm(ROUTER, max_children=1)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(get(server.address, "/slow", "seconds=1.5")))
+    thread.start()
+    wait_until(lambda: server_busy(server), 5, message="the slow request to start")
+    server.signal(signal.SIGUSR2)
+    thread.join(10)
+    assert results and results[0].status == 200
+    assert get(server.address, "/env").status == 200
+
+
+def test_reload_with_a_broken_config_keeps_serving(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "fastfpm.conf", f"[www]\nlisten = {tmp_path}/r.sock\napp = {ROUTER}\n"
+                        "pm = static\npm.max_children = 1\n")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "r.sock")  # from the file, not the harness's default
+    pids = server.worker_pids()
+    conf.write_text(conf.read_text() + "pm.max_children = lots\n")
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    log = server.wait_for_log("reload aborted", mark)
+    assert f"{conf}:6:" in log and "pm.max_children" in log
+    assert server.worker_pids() == pids
+    assert get(server.address, "/env").status == 200
+
+
+# ------------------------------------------------------------------ emergency restart
+
+
+def test_emergency_restart_reloads_after_repeated_crashes(launcher: Launcher, tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "e.conf", f"""
+[global]
+emergency_restart_threshold = 2
+emergency_restart_interval = 1m
+
+[www]
+listen = {tmp_path}/e.sock
+app = tests.apps.crash:app
+pm.max_children = 2
+""")
+    server = launcher.fastfpm("", extra_args=["-c", str(conf)])
+    address = str(tmp_path / "e.sock")
+    for _ in range(2):
+        try:
+            get(address, "/crash")
+        except Exception:
+            pass  # the worker died mid-request: that is the point
+    log = server.wait_for_log("initiating reload")
+    assert "failed processes threshold (2 in 60 sec) is reached" in log
+    assert log.count("exited on signal 11 (SIGSEGV)") == 2
+    server.wait_for_log("reloaded: generation 2")
+    assert get(address, "/").status == 200
 
 
 # ------------------------------------------------------------------ SIGUSR2: root refusal
@@ -349,79 +308,6 @@ def test_reload_applies_systemd_interval(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(10)
-
-
-# ------------------------------------------------------------------ exit lines
-
-
-@pytest.mark.parametrize(("status", "expected"), [
-    (0, "exited with code 0"),
-    (3 << 8, "exited with code 3"),
-    (signal.SIGKILL, "exited on signal 9 (SIGKILL)"),
-    (signal.SIGSEGV | 0x80, "exited on signal 11 (SIGSEGV - core dumped)"),  # WCOREDUMP's bit
-    (40, "exited on signal 40 (SIGRTMIN+6)"),
-])
-def test_describe_exit(status: int, expected: str) -> None:
-    assert master.describe_exit(status) == expected
-
-
-def core_dumps_land_in_the_cwd() -> bool:
-    """Whether a crashing worker's core goes to a file in its directory (not to a crash collector)."""
-    try:
-        with open("/proc/sys/kernel/core_pattern") as f:
-            pattern = f.read().strip()
-    except OSError:
-        return False
-    import resource
-
-    return not pattern.startswith("|") and "/" not in pattern and \
-        resource.getrlimit(resource.RLIMIT_CORE)[1] != 0
-
-
-@pytest.mark.skipif(not core_dumps_land_in_the_cwd(), reason="core dumps do not go to the worker's cwd here")
-def test_a_worker_that_dumps_core_is_logged_as_such(configured: Callable[..., ConfiguredServer]) -> None:
-    server = configured("""
-[www]
-listen = {dir}/fpm.sock
-app = tests.apps.crash:app
-chdir = {dir}
-rlimit_core = unlimited
-pm = static
-pm.max_children = 1
-""")
-    worker = server.worker_pids()[0]
-    mark = server.log_size()
-    try:
-        with pytest.raises(Exception):  # noqa: B017 - the worker dies mid-request: any client error
-            get(server.address, "/crash")
-        log = server.wait_for_log(f"child {worker} exited", mark)
-        assert f"child {worker} exited on signal 11 (SIGSEGV - core dumped) after" in log
-    finally:
-        for core in server.workdir.glob("core*"):
-            core.unlink()  # some megabytes each
-
-
-def test_workers_stop_when_the_master_is_killed(launcher: Launcher) -> None:
-    # SIGKILL leaves the master no chance to stop its workers: they must notice on their own
-    # (gunicorn's workers do the same) rather than serve on with nobody to supervise them.
-    server = launcher.fastfpm("tests.apps.router:app", max_children=2)
-    workers = server.worker_pids()
-    assert len(workers) == 2
-    os.kill(server.pid, signal.SIGKILL)
-    server.proc.wait(timeout=10)
-
-    def all_gone() -> bool:
-        alive = []
-        for pid in workers:
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":
-                        alive.append(pid)
-            except FileNotFoundError:
-                pass
-        return not alive
-
-    wait_until(all_gone, 10, message="workers exiting after their master was killed")
 
 
 # ------------------------------------------------------------------ SIGUSR2: overlapping generations
