@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import Launcher, free_port, missing_requirement, wait_until
-from tests.test_master import get
-from tests.test_pools import write_config
+from tests.fcgi_helpers import get
+from tests.servers import Launcher, free_port, missing_requirement, wait_until, write_config
 
 APP = "tests.apps.gate_app:app"
 
