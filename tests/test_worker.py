@@ -327,3 +327,17 @@ def test_idle_kept_connection_is_closed_after_idle_timeout(server) -> None:
         started = time.monotonic()
         assert closed_by_peer(sock, timeout=10)
         assert 0.9 <= time.monotonic() - started < 5  # --idle-timeout 1
+
+
+def test_kept_connections_are_closed_after_idle_timeout_once_the_accept_queue_drains(server) -> None:
+    # The worker holds `first` kept; `second` then arrives through its epoll set and is accepted
+    # there, after which the worker finds the accept queue empty. Its next wait must still end at
+    # the kept connections' idle deadline (it once waited without one, holding both open).
+    with server.connect() as first, server.connect() as second:
+        first.sendall(request_bytes(1, env_params(), flags=p.KEEP_CONN))
+        assert read_records(first)[-1].type == p.END_REQUEST
+        second.sendall(request_bytes(1, env_params(), flags=p.KEEP_CONN))
+        assert read_records(second)[-1].type == p.END_REQUEST
+        started = time.monotonic()
+        assert closed_by_peer(second, timeout=10) and closed_by_peer(first, timeout=10)
+        assert time.monotonic() - started < 5  # --idle-timeout 1
