@@ -5,36 +5,35 @@ number into a pipe); the loop reads the pipe and calls handle_<signal>, as gunic
 The process manager's decisions come from fastfpm.pm as actions; this module only carries them out.
 Log lines follow php-fpm's wording so existing log watchers keep working.
 
-Each worker gets three pipes to the master: its own log lines (already formatted, written whole),
-and its stdout and stderr (logged line by line when catch_workers_output is on, else dropped, as
-php-fpm does). Only the master writes the error log, so SIGUSR1 (logrotate) reopens one file.
+What it runs is a Generation (fastfpm.generation): one configuration's pools. A reload starts the
+next beside it and retires the old one once the new one is up. Workers are started, and their exits
+reported, by a spawner (fastfpm.spawner); their pipes are read by fastfpm.stdio. The loop sleeps on
+a Watcher (fastfpm.watcher): the wake-up pipe, the workers' pipes and ondemand listen sockets.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastfpm import pm, systemd
-from fastfpm.address import parse_address
 from fastfpm.config import Config, ConfigError
+from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
 from fastfpm.log import ErrorLog
 from fastfpm.pool import Child, Pool, pending_connections
 from fastfpm.slowlog import SLOWLOG_SIGNAL
-from fastfpm.worker import EXIT_BOOT_ERROR, run_worker
+from fastfpm.spawner import DirectSpawner
+from fastfpm.stdio import WorkerOutput
+from fastfpm.watcher import Watcher
+from fastfpm.worker import EXIT_BOOT_ERROR
 
 # Signals the master reacts to; everything else keeps its default action.
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGUSR2)
-# How often a graceful stop repeats SIGQUIT: a worker that was between its stop check and its
-# wait when the first one came would otherwise sleep until its next connection.
-QUIT_REPEAT_SECONDS = 1.0
 # While ondemand workers are starting, how often the master looks at the accept queue again.
 ONDEMAND_RECHECK_SECONDS = 0.02
 # Grace between SIGTERM and SIGKILL on a fast stop.
@@ -66,16 +65,6 @@ def describe_exit(status: int) -> str:
     return f"exited with code {os.WEXITSTATUS(status)}"
 
 
-@dataclass
-class Previous:
-    """The generation a reload replaces, kept serving until the new one is up (or rolled back to)."""
-
-    pools: list[Pool]
-    config: Config
-    log: ErrorLog
-    generation: int
-
-
 def close_log_stream(log: ErrorLog) -> None:
     """Close the file an ErrorLog writes to (standard error and syslog stay open)."""
     if log.stream is not sys.stderr:
@@ -95,13 +84,12 @@ def shown(value: Any) -> str:
 
 
 class Master:
-    """The arbiter: start pools, keep them sized as pm decides, reload and stop on signals."""
+    """The arbiter: start a generation of pools, keep them sized as pm decides, reload and stop on signals."""
 
     def __init__(self, config: Config, log: ErrorLog, *, config_path: str | None = None,
                  cli_options: dict[str, Any] | None = None, identities: dict[str, Any] | None = None,
                  inherited_sockets: list[tuple[str, Any]] | None = None, allow_root: bool = False,
                  prefix: str | None = None) -> None:
-        self.config = config
         self.log = log
         self.config_path = config_path
         self.prefix = prefix             # -p, for reading the file again on reload
@@ -109,46 +97,60 @@ class Master:
         # -R: workers may run as root. Kept for reloads, which apply php-fpm's root rules again.
         self.allow_root = allow_root
         self.pid_path: str | None = None  # the pid file written, removed at exit
-        self.generation = 1
-        self.pools: list[Pool] = []
-        self.draining: list[Pool] = []   # pools of an older generation, finishing their requests
-        self.previous: Previous | None = None  # during a reload: the generation that serves meanwhile
+        self.current = Generation(1, config, log)   # the generation that serves
+        self.previous: Generation | None = None     # during a reload: the one that serves meanwhile
+        self.draining: list[Generation] = []        # retired or failed, finishing their workers
         self.stopping: str | None = None  # None, "fast" or "graceful"
         self.stop_deadline: float | None = None
         self.next_quit = 0.0
         self.exit_status = 0
-        self.ready = False
         self.on_ready: Any = None        # called once, when first ready (daemonize's parent waits)
         self.process_max_state = pm.ProcessMaxState()
         self.emergency = pm.EmergencyRestart(config.global_.emergency_restart_threshold,
                                              config.global_.emergency_restart_interval)
         self.next_maintenance = 0.0
         self.next_check = 0.0
-        self.pipes: dict[int, Child] = {}
         self.respawn_due: set[str] = set()   # pools that lost a worker it did not ask to exit
         # systemd: READY/RELOADING/STOPPING, STATUS= lines every systemd_interval, watchdog pings.
         self.notifier = systemd.Notifier.from_environ(unset=True)
         self.watchdog = systemd.watchdog_interval(unset=True) if self.notifier else None
         self.heartbeat = systemd.Heartbeat(config.global_.systemd_interval if self.notifier else 0,
                                            self.watchdog, time.monotonic())
+        self.watcher = Watcher()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.watcher.register(self.wake_r, self.dispatch_signals, on_interrupt=True)
+        self.output = WorkerOutput(self.watcher, lambda: self.log)
+        self.spawner = DirectSpawner(self.close_in_child)
+        self.watched_sockets: dict[int, Any] = {}   # ondemand listen sockets registered for this wait
         try:
-            inherited = [sock for _, sock in inherited_sockets or []]
-            for pool_config in config.pools:
-                sock = systemd.match_socket(inherited, pool_config.listen) if inherited else None
-                if sock is not None:
-                    inherited.remove(sock)
-                    log.notice(f"[pool {pool_config.name}] using the socket systemd passed for "
-                               f"{pool_config.listen}")
-                self.pools.append(Pool(pool_config, log, self.generation, sock=sock,
-                                       identity=(identities or {}).get(pool_config.name),
-                                       inherited=sock is not None))
-            for sock in inherited:
-                log.warning(f"no pool listens on the socket systemd passed as fd {sock.fileno()}; closing it")
-                sock.close()
+            self.current.open_pools(identities or {}, inherited_sockets or [])
         except BaseException:
             self.close()
             raise
+
+    @property
+    def config(self) -> Config:
+        """The configuration of the generation that serves."""
+        return self.current.config
+
+    @property
+    def pools(self) -> list[Pool]:
+        """The pools of the generation that serves."""
+        return self.current.pools
+
+    @property
+    def generation(self) -> int:
+        """The number of the generation that serves (1, then one more for each reload)."""
+        return self.current.number
+
+    @property
+    def ready(self) -> bool:
+        """True once the current generation's initial workers are up."""
+        return self.current.state == SERVING
+
+    def generations(self) -> list[Generation]:
+        """Every generation with workers or sockets: current, previous (during a reload), draining."""
+        return [self.current, *self.draining, *([self.previous] if self.previous is not None else [])]
 
     # ------------------------------------------------------------------ life cycle
 
@@ -161,14 +163,7 @@ class Master:
         try:
             self.spawn_initial(self.pools)
             while True:
-                if not self.ready and not self.stopping and all(p.all_started() for p in self.pools):
-                    self.ready = True
-                    self.retire_previous()
-                    self.log.notice("ready to handle connections")
-                    self.notify("ready")
-                    if self.on_ready is not None:
-                        self.on_ready()
-                        self.on_ready = None
+                self.check_ready()
                 if self.stopping and not self.alive():
                     break
                 self.wait(self.next_timeout())
@@ -189,6 +184,18 @@ class Master:
         self.log.notice("exiting, bye-bye!")
         return self.exit_status
 
+    def check_ready(self) -> None:
+        """Once the current generation's initial workers are up: it serves, the previous one retires."""
+        if self.ready or self.stopping or not self.current.all_started():
+            return
+        self.current.serve()
+        self.retire_previous()
+        self.log.notice("ready to handle connections")
+        self.notify("ready")
+        if self.on_ready is not None:
+            self.on_ready()
+            self.on_ready = None
+
     def log_pools(self) -> None:
         """At debug level, what each pool listens on and how it is managed (at start and reload)."""
         for pool in self.pools:
@@ -197,7 +204,7 @@ class Master:
 
     def alive(self) -> bool:
         """Any worker of any generation still running."""
-        return any(p.children for p in self.pools + self.draining)
+        return any(g.alive() for g in self.generations())
 
     def next_timeout(self) -> float:
         """How long the loop may sleep: until the next maintenance tick or timeout check."""
@@ -234,6 +241,8 @@ class Master:
         if due and not self.notifier.notify(*due):
             self.log.warning(f"could not notify systemd: {self.notifier.last_error}")
 
+    # ------------------------------------------------------------------ waiting
+
     def install_signals(self) -> None:
         """Route signals into the wake-up pipe; the handlers themselves do nothing."""
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -243,34 +252,34 @@ class Master:
 
     def wait(self, timeout: float) -> None:
         """Sleep until a signal, worker output or (ondemand) a connection arrives, then handle it."""
-        watched_pools: dict[int, Pool] = {}
-        recheck: list[Pool] = []
-        for pool in self.pools:
-            could = self.spawn_could_follow(pool)
-            if could == "watch":
-                watched_pools[pool.socket.fileno()] = pool
-            elif could == "recheck":
-                recheck.append(pool)
+        recheck = self.watch_ondemand_sockets()
         if recheck:
             # Workers are starting: a connection they will take keeps the socket readable, so it is
             # not watched (select would spin); the queue is looked at again shortly instead, so a
             # burst larger than the workers starting gets more without waiting for the next second.
             timeout = min(timeout, ONDEMAND_RECHECK_SECONDS)
-        watched = [self.wake_r, *self.pipes, *watched_pools]
-        try:
-            readable, _, _ = select.select(watched, [], [], timeout)
-        except InterruptedError:
-            readable = [self.wake_r]
-        for fd in readable:
-            if fd == self.wake_r:
-                self.dispatch_signals()
-            elif fd in self.pipes:
-                self.read_worker_output(fd)
-            elif fd in watched_pools:
-                self.spawn_for_pending(watched_pools[fd])
+        self.watcher.wait(timeout)
         for pool in recheck:
             if pool in self.pools and not self.stopping:
                 self.spawn_for_pending(pool)
+
+    def watch_ondemand_sockets(self) -> list[Pool]:
+        """Register the ondemand sockets a connection could fork a worker for (spawn_could_follow);
+        return the pools whose queue is to be rechecked instead. Registered anew before each wait,
+        after the worker pipes, so their handlers run last."""
+        for fd, handler in self.watched_sockets.items():
+            self.watcher.unregister(fd, handler)
+        self.watched_sockets = {}
+        recheck: list[Pool] = []
+        for pool in self.pools:
+            could = self.spawn_could_follow(pool)
+            if could == "watch":
+                handler = partial(self.spawn_for_pending, pool)
+                self.watcher.register(pool.socket.fileno(), handler)
+                self.watched_sockets[pool.socket.fileno()] = handler
+            elif could == "recheck":
+                recheck.append(pool)
+        return recheck
 
     def spawn_for_pending(self, pool: Pool) -> None:
         """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
@@ -378,8 +387,7 @@ class Master:
     def enforce_stop(self) -> None:
         """While stopping: repeat SIGQUIT, and escalate once the deadline has passed."""
         now = time.monotonic()
-        for pool in self.draining:
-            self.drain(pool, now)
+        self.drain_old_generations(now)
         if not self.stopping:
             return
         if self.stop_deadline is not None and now >= self.stop_deadline:
@@ -415,41 +423,26 @@ class Master:
         new_log = self.open_log(new_config.global_)
         if new_log is None:
             return
-        self.generation += 1
-        sockets = {str(p.address): p for p in self.pools}
-        new_pools = []
+        new = Generation(self.generation + 1, new_config, new_log)
         try:
-            for pool_config in new_config.pools:
-                old = sockets.pop(str(parse_address(pool_config.listen)), None)
-                new_pools.append(Pool(pool_config, new_log, self.generation,
-                                      sock=old.socket if old is not None else None,
-                                      identity=identities[pool_config.name],
-                                      inherited=old is not None and old.inherited))
+            new.open_pools_after(self.current, identities)
         except (OSError, ValueError) as exc:
             self.log.error(f"reload aborted: {exc}")
             self.notify("ready")
-            for pool in new_pools:
-                pool.close(keep_socket=pool.socket in [p.socket for p in self.pools])
-            self.generation -= 1
+            new.share_sockets_with(self.current)
+            new.close(keep_shared=True)
             self.discard_log(new_log)
             return
-        reused = {id(p.socket) for p in new_pools}
-        for pool in self.pools:
-            # The old generation serves on, beside the new one, until every new worker has
-            # loaded the application (retire_previous); if the application cannot be loaded it
-            # stays (roll_back). Either way no request meets a pool without workers.
-            pool.keep_socket = id(pool.socket) in reused
-            self.draining.append(pool)
-        self.previous = Previous(self.pools, self.config, self.log, self.generation - 1)
+        # The old generation serves on, beside the new one, until every new worker has loaded the
+        # application (retire_previous); if the application cannot be loaded it stays (roll_back).
+        # Either way no request meets a pool without workers.
+        self.current.share_sockets_with(new)
         old_global = self.config.global_
-        self.config = new_config
-        self.pools = new_pools
+        self.previous, self.current = self.current, new
         # Before the new workers fork: they inherit the log (and its level) from the master. The
         # old log stays open until the new generation is up, in case the reload is rolled back.
         self.apply_globals(old_global, new_log, close_retired=False)
-        self.emergency = pm.EmergencyRestart(new_config.global_.emergency_restart_threshold,
-                                             new_config.global_.emergency_restart_interval)
-        self.ready = False   # "ready" again once this generation's initial workers are up
+        self.reset_emergency()
         self.log_pools()
         self.spawn_initial(self.pools)
         self.log.notice(f"reloading: generation {self.generation} starting, generation "
@@ -462,43 +455,40 @@ class Master:
             return
         if previous.log is not self.log:
             close_log_stream(previous.log)
-        grace = max(self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS)
-        for pool in previous.pools:
-            self.start_draining(pool, signal.SIGQUIT, grace)
+        previous.retire(max(self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS))
+        self.draining.append(previous)
         self.log.notice(f"reloaded: generation {self.generation}")
-
-    def start_draining(self, pool: Pool, sig: int, grace: float) -> None:
-        """Tell a pool of the generation going away to stop (sig), SIGKILL whoever is left after grace."""
-        now = time.monotonic()
-        for child in pool.children.values():
-            child.stopping = True
-            self.signal_child(child, sig)
-        pool.drain_deadline = now + grace
-        pool.next_quit = now + QUIT_REPEAT_SECONDS
 
     def roll_back(self, reason: str) -> None:
         """A new generation that cannot start gives way: the previous one, still serving, stays."""
-        previous, self.previous = self.previous, None
+        previous, failed = self.previous, self.current
         assert previous is not None
-        failed_pools, failed_config = self.pools, self.config
-        self.log.error(f"reload failed: {reason}; generation {previous.generation} keeps serving")
-        kept = {id(p.socket) for p in previous.pools}
-        for pool in previous.pools:
-            self.draining.remove(pool)
-        for pool in failed_pools:
-            pool.keep_socket = id(pool.socket) in kept
-            for child in pool.children.values():
-                child.killed_by_pm = True
-            self.start_draining(pool, signal.SIGTERM, FAST_STOP_GRACE_SECONDS)
-            self.draining.append(pool)
-        self.pools = previous.pools
-        self.config = previous.config
-        self.generation = previous.generation
-        self.apply_globals(failed_config.global_, previous.log)
+        self.log.error(f"reload failed: {reason}; generation {previous.number} keeps serving")
+        failed.share_sockets_with(previous)
+        failed.fail(FAST_STOP_GRACE_SECONDS)
+        self.draining.append(failed)
+        self.current, self.previous = previous, None
+        self.current.serve()
+        self.apply_globals(failed.config.global_, previous.log)
+        self.reset_emergency()
+        self.notify("ready")
+
+    def drain_old_generations(self, now: float) -> None:
+        """Move the generations going away along (SIGQUIT repeats, SIGKILL after their deadline);
+        forget those whose pools are all closed."""
+        for old in list(self.draining):
+            old.move_along(now)
+            if old.gone():
+                self.draining.remove(old)
+        if self.previous is not None and self.stopping:
+            # A stop during a reload moves the previous generation along too, as it always has. It
+            # was never retired, so its deadline (0) has passed: its workers get SIGKILL at once.
+            self.previous.move_along(now)
+
+    def reset_emergency(self) -> None:
+        """emergency_restart_* as the configuration now in force says, counting from zero."""
         self.emergency = pm.EmergencyRestart(self.config.global_.emergency_restart_threshold,
                                              self.config.global_.emergency_restart_interval)
-        self.ready = True
-        self.notify("ready")
 
     def abort_reload(self, problems: list[str]) -> None:
         """Log why a reload cannot go ahead; the running generation keeps serving."""
@@ -592,22 +582,6 @@ class Master:
                 self.log.notice(f"'{directive}' changed ({shown(before)} -> {shown(after)}); a reload "
                                 f"does not apply it, restart fastfpm for that")
 
-    def drain(self, pool: Pool, now: float) -> None:
-        """Move an old generation along: SIGQUIT again each second, SIGKILL after the timeout."""
-        if self.previous is not None and pool in self.previous.pools and not self.stopping:
-            return  # still serving: the new generation is not up yet
-        if not pool.children:
-            self.draining.remove(pool)
-            pool.close(keep_socket=pool.keep_socket)
-            return
-        if now >= pool.drain_deadline:
-            for child in pool.children.values():
-                self.signal_child(child, signal.SIGKILL)
-        elif now >= pool.next_quit:
-            pool.next_quit = now + QUIT_REPEAT_SECONDS
-            for child in pool.children.values():
-                self.signal_child(child, signal.SIGQUIT)
-
     # ------------------------------------------------------------------ process management
 
     def spawn_initial(self, pools: list[Pool]) -> None:
@@ -670,89 +644,63 @@ class Master:
                     if not self.spawn_worker(pool):
                         break
             elif isinstance(action, pm.Kill):
-                child = self.find_child(pool, action.pid)
+                child = pool.children.get(action.pid)
                 if child is not None:
                     child.stopping = child.killed_by_pm = True
-                    self.signal_child(child, signal.SIGQUIT)
+                    child.signal(signal.SIGQUIT)
             elif isinstance(action, pm.Warn):
                 self.log.warning(action.message)
             elif isinstance(action, pm.Terminate):
-                child = self.find_child(pool, action.pid)
+                child = pool.children.get(action.pid)
                 if child is not None:
                     self.log.warning(action.message)
                     child.stopping = True
-                    self.signal_child(child, signal.SIGKILL if action.force else signal.SIGTERM)
+                    child.signal(signal.SIGKILL if action.force else signal.SIGTERM)
             elif isinstance(action, pm.SlowlogDump):
-                child = self.find_child(pool, action.pid)
+                child = pool.children.get(action.pid)
                 if child is not None:
                     self.log.warning(action.message)
-                    self.signal_child(child, SLOWLOG_SIGNAL)
-
-    @staticmethod
-    def find_child(pool: Pool, pid: int) -> Child | None:
-        """The pool's child with this pid, if still alive."""
-        return pool.children.get(pid)
+                    child.signal(SLOWLOG_SIGNAL)
 
     def spawn_worker(self, pool: Pool) -> bool:
-        """Fork one worker into a free scoreboard slot, with its log and output pipes."""
+        """Start one worker in a free scoreboard slot, with its log and output pipes."""
         slot = pool.scoreboard.free_index()
         if slot is None:
             self.log.error(f"[pool {pool.name}] no free scoreboard slot; not spawning")
             return False
-        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # log, stdout, stderr
-        # The slot is claimed before fork: a quick child may write "Idle" before the parent runs
-        # again, and claiming afterwards would overwrite that with "Starting" for good.
+        # The slot is claimed before the worker starts: a quick one may write "Idle" before the
+        # master runs again, and claiming afterwards would overwrite that with "Starting" for good.
         pool.scoreboard.claim(slot, 0, pool.generation)
-        keep_in_child = {pool.socket.fileno(), *(w for _, w in pipes)}
-        # Block signals across fork so none reaches the child before it has reset its handlers.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self.close_in_child(keep_in_child)
-                run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot,
-                           self.log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1],
-                           identity=pool.identity)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        pid, pipes = self.spawner.start(pool, slot, self.log)
         pool.scoreboard.set_pid(slot, pid)
         child = Child(pid, slot, pool)
-        for (read_fd, write_fd), kind in zip(pipes, ("log", "stdout", "stderr"), strict=True):
-            os.close(write_fd)
-            os.set_blocking(read_fd, False)
-            child.pipes[read_fd] = kind
-            self.pipes[read_fd] = child
+        self.output.add(child, pipes)
         pool.children[pid] = child
         self.log.notice(f"[pool {pool.name}] child {pid} started")
         return True
 
     def close_in_child(self, keep: set[int]) -> None:
         """In a new child: close the master's descriptors the worker must not hold."""
-        for fd in (self.wake_r, self.wake_w, *self.pipes):
+        for fd in (self.wake_r, self.wake_w, *self.output.pipes):
             os.close(fd)
-        for pool in self.pools + self.draining:
-            if pool.socket.fileno() not in keep:
-                pool.socket.close()
+        for generation in self.generations():
+            for pool in generation.pools:
+                if pool.socket.fileno() not in keep:
+                    pool.socket.close()
 
     def reap_workers(self) -> None:
-        """waitpid() every exited child; log its end as php-fpm does; replace it as pm says."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            for pool in self.pools + self.draining:
-                child = pool.children.pop(pid, None)
+        """Bury every worker the spawner reports exited; replace it as pm says."""
+        for pid, status in self.spawner.exited():
+            for generation in self.generations():
+                child = generation.pop_child(pid)
                 if child is not None:
-                    self.bury(pool, child, status)
+                    self.bury(generation, child, status)
                     break
 
-    def bury(self, pool: Pool, child: Child, status: int) -> None:
+    def bury(self, generation: Generation, child: Child, status: int) -> None:
         """Everything that follows a worker's exit: its last output, the log line, a replacement."""
-        for fd in list(child.pipes):
-            self.read_worker_output(fd, final=True)
+        pool = child.pool
+        self.output.read_last(child)
         pool.scoreboard.release(child.slot)
         self.log_exit(pool, child, status)
         signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
@@ -760,7 +708,7 @@ class Master:
             self.log.warning(self.emergency.message)
             self.reload()
             return
-        if self.stopping or pool in self.draining:
+        if self.stopping or generation is not self.current:
             return
         if not os.WIFSIGNALED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
             if self.previous is not None:
@@ -803,61 +751,10 @@ class Master:
                      f"[pool {pool.name}] child {child.pid} {describe_exit(status)} "
                      f"after {uptime:.6f} seconds from start")
 
-    def read_worker_output(self, fd: int, final: bool = False) -> None:
-        """Pass a worker's log lines through, and its stdout/stderr lines as catch_workers_output says."""
-        child = self.pipes.get(fd)
-        if child is None:
-            return
-        kind = child.pipes[fd]
-        chunks = [child.partial.pop(fd, b"")]
-        eof = False
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                eof = True
-                break
-            chunks.append(data)
-            if not final:
-                break
-        data = b"".join(chunks)
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        # A partial line waits for its end up to log_limit; longer, it is logged in pieces.
-        if rest and not (eof or final) and len(rest) < self.log.limit:
-            child.partial[fd] = rest
-        elif rest:
-            lines.append(rest)
-        pool = child.pool
-        for line in lines:
-            text = line.decode("utf-8", "backslashreplace")
-            if kind == "log":
-                self.log.write_line(text)
-            elif pool.config.catch_workers_output:
-                if pool.config.decorate_workers_output:
-                    self.log.child_said(pool.name, child.pid, kind, text)
-                else:
-                    self.log.write_line(text)
-        if eof or final:
-            del self.pipes[fd]
-            del child.pipes[fd]
-            os.close(fd)
-
-    def signal_child(self, child: Child, sig: int) -> None:
-        """kill() one worker; one that is already gone is no error."""
-        try:
-            os.kill(child.pid, sig)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
-
     def kill_all(self, sig: int) -> None:
         """Send sig to every live worker of every pool and generation."""
-        for pool in self.pools + self.draining:
-            for child in pool.children.values():
-                self.signal_child(child, sig)
+        for generation in self.generations():
+            generation.signal_all(sig)
 
     # ------------------------------------------------------------------ files
 
@@ -899,12 +796,13 @@ class Master:
     def close(self) -> None:
         """Release sockets, scoreboards, pipes and the wake-up pipe."""
         signal.set_wakeup_fd(-1)
-        for fd in (self.wake_r, self.wake_w, *self.pipes):
+        for fd in (self.wake_r, self.wake_w):
+            self.watcher.unregister(fd)
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.pipes.clear()
-        for pool in self.pools + self.draining:
-            pool.close()
-        self.pools, self.draining = [], []
+        self.output.close()
+        for generation in self.generations():
+            generation.close()
+        self.previous, self.draining = None, []

@@ -6,6 +6,7 @@ Child is what it knows of one worker it started in the pool.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -32,6 +33,14 @@ class Child:
     pipes: dict[int, str] = field(default_factory=dict)    # read fd -> "log" | "stdout" | "stderr"
     partial: dict[int, bytes] = field(default_factory=dict)
 
+    def signal(self, sig: int) -> None:
+        """kill() the worker; one that is already gone is no error."""
+        try:
+            os.kill(self.pid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
 
 class Pool:
     """One pool: its config, listen socket, scoreboard, pm state and live workers."""
@@ -55,10 +64,6 @@ class Pool:
         self.children: dict[int, Child] = {}
         self.initial = pm.initial_spawn(config)
         self.prepare_slowlog()
-        # While an older generation drains after a reload:
-        self.keep_socket = False         # the new generation took over the socket
-        self.drain_deadline = 0.0        # SIGKILL for whoever is still busy then
-        self.next_quit = 0.0             # the next repeated SIGQUIT
 
     def prepare_slowlog(self) -> None:
         """Create the slowlog file for the workers, which append to it as the pool's user."""
