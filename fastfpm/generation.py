@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
-from fastfpm import systemd
+from fastfpm import pm, systemd
 from fastfpm.address import parse_address
 from fastfpm.config import Config
 from fastfpm.log import ErrorLog
-from fastfpm.pool import Child, Pool
+from fastfpm.pool import Child, Pool, pending_connections
+from fastfpm.slowlog import SLOWLOG_SIGNAL
 
 STARTING, SERVING, DRAINING, FAILED = "starting", "serving", "draining", "failed"
 # How often a generation going away repeats SIGQUIT: a worker that was between its stop check and
@@ -32,10 +34,13 @@ QUIT_REPEAT_SECONDS = 1.0
 class Generation:
     """One configuration's pools and workers, numbered from 1 in the order reloads made them."""
 
-    def __init__(self, number: int, config: Config, log: ErrorLog) -> None:
+    def __init__(self, number: int, config: Config, log: ErrorLog, *, spawn_worker: Callable[[Pool], bool],
+                 process_max_state: pm.ProcessMaxState) -> None:
         self.number = number
         self.config = config
         self.log = log                   # the error log its [global] asks for
+        self.spawn_worker = spawn_worker  # the master's: start one worker in a pool, False if it cannot
+        self.process_max_state = process_max_state  # the master's, kept across reloads
         self.pools: list[Pool] = []
         self.state = STARTING
         # ids of the listen sockets another generation serves on: closing a pool leaves those open.
@@ -88,6 +93,113 @@ class Generation:
     def serve(self) -> None:
         """Its initial workers are up (or it is what a failed reload falls back on): it serves."""
         self.state = SERVING
+
+    # ------------------------------------------------------------------ process management
+
+    def spawn_initial(self) -> None:
+        """Start each pool's initial workers (pm.start_servers, max_children, or none)."""
+        wanted = {p.name: [pm.Spawn(p.initial)] if p.initial else [] for p in self.pools}
+        capped = self.cap(wanted)
+        for pool in self.pools:
+            actions = capped.get(pool.name, [])
+            # What process.max left is what "ready" waits for.
+            pool.initial = sum(a.n for a in actions if isinstance(a, pm.Spawn))
+            self.execute(pool, actions)
+
+    def maintain_pools(self, now: float) -> None:
+        """The once-a-second idle-server maintenance of every pool."""
+        actions = {p.name: pm.decide(p.snapshot(), p.config, p.state, now) for p in self.pools}
+        for pool in self.pools:
+            # An ondemand pool whose socket wait() leaves alone (see spawn_could_follow) may have
+            # connections waiting: pm says whether that means a warning (or, with room again, a spawn).
+            if pool.config.pm == "ondemand" and not self.spawn_could_follow(pool):
+                pending = pending_connections(pool.socket)
+                if pending:
+                    actions[pool.name] += pm.on_connection_pending(pool.snapshot(), pool.config, pool.state,
+                                                                   pending)
+        capped = self.cap(actions)
+        for pool in self.pools:
+            self.execute(pool, capped.get(pool.name, []))
+            pool.scoreboard.header.max_children_reached = pool.state.max_children_reached
+
+    def spawn_for_pending(self, pool: Pool) -> None:
+        """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
+
+        php-fpm forks one child per readiness event, so a burst of connections is served one new
+        child at a time; the queue's length lets fastfpm fork for the whole burst at once.
+        """
+        pending = pending_connections(pool.socket)
+        if pending:
+            actions = pm.on_connection_pending(pool.snapshot(), pool.config, pool.state, pending)
+            self.execute(pool, self.cap({pool.name: actions})[pool.name])
+
+    def respawn(self, due: set[str]) -> None:
+        """Replace the workers the pools named in due lost without asking, as pm says."""
+        for pool in self.pools:
+            if pool.name in due:
+                actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=False)
+                self.execute(pool, self.cap({pool.name: actions})[pool.name])
+
+    def spawn_could_follow(self, pool: Pool) -> str | None:
+        """Whether a connection waiting on this ondemand pool's socket could fork a worker now.
+
+        "watch": no worker idle or starting and room to spawn, so the socket is watched. select() is
+        level-triggered: a connection left waiting for a busy full pool would wake the loop again at
+        once, forever (php-fpm registers the socket edge-triggered instead). "recheck": workers are
+        starting and there is room; the queue is checked every ONDEMAND_RECHECK_SECONDS meanwhile.
+        None: nothing to do. Nobody waits on a full pool unseen: maintain_pools looks at its socket
+        once a second for the max_children warning. (A stopping master watches no socket.)
+        """
+        if pool.config.pm != "ondemand":
+            return None
+        snapshot = pool.snapshot()
+        if snapshot.idle or snapshot.total >= pool.config.pm_max_children:
+            return None
+        process_max = self.config.global_.process_max
+        if process_max > 0 and self.total_workers() >= process_max:
+            return None
+        return "recheck" if snapshot.starting else "watch"
+
+    def total_workers(self) -> int:
+        """Workers alive in every pool of this generation (what process.max caps).
+
+        An older generation still finishing its requests after a reload is not counted: the
+        scoreboards have room for two generations, and counting it would leave the new one without
+        workers until the old requests end. So during a drain the total may briefly reach twice
+        process.max (php-fpm never has two generations: it waits for the old one, then re-executes).
+        """
+        return sum(len(p.children) for p in self.pools)
+
+    def cap(self, actions: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """pm's actions with the spawns process.max leaves no room for cut (and warned about once)."""
+        return pm.cap_spawns(actions, self.total_workers(), self.config.global_.process_max,
+                             self.process_max_state)
+
+    def execute(self, pool: Pool, actions: list[Any]) -> None:
+        """Carry out pm's actions for one pool."""
+        for action in actions:
+            if isinstance(action, pm.Spawn):
+                for _ in range(action.n):
+                    if not self.spawn_worker(pool):
+                        break
+            elif isinstance(action, pm.Kill):
+                child = pool.children.get(action.pid)
+                if child is not None:
+                    child.stopping = child.killed_by_pm = True
+                    child.signal(signal.SIGQUIT)
+            elif isinstance(action, pm.Warn):
+                self.log.warning(action.message)
+            elif isinstance(action, pm.Terminate):
+                child = pool.children.get(action.pid)
+                if child is not None:
+                    self.log.warning(action.message)
+                    child.stopping = True
+                    child.signal(signal.SIGKILL if action.force else signal.SIGTERM)
+            elif isinstance(action, pm.SlowlogDump):
+                child = pool.children.get(action.pid)
+                if child is not None:
+                    self.log.warning(action.message)
+                    child.signal(SLOWLOG_SIGNAL)
 
     # ------------------------------------------------------------------ workers
 

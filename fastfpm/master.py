@@ -24,8 +24,7 @@ from fastfpm import pm, systemd
 from fastfpm.config import Config, ConfigError
 from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
 from fastfpm.log import ErrorLog
-from fastfpm.pool import Child, Pool, pending_connections
-from fastfpm.slowlog import SLOWLOG_SIGNAL
+from fastfpm.pool import Child, Pool
 from fastfpm.spawner import DirectSpawner
 from fastfpm.stdio import WorkerOutput
 from fastfpm.watcher import Watcher
@@ -97,7 +96,8 @@ class Master:
         # -R: workers may run as root. Kept for reloads, which apply php-fpm's root rules again.
         self.allow_root = allow_root
         self.pid_path: str | None = None  # the pid file written, removed at exit
-        self.current = Generation(1, config, log)   # the generation that serves
+        self.process_max_state = pm.ProcessMaxState()
+        self.current = self.new_generation(1, config, log)   # the generation that serves
         self.previous: Generation | None = None     # during a reload: the one that serves meanwhile
         self.draining: list[Generation] = []        # retired or failed, finishing their workers
         self.stopping: str | None = None  # None, "fast" or "graceful"
@@ -105,7 +105,6 @@ class Master:
         self.next_quit = 0.0
         self.exit_status = 0
         self.on_ready: Any = None        # called once, when first ready (daemonize's parent waits)
-        self.process_max_state = pm.ProcessMaxState()
         self.emergency = pm.EmergencyRestart(config.global_.emergency_restart_threshold,
                                              config.global_.emergency_restart_interval)
         self.next_maintenance = 0.0
@@ -152,6 +151,11 @@ class Master:
         """Every generation with workers or sockets: current, previous (during a reload), draining."""
         return [self.current, *self.draining, *([self.previous] if self.previous is not None else [])]
 
+    def new_generation(self, number: int, config: Config, log: ErrorLog) -> Generation:
+        """A generation whose workers this master starts and whose spawns process.max caps."""
+        return Generation(number, config, log, spawn_worker=self.spawn_worker,
+                          process_max_state=self.process_max_state)
+
     # ------------------------------------------------------------------ life cycle
 
     def run(self) -> int:
@@ -161,7 +165,7 @@ class Master:
         self.log.notice(f"fpm is running, pid {os.getpid()}")
         self.log_pools()
         try:
-            self.spawn_initial(self.pools)
+            self.current.spawn_initial()
             while True:
                 self.check_ready()
                 if self.stopping and not self.alive():
@@ -171,7 +175,7 @@ class Master:
                 now = time.monotonic()
                 if not self.stopping and now >= self.next_maintenance:
                     self.next_maintenance = now + pm.MAINTENANCE_INTERVAL
-                    self.maintain_pools(now)
+                    self.current.maintain_pools(now)
                 if not self.stopping and now >= self.next_check:
                     self.check_timeouts(now)
                 self.beat(now)
@@ -261,7 +265,7 @@ class Master:
         self.watcher.wait(timeout)
         for pool in recheck:
             if pool in self.pools and not self.stopping:
-                self.spawn_for_pending(pool)
+                self.current.spawn_for_pending(pool)
 
     def watch_ondemand_sockets(self) -> list[Pool]:
         """Register the ondemand sockets a connection could fork a worker for (spawn_could_follow);
@@ -271,8 +275,8 @@ class Master:
             self.watcher.unregister(fd, handler)
         self.watched_sockets = {}
         recheck: list[Pool] = []
-        for pool in self.pools:
-            could = self.spawn_could_follow(pool)
+        for pool in self.pools if not self.stopping else []:
+            could = self.current.spawn_could_follow(pool)
             if could == "watch":
                 handler = partial(self.spawn_for_pending, pool)
                 self.watcher.register(pool.socket.fileno(), handler)
@@ -282,35 +286,8 @@ class Master:
         return recheck
 
     def spawn_for_pending(self, pool: Pool) -> None:
-        """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
-
-        php-fpm forks one child per readiness event, so a burst of connections is served one new
-        child at a time; the queue's length lets fastfpm fork for the whole burst at once.
-        """
-        pending = pending_connections(pool.socket)
-        if pending:
-            actions = pm.on_connection_pending(pool.snapshot(), pool.config, pool.state, pending)
-            self.execute(pool, self.cap({pool.name: actions})[pool.name])
-
-    def spawn_could_follow(self, pool: Pool) -> str | None:
-        """Whether a connection waiting on this ondemand pool's socket could fork a worker now.
-
-        "watch": no worker idle or starting and room to spawn, so the socket is watched. select() is
-        level-triggered: a connection left waiting for a busy full pool would wake the loop again at
-        once, forever (php-fpm registers the socket edge-triggered instead). "recheck": workers are
-        starting and there is room; the queue is checked every ONDEMAND_RECHECK_SECONDS meanwhile.
-        None: nothing to do. Nobody waits on a full pool unseen: maintain_pools looks at its socket
-        once a second for the max_children warning.
-        """
-        if pool.config.pm != "ondemand" or self.stopping:
-            return None
-        snapshot = pool.snapshot()
-        if snapshot.idle or snapshot.total >= pool.config.pm_max_children:
-            return None
-        process_max = self.config.global_.process_max
-        if process_max > 0 and self.total_workers() >= process_max:
-            return None
-        return "recheck" if snapshot.starting else "watch"
+        """ondemand: a connection arrived on pool's socket (see Generation.spawn_for_pending)."""
+        self.current.spawn_for_pending(pool)
 
     def dispatch_signals(self) -> None:
         """Call handle_<signal> for each signal that arrived (several of one count once)."""
@@ -423,7 +400,7 @@ class Master:
         new_log = self.open_log(new_config.global_)
         if new_log is None:
             return
-        new = Generation(self.generation + 1, new_config, new_log)
+        new = self.new_generation(self.generation + 1, new_config, new_log)
         try:
             new.open_pools_after(self.current, identities)
         except (OSError, ValueError) as exc:
@@ -444,7 +421,7 @@ class Master:
         self.apply_globals(old_global, new_log, close_retired=False)
         self.reset_emergency()
         self.log_pools()
-        self.spawn_initial(self.pools)
+        self.current.spawn_initial()
         self.log.notice(f"reloading: generation {self.generation} starting, generation "
                         f"{self.generation - 1} serves until it is up")
 
@@ -584,46 +561,9 @@ class Master:
 
     # ------------------------------------------------------------------ process management
 
-    def spawn_initial(self, pools: list[Pool]) -> None:
-        """Start each pool's initial workers (pm.start_servers, max_children, or none)."""
-        wanted = {p.name: [pm.Spawn(p.initial)] if p.initial else [] for p in pools}
-        capped = self.cap(wanted)
-        for pool in pools:
-            actions = capped.get(pool.name, [])
-            # What process.max left is what "ready" waits for.
-            pool.initial = sum(a.n for a in actions if isinstance(a, pm.Spawn))
-            self.execute(pool, actions)
-
-    def total_workers(self) -> int:
-        """Workers alive in every pool of the current generation (what process.max caps).
-
-        An older generation still finishing its requests after a reload is not counted: the
-        scoreboards have room for two generations, and counting it would leave the new one without
-        workers until the old requests end. So during a drain the total may briefly reach twice
-        process.max (php-fpm never has two generations: it waits for the old one, then re-executes).
-        """
-        return sum(len(p.children) for p in self.pools)
-
-    def cap(self, actions: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        """pm's actions with the spawns process.max leaves no room for cut (and warned about once)."""
-        return pm.cap_spawns(actions, self.total_workers(), self.config.global_.process_max,
-                             self.process_max_state)
-
-    def maintain_pools(self, now: float) -> None:
-        """The once-a-second idle-server maintenance of every pool."""
-        actions = {p.name: pm.decide(p.snapshot(), p.config, p.state, now) for p in self.pools}
-        for pool in self.pools:
-            # An ondemand pool whose socket wait() leaves alone (see spawn_could_follow) may have
-            # connections waiting: pm says whether that means a warning (or, with room again, a spawn).
-            if pool.config.pm == "ondemand" and not self.spawn_could_follow(pool):
-                pending = pending_connections(pool.socket)
-                if pending:
-                    actions[pool.name] += pm.on_connection_pending(pool.snapshot(), pool.config, pool.state,
-                                                                   pending)
-        capped = self.cap(actions)
-        for pool in self.pools:
-            self.execute(pool, capped.get(pool.name, []))
-            pool.scoreboard.header.max_children_reached = pool.state.max_children_reached
+    def execute(self, pool: Pool, actions: list[Any]) -> None:
+        """Carry out pm's actions for one pool of the current generation."""
+        self.current.execute(pool, actions)
 
     def check_timeouts(self, now: float) -> None:
         """request_terminate_timeout and request_slowlog_timeout, at php-fpm's heartbeat."""
@@ -635,32 +575,6 @@ class Master:
         for pool in self.pools:
             self.execute(pool, pm.overdue(pool.snapshot(), pool.config, now, pool.state))
             pool.scoreboard.header.slow_requests = pool.state.slow_requests
-
-    def execute(self, pool: Pool, actions: list[Any]) -> None:
-        """Carry out pm's actions for one pool."""
-        for action in actions:
-            if isinstance(action, pm.Spawn):
-                for _ in range(action.n):
-                    if not self.spawn_worker(pool):
-                        break
-            elif isinstance(action, pm.Kill):
-                child = pool.children.get(action.pid)
-                if child is not None:
-                    child.stopping = child.killed_by_pm = True
-                    child.signal(signal.SIGQUIT)
-            elif isinstance(action, pm.Warn):
-                self.log.warning(action.message)
-            elif isinstance(action, pm.Terminate):
-                child = pool.children.get(action.pid)
-                if child is not None:
-                    self.log.warning(action.message)
-                    child.stopping = True
-                    child.signal(signal.SIGKILL if action.force else signal.SIGTERM)
-            elif isinstance(action, pm.SlowlogDump):
-                child = pool.children.get(action.pid)
-                if child is not None:
-                    self.log.warning(action.message)
-                    child.signal(SLOWLOG_SIGNAL)
 
     def spawn_worker(self, pool: Pool) -> bool:
         """Start one worker in a free scoreboard slot, with its log and output pipes."""
@@ -734,10 +648,7 @@ class Master:
         due, self.respawn_due = self.respawn_due, set()
         if self.stopping:
             return
-        for pool in self.pools:
-            if pool.name in due:
-                actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=False)
-                self.execute(pool, self.cap({pool.name: actions})[pool.name])
+        self.current.respawn(due)
 
     def log_exit(self, pool: Pool, child: Child, status: int) -> None:
         """One line per ended worker, as php-fpm's fpm_children_bury writes it."""
