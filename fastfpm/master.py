@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from functools import partial
 from typing import Any
 
-from fastfpm import pm, systemd
-from fastfpm.config import Config, ConfigError
+from fastfpm import pm
+from fastfpm.children import Children, describe_exit, signal_name  # noqa: F401  (re-exported, as before)
+from fastfpm.config import Config
 from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
+from fastfpm.globals import Globals, close_log_stream
 from fastfpm.log import ErrorLog
 from fastfpm.pool import Child, Pool
-from fastfpm.spawner import DirectSpawner
-from fastfpm.stdio import WorkerOutput
 from fastfpm.watcher import Watcher
 from fastfpm.worker import EXIT_BOOT_ERROR
 
@@ -37,49 +36,6 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT
 ONDEMAND_RECHECK_SECONDS = 0.02
 # Grace between SIGTERM and SIGKILL on a fast stop.
 FAST_STOP_GRACE_SECONDS = 1.0
-# [global] directives a reload cannot apply to the running master (php-fpm re-executes itself on
-# SIGUSR2, so there they apply): (directive, GlobalConfig attribute). A change is logged as a NOTICE.
-RESTART_ONLY_DIRECTIVES = (("rlimit_files", "rlimit_files"), ("rlimit_core", "rlimit_core"),
-                           ("process.priority", "process_priority"), ("daemonize", "daemonize"))
-# The [global] directives the error log is built from; a reload that changes one opens a new log.
-LOG_DIRECTIVES = ("error_log", "log_level", "log_limit", "syslog_ident", "syslog_facility")
-
-
-def signal_name(signum: int) -> str:
-    """SIGSEGV for 11; SIGRTMIN+N for real-time signals, which have no name of their own."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        if signal.SIGRTMIN < signum <= signal.SIGRTMAX:
-            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
-        return f"signal {signum}"
-
-
-def describe_exit(status: int) -> str:
-    """How a worker ended, from its waitpid() status, in php-fpm's words (fpm_children_bury)."""
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        core = " - core dumped" if os.WCOREDUMP(status) else ""
-        return f"exited on signal {signum} ({signal_name(signum)}{core})"
-    return f"exited with code {os.WEXITSTATUS(status)}"
-
-
-def close_log_stream(log: ErrorLog) -> None:
-    """Close the file an ErrorLog writes to (standard error and syslog stay open)."""
-    if log.stream is not sys.stderr:
-        try:
-            log.stream.close()
-        except OSError:
-            pass
-
-
-def shown(value: Any) -> str:
-    """A directive's value as the config file would spell it, for log lines."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return "unlimited" if value == -1 else str(value)
 
 
 class Master:
@@ -89,15 +45,15 @@ class Master:
                  cli_options: dict[str, Any] | None = None, identities: dict[str, Any] | None = None,
                  inherited_sockets: list[tuple[str, Any]] | None = None, allow_root: bool = False,
                  prefix: str | None = None) -> None:
-        self.log = log
-        self.config_path = config_path
-        self.prefix = prefix             # -p, for reading the file again on reload
-        self.cli_options = cli_options or {}
-        # -R: workers may run as root. Kept for reloads, which apply php-fpm's root rules again.
-        self.allow_root = allow_root
-        self.pid_path: str | None = None  # the pid file written, removed at exit
+        self.watcher = Watcher()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.watcher.register(self.wake_r, self.dispatch_signals, on_interrupt=True)
+        self.children = Children(self.watcher, lambda: self.log, self.generations, (self.wake_r, self.wake_w))
         self.process_max_state = pm.ProcessMaxState()
         self.current = self.new_generation(1, config, log)   # the generation that serves
+        # The error log, pid file, systemd link, and how a reload reads the configuration again.
+        self.globals = Globals(log, lambda: self.current.config, config_path=config_path, prefix=prefix,
+                               cli_options=cli_options or {}, allow_root=allow_root)
         self.previous: Generation | None = None     # during a reload: the one that serves meanwhile
         self.draining: list[Generation] = []        # retired or failed, finishing their workers
         self.stopping: str | None = None  # None, "fast" or "graceful"
@@ -110,22 +66,17 @@ class Master:
         self.next_maintenance = 0.0
         self.next_check = 0.0
         self.respawn_due: set[str] = set()   # pools that lost a worker it did not ask to exit
-        # systemd: READY/RELOADING/STOPPING, STATUS= lines every systemd_interval, watchdog pings.
-        self.notifier = systemd.Notifier.from_environ(unset=True)
-        self.watchdog = systemd.watchdog_interval(unset=True) if self.notifier else None
-        self.heartbeat = systemd.Heartbeat(config.global_.systemd_interval if self.notifier else 0,
-                                           self.watchdog, time.monotonic())
-        self.watcher = Watcher()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.watcher.register(self.wake_r, self.dispatch_signals, on_interrupt=True)
-        self.output = WorkerOutput(self.watcher, lambda: self.log)
-        self.spawner = DirectSpawner(self.close_in_child)
         self.watched_sockets: dict[int, Any] = {}   # ondemand listen sockets registered for this wait
         try:
             self.current.open_pools(identities or {}, inherited_sockets or [])
         except BaseException:
             self.close()
             raise
+
+    @property
+    def log(self) -> ErrorLog:
+        """The master's error log, which its workers write through (a reload may replace it)."""
+        return self.globals.log
 
     @property
     def config(self) -> Config:
@@ -153,7 +104,7 @@ class Master:
 
     def new_generation(self, number: int, config: Config, log: ErrorLog) -> Generation:
         """A generation whose workers this master starts and whose spawns process.max caps."""
-        return Generation(number, config, log, spawn_worker=self.spawn_worker,
+        return Generation(number, config, log, spawn_worker=self.children.spawn_worker,
                           process_max_state=self.process_max_state)
 
     # ------------------------------------------------------------------ life cycle
@@ -161,7 +112,7 @@ class Master:
     def run(self) -> int:
         """Start every pool's workers and run until stopped; returns the process exit status."""
         self.install_signals()
-        self.write_pid_file()
+        self.globals.write_pid_file()
         self.log.notice(f"fpm is running, pid {os.getpid()}")
         self.log_pools()
         try:
@@ -178,13 +129,13 @@ class Master:
                     self.current.maintain_pools(now)
                 if not self.stopping and now >= self.next_check:
                     self.check_timeouts(now)
-                self.beat(now)
+                self.globals.beat(now, self.pools)
                 self.enforce_stop()
         finally:
-            self.kill_all(signal.SIGKILL)
+            self.children.kill_all(signal.SIGKILL)
             self.reap_workers()
             self.close()
-            self.remove_pid_file()
+            self.globals.remove_pid_file()
         self.log.notice("exiting, bye-bye!")
         return self.exit_status
 
@@ -195,7 +146,7 @@ class Master:
         self.current.serve()
         self.retire_previous()
         self.log.notice("ready to handle connections")
-        self.notify("ready")
+        self.globals.notify("ready")
         if self.on_ready is not None:
             self.on_ready()
             self.on_ready = None
@@ -220,30 +171,10 @@ class Master:
             wake = min(wake, self.next_check)
         if self.stopping:
             wake = min(wake, now + 0.2)
-        beat = self.heartbeat.timeout(now)
+        beat = self.globals.heartbeat.timeout(now)
         if beat is not None:
             wake = min(wake, now + beat)
         return max(0.0, min(wake - now, 1.0))
-
-    def notify(self, what: str) -> None:
-        """Tell systemd (when it started us with NOTIFY_SOCKET) that we are ready, reloading or stopping."""
-        if self.notifier is None:
-            return
-        sent = getattr(self.notifier, what)()
-        if not sent:
-            self.log.warning(f"could not notify systemd ({what}): {self.notifier.last_error}")
-
-    def beat(self, now: float) -> None:
-        """systemd_interval status lines and watchdog pings, when due."""
-        if self.notifier is None or not self.heartbeat.enabled:
-            return
-        slots = [p.scoreboard.read(c.slot) for p in self.pools for c in p.children.values()]
-        due = self.heartbeat.beat(now, active=sum(1 for s in slots if s.busy),
-                                  idle=sum(1 for s in slots if s.stage_name == "Idle"),
-                                  requests=sum(s.requests for s in slots),
-                                  slow=sum(p.state.slow_requests for p in self.pools))
-        if due and not self.notifier.notify(*due):
-            self.log.warning(f"could not notify systemd: {self.notifier.last_error}")
 
     # ------------------------------------------------------------------ waiting
 
@@ -319,11 +250,11 @@ class Master:
         if self.stopping:
             return
         self.log.notice("Finishing ...")
-        self.notify("stopping")
+        self.globals.notify("stopping")
         self.stopping = "graceful"
         # As php-fpm: SIGTERM follows after process_control_timeout (0: at once, php-fpm's default).
         self.stop_deadline = time.monotonic() + self.config.global_.process_control_timeout
-        self.kill_all(signal.SIGQUIT)
+        self.children.kill_all(signal.SIGQUIT)
         self.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
 
     def handle_sigusr1(self) -> None:
@@ -346,7 +277,7 @@ class Master:
         if self.stopping:
             return
         self.log.notice("Reloading in progress ...")
-        self.notify("reloading")
+        self.globals.notify("reloading")
         self.reload()
 
     # ------------------------------------------------------------------ stopping
@@ -356,10 +287,10 @@ class Master:
         if self.stopping == "fast":
             return
         self.log.notice("Terminating ...")
-        self.notify("stopping")
+        self.globals.notify("stopping")
         self.stopping = "fast"
         self.stop_deadline = time.monotonic() + FAST_STOP_GRACE_SECONDS
-        self.kill_all(signal.SIGTERM)
+        self.children.kill_all(signal.SIGTERM)
 
     def enforce_stop(self) -> None:
         """While stopping: repeat SIGQUIT, and escalate once the deadline has passed."""
@@ -372,10 +303,10 @@ class Master:
                 self.log.warning("process_control_timeout passed; terminating the workers still busy")
                 self.fast_stop()
             else:
-                self.kill_all(signal.SIGKILL)
+                self.children.kill_all(signal.SIGKILL)
                 self.stop_deadline = None
         elif self.stopping == "graceful" and now >= self.next_quit:
-            self.kill_all(signal.SIGQUIT)
+            self.children.kill_all(signal.SIGQUIT)
             self.next_quit = now + QUIT_REPEAT_SECONDS
 
     # ------------------------------------------------------------------ reload
@@ -391,13 +322,13 @@ class Master:
         if self.previous is not None:
             self.log.warning("reload ignored: the previous reload's workers are still starting")
             return
-        new_config = self.reread_config() if self.config_path is not None else self.config
+        new_config = self.globals.reread_config() if self.globals.config_path is not None else self.config
         if new_config is None:
             return
-        identities = self.check_identities(new_config)
+        identities = self.globals.check_identities(new_config)
         if identities is None:
             return
-        new_log = self.open_log(new_config.global_)
+        new_log = self.globals.open_log(new_config.global_)
         if new_log is None:
             return
         new = self.new_generation(self.generation + 1, new_config, new_log)
@@ -405,10 +336,10 @@ class Master:
             new.open_pools_after(self.current, identities)
         except (OSError, ValueError) as exc:
             self.log.error(f"reload aborted: {exc}")
-            self.notify("ready")
+            self.globals.notify("ready")
             new.share_sockets_with(self.current)
             new.close(keep_shared=True)
-            self.discard_log(new_log)
+            self.globals.discard_log(new_log)
             return
         # The old generation serves on, beside the new one, until every new worker has loaded the
         # application (retire_previous); if the application cannot be loaded it stays (roll_back).
@@ -418,7 +349,7 @@ class Master:
         self.previous, self.current = self.current, new
         # Before the new workers fork: they inherit the log (and its level) from the master. The
         # old log stays open until the new generation is up, in case the reload is rolled back.
-        self.apply_globals(old_global, new_log, close_retired=False)
+        self.globals.apply_globals(old_global, new_log, close_retired=False)
         self.reset_emergency()
         self.log_pools()
         self.current.spawn_initial()
@@ -446,9 +377,9 @@ class Master:
         self.draining.append(failed)
         self.current, self.previous = previous, None
         self.current.serve()
-        self.apply_globals(failed.config.global_, previous.log)
+        self.globals.apply_globals(failed.config.global_, previous.log)
         self.reset_emergency()
-        self.notify("ready")
+        self.globals.notify("ready")
 
     def drain_old_generations(self, now: float) -> None:
         """Move the generations going away along (SIGQUIT repeats, SIGKILL after their deadline);
@@ -467,98 +398,6 @@ class Master:
         self.emergency = pm.EmergencyRestart(self.config.global_.emergency_restart_threshold,
                                              self.config.global_.emergency_restart_interval)
 
-    def abort_reload(self, problems: list[str]) -> None:
-        """Log why a reload cannot go ahead; the running generation keeps serving."""
-        for problem in problems:
-            self.log.error(problem)
-        self.log.error("reload aborted: the configuration has errors; still serving the old one")
-        self.notify("ready")
-
-    def reread_config(self) -> Config | None:
-        """The configuration file as it is now, with the command line's flags on top; None on errors."""
-        from fastfpm import config as config_module
-
-        assert self.config_path is not None
-        try:
-            new_config = config_module.load(self.config_path, prefix=self.prefix)
-            if self.cli_options:
-                config_module.check(config_module.apply_options(new_config, self.cli_options))
-        except (ConfigError, OSError) as exc:
-            self.abort_reload(exc.errors if isinstance(exc, ConfigError) else [str(exc)])
-            return None
-        for warning in new_config.warnings:
-            self.log.warning(warning)
-        return new_config
-
-    def check_identities(self, config: Config) -> dict[str, Any] | None:
-        """Each pool's user and group looked up, and php-fpm's root rules applied, as at start.
-
-        None (the reload aborted) when a user is unknown or workers would run as root without -R.
-        """
-        from fastfpm.process import resolve_identities
-
-        identities, problems, notices = resolve_identities(config.pools, self.allow_root)
-        for level, message in notices:
-            self.log.log(level, message)
-        if problems:
-            self.abort_reload(problems)
-            return None
-        return identities
-
-    def open_log(self, new: Any) -> ErrorLog | None:
-        """The error log a reloaded [global] asks for: the running one when nothing about it changed.
-
-        A new destination is opened before anything else changes, so one that cannot be opened
-        aborts the reload (None) and the old log stays.
-        """
-        old = self.config.global_
-        if all(getattr(old, name) == getattr(new, name) for name in LOG_DIRECTIVES):
-            return self.log
-        try:
-            return ErrorLog(new.error_log, new.log_level, new.log_limit, syslog_ident=new.syslog_ident,
-                            syslog_facility=new.syslog_facility)
-        except OSError as exc:
-            self.abort_reload([f"failed to open error_log ({new.error_log}): {exc.strerror or exc}"])
-            return None
-
-    def discard_log(self, log: ErrorLog) -> None:
-        """Close a log opened for a reload that did not happen."""
-        if log is self.log:
-            return
-        close_log_stream(log)
-        if self.log.path == "syslog":
-            self.log.open()  # the new log's openlog() replaced the running one's ident and facility
-
-    def apply_globals(self, old: Any, new_log: ErrorLog, close_retired: bool = True) -> None:
-        """Carry a reload's [global] changes over to the running master.
-
-        php-fpm re-executes itself on SIGUSR2, so every directive applies there. Here the log
-        (error_log, log_level, log_limit, syslog.*), pid, systemd_interval and what the master
-        reads as it goes (process.max, process_control_timeout, emergency_restart_*) apply; those
-        set once for the process (RESTART_ONLY_DIRECTIVES) need a restart, and a change is logged.
-        """
-        g = self.config.global_
-        if new_log is not self.log:
-            retired, self.log = self.log, new_log
-            if close_retired:
-                close_log_stream(retired)
-            if retired.path == "syslog" and new_log.path != "syslog":
-                import syslog
-
-                syslog.closelog()
-        if g.pid or old.pid:
-            self.move_pid_file(g.pid)
-        if self.notifier is not None and g.systemd_interval != old.systemd_interval:
-            previous = self.heartbeat
-            self.heartbeat = systemd.Heartbeat(g.systemd_interval, self.watchdog, time.monotonic())
-            # WatchdogSec= is systemd's, not the config's: its schedule goes on as it was.
-            self.heartbeat.next_watchdog = previous.next_watchdog
-        for directive, attr in RESTART_ONLY_DIRECTIVES:
-            before, after = getattr(old, attr), getattr(g, attr)
-            if before != after:
-                self.log.notice(f"'{directive}' changed ({shown(before)} -> {shown(after)}); a reload "
-                                f"does not apply it, restart fastfpm for that")
-
     # ------------------------------------------------------------------ process management
 
     def execute(self, pool: Pool, actions: list[Any]) -> None:
@@ -576,47 +415,15 @@ class Master:
             self.execute(pool, pm.overdue(pool.snapshot(), pool.config, now, pool.state))
             pool.scoreboard.header.slow_requests = pool.state.slow_requests
 
-    def spawn_worker(self, pool: Pool) -> bool:
-        """Start one worker in a free scoreboard slot, with its log and output pipes."""
-        slot = pool.scoreboard.free_index()
-        if slot is None:
-            self.log.error(f"[pool {pool.name}] no free scoreboard slot; not spawning")
-            return False
-        # The slot is claimed before the worker starts: a quick one may write "Idle" before the
-        # master runs again, and claiming afterwards would overwrite that with "Starting" for good.
-        pool.scoreboard.claim(slot, 0, pool.generation)
-        pid, pipes = self.spawner.start(pool, slot, self.log)
-        pool.scoreboard.set_pid(slot, pid)
-        child = Child(pid, slot, pool)
-        self.output.add(child, pipes)
-        pool.children[pid] = child
-        self.log.notice(f"[pool {pool.name}] child {pid} started")
-        return True
-
-    def close_in_child(self, keep: set[int]) -> None:
-        """In a new child: close the master's descriptors the worker must not hold."""
-        for fd in (self.wake_r, self.wake_w, *self.output.pipes):
-            os.close(fd)
-        for generation in self.generations():
-            for pool in generation.pools:
-                if pool.socket.fileno() not in keep:
-                    pool.socket.close()
-
     def reap_workers(self) -> None:
-        """Bury every worker the spawner reports exited; replace it as pm says."""
-        for pid, status in self.spawner.exited():
-            for generation in self.generations():
-                child = generation.pop_child(pid)
-                if child is not None:
-                    self.bury(generation, child, status)
-                    break
+        """Bury every worker that has exited; replace it as pm says."""
+        for generation, child, status in self.children.exited():
+            self.bury(generation, child, status)
 
     def bury(self, generation: Generation, child: Child, status: int) -> None:
-        """Everything that follows a worker's exit: its last output, the log line, a replacement."""
+        """Everything that follows a worker's exit (its last output is read): the log line, a replacement."""
         pool = child.pool
-        self.output.read_last(child)
-        pool.scoreboard.release(child.slot)
-        self.log_exit(pool, child, status)
+        self.children.log_exit(child, status, bool(self.stopping))
         signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         if self.emergency.record(time.monotonic(), signum) and not self.stopping:
             self.log.warning(self.emergency.message)
@@ -650,59 +457,8 @@ class Master:
             return
         self.current.respawn(due)
 
-    def log_exit(self, pool: Pool, child: Child, status: int) -> None:
-        """One line per ended worker, as php-fpm's fpm_children_bury writes it."""
-        uptime = time.monotonic() - child.started
-        if os.WIFSIGNALED(status):
-            expected = (self.stopping or child.stopping) and os.WTERMSIG(status) in (signal.SIGTERM,
-                                                                                     signal.SIGKILL)
-        else:
-            expected = os.WEXITSTATUS(status) == 0
-        self.log.log("notice" if expected else "warning",
-                     f"[pool {pool.name}] child {child.pid} {describe_exit(status)} "
-                     f"after {uptime:.6f} seconds from start")
-
-    def kill_all(self, sig: int) -> None:
-        """Send sig to every live worker of every pool and generation."""
-        for generation in self.generations():
-            generation.signal_all(sig)
 
     # ------------------------------------------------------------------ files
-
-    def write_pid_file(self) -> None:
-        """php-fpm's pid directive: the master's pid, for init scripts and logrotate."""
-        path = self.config.global_.pid
-        if path:
-            with open(path, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.pid_path = path
-
-    def move_pid_file(self, path: str | None) -> None:
-        """After a reload: write the pid file the new config names, then remove the old one.
-
-        A new file that cannot be written is an error in the log; the old one stays (it still names
-        the right process) and is the one removed at exit.
-        """
-        if path:
-            try:
-                with open(path, "w") as f:
-                    f.write(f"{os.getpid()}\n")
-            except OSError as exc:
-                self.log.error(f"unable to write the pid file ({path}): {exc.strerror or exc}; "
-                               f"keeping {self.pid_path or 'none'}")
-                return
-        if self.pid_path and self.pid_path != path:
-            self.remove_pid_file()
-        self.pid_path = path
-
-    def remove_pid_file(self) -> None:
-        """Remove the pid file (at exit, or when a reload moved it)."""
-        if self.pid_path:
-            try:
-                os.unlink(self.pid_path)
-            except OSError:
-                pass
-            self.pid_path = None
 
     def close(self) -> None:
         """Release sockets, scoreboards, pipes and the wake-up pipe."""
@@ -713,7 +469,7 @@ class Master:
                 os.close(fd)
             except OSError:
                 pass
-        self.output.close()
+        self.children.close()
         for generation in self.generations():
             generation.close()
         self.previous, self.draining = None, []
