@@ -90,6 +90,12 @@ class Generation:
         """True once every pool's initial workers have imported the app and wait for connections."""
         return all(p.all_started() for p in self.pools)
 
+    def log_pools(self) -> None:
+        """At debug level, what each pool listens on and how it is managed (at start and reload)."""
+        for pool in self.pools:
+            self.log.debug(f"[pool {pool.name}] listening on {pool.address}, pm {pool.config.pm}, "
+                           f"pm.max_children {pool.config.pm_max_children}")
+
     def serve(self) -> None:
         """Its initial workers are up (or it is what a failed reload falls back on): it serves."""
         self.state = SERVING
@@ -139,6 +145,13 @@ class Generation:
             if pool.name in due:
                 actions = pm.on_worker_exit(pool.snapshot(), pool.config, killed_by_pm=False)
                 self.execute(pool, self.cap({pool.name: actions})[pool.name])
+
+    def ondemand_sockets(self) -> tuple[list[Pool], list[Pool]]:
+        """The pools whose socket is to be watched for connections, and those whose accept queue
+        is to be looked at again shortly instead (spawn_could_follow's "watch" and "recheck")."""
+        could = {id(pool): self.spawn_could_follow(pool) for pool in self.pools}
+        return ([p for p in self.pools if could[id(p)] == "watch"],
+                [p for p in self.pools if could[id(p)] == "recheck"])
 
     def spawn_could_follow(self, pool: Pool) -> str | None:
         """Whether a connection waiting on this ondemand pool's socket could fork a worker now.

@@ -93,6 +93,20 @@ class Globals:
 
     # ------------------------------------------------------------------ reload
 
+    def load_next(self) -> tuple[Config, dict[str, Any], ErrorLog] | None:
+        """For a reload: the configuration (read again when it came from a file), the pools' users and
+        the error log it asks for; None when the reload is aborted (the reasons are logged)."""
+        new_config = self.reread_config() if self.config_path is not None else self.config
+        if new_config is None:
+            return None
+        identities = self.check_identities(new_config)
+        if identities is None:
+            return None
+        new_log = self.open_log(new_config.global_)
+        if new_log is None:
+            return None
+        return new_config, identities, new_log
+
     def reread_config(self) -> Config | None:
         """The configuration file as it is now, with the command line's flags on top; None on errors."""
         from fastfpm import config as config_module

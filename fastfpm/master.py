@@ -26,7 +26,7 @@ from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
 from fastfpm.globals import Globals, close_log_stream
 from fastfpm.log import ErrorLog
 from fastfpm.pool import Child, Pool
-from fastfpm.watcher import Watcher
+from fastfpm.watcher import SignalPipe, Watcher
 from fastfpm.worker import EXIT_BOOT_ERROR
 
 # Signals the master reacts to; everything else keeps its default action.
@@ -46,9 +46,10 @@ class Master:
                  inherited_sockets: list[tuple[str, Any]] | None = None, allow_root: bool = False,
                  prefix: str | None = None) -> None:
         self.watcher = Watcher()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.watcher.register(self.wake_r, self.dispatch_signals, on_interrupt=True)
-        self.children = Children(self.watcher, lambda: self.log, self.generations, (self.wake_r, self.wake_w))
+        self.signals = SignalPipe()
+        self.watcher.register(self.signals.fd, self.dispatch_signals, on_interrupt=True)
+        self.children = Children(self.watcher, lambda: self.log, self.generations,
+                                 (self.signals.fd, self.signals.write_fd))
         self.process_max_state = pm.ProcessMaxState()
         self.current = self.new_generation(1, config, log)   # the generation that serves
         # The error log, pid file, systemd link, and how a reload reads the configuration again.
@@ -61,8 +62,7 @@ class Master:
         self.next_quit = 0.0
         self.exit_status = 0
         self.on_ready: Any = None        # called once, when first ready (daemonize's parent waits)
-        self.emergency = pm.EmergencyRestart(config.global_.emergency_restart_threshold,
-                                             config.global_.emergency_restart_interval)
+        self.reset_emergency()
         self.next_maintenance = 0.0
         self.next_check = 0.0
         self.respawn_due: set[str] = set()   # pools that lost a worker it did not ask to exit
@@ -89,11 +89,6 @@ class Master:
         return self.current.pools
 
     @property
-    def generation(self) -> int:
-        """The number of the generation that serves (1, then one more for each reload)."""
-        return self.current.number
-
-    @property
     def ready(self) -> bool:
         """True once the current generation's initial workers are up."""
         return self.current.state == SERVING
@@ -111,10 +106,10 @@ class Master:
 
     def run(self) -> int:
         """Start every pool's workers and run until stopped; returns the process exit status."""
-        self.install_signals()
+        self.signals.install(HANDLED_SIGNALS)
         self.globals.write_pid_file()
         self.log.notice(f"fpm is running, pid {os.getpid()}")
-        self.log_pools()
+        self.current.log_pools()
         try:
             self.current.spawn_initial()
             while True:
@@ -151,12 +146,6 @@ class Master:
             self.on_ready()
             self.on_ready = None
 
-    def log_pools(self) -> None:
-        """At debug level, what each pool listens on and how it is managed (at start and reload)."""
-        for pool in self.pools:
-            self.log.debug(f"[pool {pool.name}] listening on {pool.address}, pm {pool.config.pm}, "
-                           f"pm.max_children {pool.config.pm_max_children}")
-
     def alive(self) -> bool:
         """Any worker of any generation still running."""
         return any(g.alive() for g in self.generations())
@@ -178,13 +167,6 @@ class Master:
 
     # ------------------------------------------------------------------ waiting
 
-    def install_signals(self) -> None:
-        """Route signals into the wake-up pipe; the handlers themselves do nothing."""
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, lambda signum, frame: None)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-
     def wait(self, timeout: float) -> None:
         """Sleep until a signal, worker output or (ondemand) a connection arrives, then handle it."""
         recheck = self.watch_ondemand_sockets()
@@ -205,15 +187,11 @@ class Master:
         for fd, handler in self.watched_sockets.items():
             self.watcher.unregister(fd, handler)
         self.watched_sockets = {}
-        recheck: list[Pool] = []
-        for pool in self.pools if not self.stopping else []:
-            could = self.current.spawn_could_follow(pool)
-            if could == "watch":
-                handler = partial(self.spawn_for_pending, pool)
-                self.watcher.register(pool.socket.fileno(), handler)
-                self.watched_sockets[pool.socket.fileno()] = handler
-            elif could == "recheck":
-                recheck.append(pool)
+        watch, recheck = self.current.ondemand_sockets() if not self.stopping else ([], [])
+        for pool in watch:
+            handler = partial(self.spawn_for_pending, pool)
+            self.watcher.register(pool.socket.fileno(), handler)
+            self.watched_sockets[pool.socket.fileno()] = handler
         return recheck
 
     def spawn_for_pending(self, pool: Pool) -> None:
@@ -222,11 +200,7 @@ class Master:
 
     def dispatch_signals(self) -> None:
         """Call handle_<signal> for each signal that arrived (several of one count once)."""
-        try:
-            data = os.read(self.wake_r, 256)
-        except BlockingIOError:
-            return
-        for signum in dict.fromkeys(data):
+        for signum in self.signals.read():
             handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
             if handler is not None:
                 handler()
@@ -322,16 +296,11 @@ class Master:
         if self.previous is not None:
             self.log.warning("reload ignored: the previous reload's workers are still starting")
             return
-        new_config = self.globals.reread_config() if self.globals.config_path is not None else self.config
-        if new_config is None:
+        loaded = self.globals.load_next()
+        if loaded is None:
             return
-        identities = self.globals.check_identities(new_config)
-        if identities is None:
-            return
-        new_log = self.globals.open_log(new_config.global_)
-        if new_log is None:
-            return
-        new = self.new_generation(self.generation + 1, new_config, new_log)
+        new_config, identities, new_log = loaded
+        new = self.new_generation(self.current.number + 1, new_config, new_log)
         try:
             new.open_pools_after(self.current, identities)
         except (OSError, ValueError) as exc:
@@ -351,10 +320,10 @@ class Master:
         # old log stays open until the new generation is up, in case the reload is rolled back.
         self.globals.apply_globals(old_global, new_log, close_retired=False)
         self.reset_emergency()
-        self.log_pools()
+        self.current.log_pools()
         self.current.spawn_initial()
-        self.log.notice(f"reloading: generation {self.generation} starting, generation "
-                        f"{self.generation - 1} serves until it is up")
+        self.log.notice(f"reloading: generation {self.current.number} starting, generation "
+                        f"{self.current.number - 1} serves until it is up")
 
     def retire_previous(self) -> None:
         """The new generation is up: the previous one finishes its requests and exits."""
@@ -365,7 +334,7 @@ class Master:
             close_log_stream(previous.log)
         previous.retire(max(self.config.global_.process_control_timeout, FAST_STOP_GRACE_SECONDS))
         self.draining.append(previous)
-        self.log.notice(f"reloaded: generation {self.generation}")
+        self.log.notice(f"reloaded: generation {self.current.number}")
 
     def roll_back(self, reason: str) -> None:
         """A new generation that cannot start gives way: the previous one, still serving, stays."""
@@ -457,18 +426,10 @@ class Master:
             return
         self.current.respawn(due)
 
-
-    # ------------------------------------------------------------------ files
-
     def close(self) -> None:
         """Release sockets, scoreboards, pipes and the wake-up pipe."""
-        signal.set_wakeup_fd(-1)
-        for fd in (self.wake_r, self.wake_w):
-            self.watcher.unregister(fd)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.watcher.unregister(self.signals.fd)
+        self.signals.close()
         self.children.close()
         for generation in self.generations():
             generation.close()

@@ -3,12 +3,14 @@
 The wake-up pipe (signals), the workers' output pipes and the ondemand listen sockets register here;
 so can anything else the master comes to serve (a status listener, a template process). The master
 loop calls wait(), which sleeps until one is readable or the timeout passes, then calls the handlers
-of the readable ones.
+of the readable ones. Signals reach it through a SignalPipe (php-fpm's fpm_signals does the same).
 """
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 from collections.abc import Callable
 
 Handler = Callable[[], None]
@@ -52,3 +54,34 @@ class Watcher:
             readable = [fd for fd in handlers if fd in self.on_interrupt]
         for fd in readable:
             handlers[fd]()
+
+
+class SignalPipe:
+    """Signals as readable bytes (signal.set_wakeup_fd): the handlers do nothing, the loop reads them."""
+
+    def __init__(self) -> None:
+        self.fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def install(self, signals: tuple[int, ...]) -> None:
+        """Route signals into the pipe; SIGPIPE is ignored (a vanished peer is an error code)."""
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, lambda signum, frame: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def read(self) -> list[int]:
+        """The signals that arrived since the last read, each once, in order of arrival."""
+        try:
+            data = os.read(self.fd, 256)
+        except BlockingIOError:
+            return []
+        return list(dict.fromkeys(data))
+
+    def close(self) -> None:
+        """Stop routing signals here and close the pipe."""
+        signal.set_wakeup_fd(-1)
+        for fd in (self.fd, self.write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
