@@ -5,10 +5,12 @@ number into a pipe); the loop reads the pipe and calls handle_<signal>, as gunic
 The process manager's decisions come from fastfpm.pm as actions; this module only carries them out.
 Log lines follow php-fpm's wording so existing log watchers keep working.
 
-What it runs is a Generation (fastfpm.generation): one configuration's pools. A reload starts the
-next beside it and retires the old one once the new one is up. Workers are started, and their exits
-reported, by a spawner (fastfpm.spawner); their pipes are read by fastfpm.stdio. The loop sleeps on
-a Watcher (fastfpm.watcher): the wake-up pipe, the workers' pipes and ondemand listen sockets.
+What it runs is a Generation (fastfpm.generation): one configuration's pools, which carries out pm
+for them. A reload starts the next beside it and retires the old one once the new one is up, or
+rolls back to it. fastfpm.children starts workers through a spawner (fastfpm.spawner), reads their
+pipes (fastfpm.stdio) and reports their exits; what follows an exit is decided here (bury).
+fastfpm.globals holds what [global] sets up: the error log, the pid file, the systemd link. The loop
+sleeps on a Watcher (fastfpm.watcher): the signal pipe, the workers' pipes, ondemand listen sockets.
 """
 
 from __future__ import annotations
