@@ -1,0 +1,71 @@
+"""How the master starts workers and learns that they ended (php-fpm's fpm_children, the fork part).
+
+The master decides when a worker starts, in which pool and scoreboard slot; a spawner makes the
+process and later reports its exit. DirectSpawner forks the master itself, which is all fastfpm does
+today. A spawner that asks a template process (one that imported the application once) to fork
+would report its grandchildren's exits another way, which is why reaping goes through here too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+from fastfpm.log import ErrorLog
+from fastfpm.pool import Pool
+from fastfpm.worker import run_worker
+
+# A worker's pipes to the master, in the order run_worker takes them.
+PIPE_KINDS = ("log", "stdout", "stderr")
+
+
+class DirectSpawner:
+    """Start each worker by forking the master; reap them with waitpid()."""
+
+    def __init__(self, close_in_child: Callable[[set[int]], None]) -> None:
+        # In the new child, before the worker runs: close the master's descriptors but these.
+        self.close_in_child = close_in_child
+
+    def start(self, pool: Pool, slot: int, log: ErrorLog) -> tuple[int, dict[int, str]]:
+        """Fork a worker for pool's scoreboard slot; its pid and the read ends of its pipes (fd -> kind).
+
+        The read ends are non-blocking; the write ends are the worker's alone.
+        """
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in PIPE_KINDS]
+        keep_in_child = {pool.socket.fileno(), *(w for _, w in pipes)}
+        # Block signals across fork so none reaches the child before it has reset its handlers.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self.close_in_child(keep_in_child)
+                run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot,
+                           log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1],
+                           identity=pool.identity)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        read_ends = {}
+        for (read_fd, write_fd), kind in zip(pipes, PIPE_KINDS, strict=True):
+            os.close(write_fd)
+            os.set_blocking(read_fd, False)
+            read_ends[read_fd] = kind
+        return pid, read_ends
+
+    def exited(self) -> Iterator[tuple[int, int]]:
+        """(pid, waitpid status) of each worker that has exited, one at a time, without blocking.
+
+        The workers are the master's own children, and it has no others, so waitpid(-1) reaps
+        exactly them; that holds for this spawner only (a template process's workers are not the
+        master's children). Each exit is reported before the next is reaped, as the master acts
+        on one (a replacement, a reload) before it looks for more.
+        """
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            yield pid, status
+
