@@ -359,10 +359,9 @@ class Master:
             old.move_along(now)
             if old.gone():
                 self.draining.remove(old)
-        if self.previous is not None and self.stopping:
-            # A stop during a reload moves the previous generation along too, as it always has. It
-            # was never retired, so its deadline (0) has passed: its workers get SIGKILL at once.
-            self.previous.move_along(now)
+        # A generation still serving during a reload (self.previous) is not moved along here: a stop
+        # treats its workers as it treats the current ones (kill_all reaches every generation), so
+        # a graceful stop lets their requests finish within process_control_timeout.
 
     def reset_emergency(self) -> None:
         """emergency_restart_* as the configuration now in force says, counting from zero."""

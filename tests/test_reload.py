@@ -383,3 +383,23 @@ pm.max_children = 1
     wait_until(lambda: not set(server.worker_pids()) & old, 10, message="the old worker to leave")
     response = get(server.address, "/")
     assert int(response.body) not in old
+
+
+def test_a_graceful_stop_during_a_reload_lets_the_old_generation_finish(
+        configured: Callable[..., ConfiguredServer]) -> None:
+    server = configured("[global]\nprocess_control_timeout = 20\n" + GLOBALS_POOL)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(get(server.address, "/slow", "seconds=2")))
+    thread.start()
+    wait_until(lambda: server_busy(server), 5, message="the slow request to start")
+    server.rewrite("[global]\nprocess_control_timeout = 20\n" + GLOBALS_POOL.replace(
+        ROUTER, "tests.apps.lifecycle_slow_start:app"))
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("reloading: generation 2 starting", mark, timeout=5)
+    # SIGQUIT while generation 1 still serves (generation 2 imports for two seconds): the request
+    # in flight on generation 1 finishes, as it would without the reload.
+    server.signal(signal.SIGQUIT)
+    thread.join(15)
+    assert results and results[0].status == 200
+    assert "SIGKILL" not in server.log_since(mark)
