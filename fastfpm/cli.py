@@ -175,7 +175,12 @@ def serve(args: argparse.Namespace) -> int:
         print("fastfpm: warning: the demo's workers run as root; an application would need "
               "--allow-to-run-as-root (-R)", file=sys.stderr)
     g = config.global_
-    log = ErrorLog.from_global(g)
+    try:
+        log = ErrorLog.from_global(g)
+    except OSError as exc:
+        # php-fpm's words (fpm_stdio_open_error_log); nothing has started yet.
+        print(f"fastfpm: failed to open error_log ({g.error_log}): {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for warning in config.warnings:
         log.warning(warning)
     try:

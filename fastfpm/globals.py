@@ -23,8 +23,6 @@ from fastfpm.pool import Pool
 # SIGUSR2, so there they apply): (directive, GlobalConfig attribute). A change is logged as a NOTICE.
 RESTART_ONLY_DIRECTIVES = (("rlimit_files", "rlimit_files"), ("rlimit_core", "rlimit_core"),
                            ("process.priority", "process_priority"), ("daemonize", "daemonize"))
-# The [global] directives the error log is built from; a reload that changes one opens a new log.
-LOG_DIRECTIVES = ("error_log", "log_level", "log_limit", "syslog_ident", "syslog_facility")
 
 
 def close_log_stream(log: ErrorLog) -> None:
@@ -152,7 +150,7 @@ class Globals:
         aborts the reload (None) and the old log stays.
         """
         old = self.config.global_
-        if all(getattr(old, name) == getattr(new, name) for name in LOG_DIRECTIVES):
+        if all(getattr(old, name) == getattr(new, name) for name in ErrorLog.GLOBAL_SETTINGS):
             return self.log
         try:
             return ErrorLog.from_global(new)

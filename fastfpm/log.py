@@ -65,10 +65,14 @@ class ErrorLog:
         self.syslog_facility = getattr(syslog, f"LOG_{syslog_facility.upper()}")
         self.open()
 
+    # The [global] settings (GlobalConfig attributes) the error log is built from: a reload that
+    # changes one of them opens a new log.
+    GLOBAL_SETTINGS = ("error_log", "log_level", "log_limit", "syslog_ident", "syslog_facility")
+
     @classmethod
     def from_global(cls, global_config: Any) -> ErrorLog:
-        """The error log a [global] section asks for: error_log, log_level, log_limit, syslog.ident
-        and syslog.facility. Opens it, so OSError says when the file cannot be opened."""
+        """The error log a [global] section asks for (GLOBAL_SETTINGS). Opens it, so OSError says
+        when the file cannot be opened."""
         g = global_config
         return cls(g.error_log, g.log_level, g.log_limit, syslog_ident=g.syslog_ident,
                    syslog_facility=g.syslog_facility)

@@ -194,3 +194,13 @@ def test_version_and_help() -> None:
     helptext = run_cli("serve", "--help").stdout
     for option in ("--listen", "--max-children", "--chdir", "--log-level", "--pm", "MODULE:CALLABLE"):
         assert option in helptext
+
+
+def test_serve_with_an_error_log_that_cannot_be_opened_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "fpm.log"
+    result = run_cli("serve", "tests.apps.router:app", "-R", "--listen", str(tmp_path / "s.sock"),
+                     "--error-log", str(missing))
+    assert result.returncode == 1
+    assert f"failed to open error_log ({missing}): No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "s.sock").exists()  # nothing started
