@@ -81,11 +81,13 @@ class Globals:
         """systemd_interval status lines and watchdog pings, when due."""
         if self.notifier is None or not self.heartbeat.enabled:
             return
-        slots = [p.scoreboard.read(c.slot) for p in pools for c in p.children.values()]
-        due = self.heartbeat.beat(now, active=sum(1 for s in slots if s.busy),
-                                  idle=sum(1 for s in slots if s.stage_name == "Idle"),
-                                  requests=sum(s.requests for s in slots),
-                                  slow=sum(p.state.slow_requests for p in pools))
+        # The status page's counters: requests include those of recycled workers, so the rate
+        # systemd shows does not dip each time pm.max_requests replaces one.
+        counters = [p.scoreboard.counters() for p in pools]
+        due = self.heartbeat.beat(now, active=sum(c.active_processes for c in counters),
+                                  idle=sum(c.idle_processes for c in counters),
+                                  requests=sum(c.requests for c in counters),
+                                  slow=sum(c.slow_requests for c in counters))
         if due and not self.notifier.notify(*due):
             self.log.warning(f"could not notify systemd: {self.notifier.last_error}")
 
