@@ -115,7 +115,6 @@ class PoolSnapshot:
     """Every live worker of one pool at one moment (workers that exited are not in it)."""
 
     workers: tuple[WorkerInfo, ...] = ()
-    listen_queue: int = 0  # connections waiting in the accept queue, when the master can tell
 
     @property
     def total(self) -> int:
