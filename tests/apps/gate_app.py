@@ -1,4 +1,4 @@
-"""Hold each request until the file named by `?gate=PATH` exists (for tests/test_scoreboard_counters.py).
+"""Hold each request until the file named by `?gate=PATH` exists (for tests/test_pool_counters.py).
 
 Without `gate` it answers at once. A request never waits more than 30 s, so a failed test cannot
 leave a worker stuck. The reply is `done in PID`.
