@@ -45,6 +45,38 @@ pm.max_children = 1
                 proc.kill()
 
 
+
+def test_status_requests_count_those_of_recycled_workers(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "m.conf", f"""
+[global]
+systemd_interval = 1s
+
+[www]
+listen = {tmp_path}/m.sock
+app = {ROUTER}
+pm = static
+pm.max_children = 1
+pm.max_requests = 1
+""")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(10)
+        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        try:
+            assert "READY=1" in notify.recv(4096).decode()
+            for _ in range(3):  # each request ends its worker (pm.max_requests = 1)
+                assert get(str(tmp_path / "m.sock"), "/env").status == 200
+            # The pool served three requests although no living worker did more than one.
+            deadline = time.monotonic() + 10
+            while "Requests: 3," not in (status := notify.recv(4096).decode()):
+                assert time.monotonic() < deadline, status
+            proc.send_signal(signal.SIGQUIT)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_watchdog_pings_at_half_of_watchdog_usec(tmp_path: Path) -> None:
     conf = write_config(tmp_path / "w.conf", f"""
 [global]
