@@ -210,7 +210,7 @@ cdef class FcgiConnection(Connection):
 
     # ------------------------------------------------------------------ the record rules
 
-    cdef int rule(self, const fcgi_header *hdr, int phase) noexcept:
+    cdef inline int rule(self, const fcgi_header *hdr, int phase) noexcept:
         """What a record is, given the phase: the one place the FastCGI record rules live.
 
         The order is the rules' precedence: management records first; then the stateless header
