@@ -104,6 +104,7 @@ cdef class Worker:
     values and the log callables.
     """
     cdef object app
+    cdef list routes                 # [(request path as bytes, WSGI app)]: served instead of app
     cdef object log                  # log(level: str, message: str), error paths only
     cdef object log_exception        # log_exception(message: str) with the current traceback
     cdef Limits limits
@@ -118,14 +119,18 @@ cdef class Worker:
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
-                 int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0):
+                 int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
+                 dict routes=None):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
         (listen.allowed_clients); a refused one is closed before anything is read. With
         parent_pid, the loop stops once that process is no longer its parent (the master died).
+        routes maps request paths to WSGI apps served instead of app (the status page, ping): the
+        path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
         """
         self.app = app
+        self.routes = [(path.encode("latin-1"), route_app) for path, route_app in (routes or {}).items()]
         self.log = log
         self.log_exception = log_exception
         self.max_requests = max_requests
@@ -216,7 +221,7 @@ cdef class Worker:
             return 0
         try:
             self.slot.running(self.request, c.content_length, c.keep_conn)
-            failed = self.run_app(c, env)
+            failed = self.run_app(c, env, self.app_for_request() if self.routes else self.app)
             c.request_serial += 1  # the app's wsgi.input reads nothing more from here on
             if not c.broken:
                 self.finish_request(c, env, failed)
@@ -240,12 +245,22 @@ cdef class Worker:
         c.content_length = self.request.content_length
         return env
 
-    cdef bint run_app(self, Connection c, dict env) except? True:
+    cdef object app_for_request(self):
+        """A route's app when the request path is one of the routes, else the pool's app."""
+        cdef size_t n
+        cdef const uint8_t *path = self.request.request_path(&n)
+        cdef bytes route_path
+        for route_path, route_app in self.routes:
+            if <size_t>PyBytes_GET_SIZE(route_path) == n and memcmp(path, PyBytes_AS_STRING(route_path), n) == 0:
+                return route_app
+        return self.app
+
+    cdef bint run_app(self, Connection c, dict env, object app) except? True:
         """Call the app and send its body: True when it failed (a 500 follows if nothing was sent)."""
         cdef bint failed = False
         result = None
         try:
-            result = self.app(env, self.response.start_response_cb)
+            result = app(env, self.response.start_response_cb)
             self.response.send_iterable(result)
         except (RequestAborted, ConnectionLost) as exc:
             failed = True

@@ -622,8 +622,8 @@ def random_chunks(total: int, digest: Any, chunk_size: int = 1 << 20) -> Iterato
 
 
 @contextlib.contextmanager
-def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any,
-                       pool_name: str = "test") -> Iterator[tuple[Any, str, int]]:
+def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any, pool_name: str = "test",
+                       routes: dict[str, Callable[..., Any]] | None = None) -> Iterator[tuple[Any, str, int]]:
     """A real worker loop forked from the test, serving app on socket_path from slot 1 of a fresh
     scoreboard: (scoreboard, socket path, pid). A `fastfpm serve` master's scoreboard is an
     anonymous mapping only it and its workers see, so tests of the slot's contents read this one."""
@@ -642,7 +642,8 @@ def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any,
             set_accept_timeout(listener.fileno())
             log = ErrorLog(None, "warning")
             Worker(listener.fileno(), app, environ_template=environ_template(pool), log=log.log,
-                   log_exception=log.exception, scoreboard=board.mapping, slot_index=1).serve()
+                   log_exception=log.exception, scoreboard=board.mapping, slot_index=1,
+                   routes=routes).serve()
         finally:
             os._exit(0)
     board.set_pid(1, pid)

@@ -17,7 +17,7 @@ import pytest
 from fastfpm import protocol as p
 from fastfpm.client import FastCGIClient, build_params
 from tests.fcgi_helpers import closed_by_peer, read_records, request_bytes
-from tests.servers import Launcher, wait_until
+from tests.servers import Launcher, forked_slot_worker, wait_until
 
 ROUTER = "tests.apps.lifecycle:app"
 
@@ -341,3 +341,37 @@ def test_kept_connections_are_closed_after_idle_timeout_once_the_accept_queue_dr
         started = time.monotonic()
         assert closed_by_peer(second, timeout=10) and closed_by_peer(first, timeout=10)
         assert time.monotonic() - started < 5  # --idle-timeout 1
+
+
+class _RoutesPool:
+    """The pool settings forked_slot_worker's environ template reads."""
+
+    name = "routes"
+
+
+def test_routes_serve_their_paths_instead_of_the_app(tmp_path: Path) -> None:
+    def pool_app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"app " + environ["PATH_INFO"].encode()]
+
+    def status_app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"status " + environ["QUERY_STRING"].encode()]
+
+    def failing_app(environ, start_response):
+        raise RuntimeError("route failed")
+
+    routes = {"/status": status_app, "/fail": failing_app}
+    with forked_slot_worker(tmp_path / "r.sock", pool_app, _RoutesPool, routes=routes) as (_, address, _):
+        def get_body(path: str, query: str = "") -> tuple[int, bytes]:
+            with FastCGIClient(address, timeout=5) as client:
+                response = client.request(build_params("GET", path, query, {}, None, {}))
+            return response.status, response.body
+
+        assert get_body("/status", "full") == (200, b"status full")
+        assert get_body("/st%61tus") == (200, b"status ")      # the decoded path is compared
+        assert get_body("/statusx") == (200, b"app /statusx")  # a whole path, not a prefix
+        assert get_body("/status/") == (200, b"app /status/")
+        assert get_body("/other") == (200, b"app /other")
+        assert get_body("/fail")[0] == 500                      # a route's failure is the app's
+        assert get_body("/status", "again") == (200, b"status again")
