@@ -102,11 +102,13 @@ def test_fetch_document_sees_a_busy_worker(target: StatusTarget) -> None:
 
     def busy_row():
         rows = fetch_document(target.address, target.status_path)["processes"]
-        return next((row for row in rows if row["request uri"].startswith(target.busy_path)), None)
+        # Running once its headers are read (php-fpm shows "Getting request information" before).
+        return next((row for row in rows if row["request uri"].startswith(target.busy_path)
+                     and row["state"] == "Running"), None)
 
-    row = wait_until(busy_row, 5, message="the busy request in the status page")
-    assert row["state"] == "Running"
+    row = wait_until(busy_row, 5, message="the busy request Running in the status page")
     assert row["request method"] == "GET"
+    assert row["request uri"] == f"{target.busy_path}?ms=2000"
     thread.join(10)
     with pytest.raises(StatusError, match="with 404"):
         fetch_document(target.address, target.missing_path)
