@@ -1,4 +1,4 @@
-"""`python -m fastfpm`: serve a WSGI app over FastCGI, send a test request, check a config."""
+"""`python -m fastfpm`: serve a WSGI app over FastCGI, send a test request, check a config, watch a pool."""
 
 from __future__ import annotations
 
@@ -64,7 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an extra FastCGI param (repeatable), e.g. SCRIPT_FILENAME=/srv/app.py")
     request.add_argument("-i", "--include", action="store_true", help="print the response headers too")
     request.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: %(default)s)")
+    add_status_commands(commands)
     return parser
+
+
+def add_status_commands(commands: Any) -> None:
+    """`status` and `top`: clients of a pool's status page (pm.status_path), fastfpm's or php-fpm's."""
+    from fastfpm.statuscli import DEFAULT_PATH, FORMATS
+
+    status = commands.add_parser(
+        "status", help="print a pool's status page (pm.status_path)",
+        description="Fetch a pool's status page over FastCGI and print it; the exit status is 1 when "
+                    "nothing answers or the answer is not 200. Works against php-fpm too.")
+    top = commands.add_parser(
+        "top", help="a live view of a pool's workers, from its status page",
+        description="Show a pool's counters and a row per worker, the longest request first, refreshed "
+                    "every --interval seconds from the status page (pm.status_path). q or Ctrl-C quits.")
+    for command in (status, top):
+        command.add_argument("address", metavar="ADDR", help="127.0.0.1:9000, [::1]:9000 or /path/to.sock")
+        command.add_argument("--path", default=DEFAULT_PATH,
+                             help="the pool's pm.status_path (default: %(default)s)")
+        command.add_argument("--timeout", type=float, default=10.0,
+                             help="seconds to wait for the page (default: %(default)s)")
+    status.add_argument("--full", action="store_true", help="a section per process too (?full)")
+    status.add_argument("--format", choices=FORMATS, default="text", help="the page's format (default: text)")
+    top.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between refreshes (default: %(default)s)")
 
 
 # serve's flags that set directives: each comes from its Directive's cli= in fastfpm.config, so the
@@ -308,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             return request(args)
         if args.command == "check":
             return check(args)
+        if args.command == "status":
+            from fastfpm.statuscli import run_status
+
+            return run_status(args.address, args.path, args.format, args.full, args.timeout)
+        if args.command == "top":
+            from fastfpm.top import run_top
+
+            return run_top(args.address, args.path, args.interval, args.timeout)
     except NotBuiltError as exc:
         print(f"fastfpm: {exc}", file=sys.stderr)
         return 2

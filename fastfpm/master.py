@@ -28,6 +28,7 @@ from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
 from fastfpm.globals import Globals, close_log_stream
 from fastfpm.log import ErrorLog
 from fastfpm.pool import Child, Pool
+from fastfpm.proctitle import set_master_title
 from fastfpm.watcher import SignalPipe, Watcher
 from fastfpm.worker import EXIT_BOOT_ERROR
 
@@ -108,6 +109,7 @@ class Master:
 
     def run(self) -> int:
         """Start every pool's workers and run until stopped; returns the process exit status."""
+        set_master_title(self.globals.config_path, self.config)
         self.signals.install(HANDLED_SIGNALS)
         self.globals.write_pid_file()
         self.log.notice(f"fpm is running, pid {os.getpid()}")

@@ -23,6 +23,7 @@ from fastfpm.address import REFUSED_MESSAGE, AllowedClients
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker
+from fastfpm.proctitle import set_worker_title
 
 # Exit status of a worker whose application failed to import: the master stops rather than
 # respawning it in a loop (gunicorn does the same with its WORKER_BOOT_ERROR).
@@ -99,6 +100,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             os._exit(0)  # still importing the application: nothing in flight to finish
 
     reset_signals(graceful_stop)
+    set_worker_title(pool.name, scoreboard, slot_index)
     log.for_worker(pool.name, log_fd)
     status = 1
     try:
