@@ -38,6 +38,8 @@ cdef class Connection:
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
     cdef uint64_t request_serial   # changes when a request ends: its wsgi.input reads no more
     cdef int64_t content_length    # the current request's CONTENT_LENGTH, -1 when unknown
+    cdef bint peer_known           # the access log's %R: peer_ip looked up (once a connection)
+    cdef char peer_ip[48]
 
     def __cinit__(self):
         self.rbuf = <uint8_t *>malloc(RBUF_SIZE)
@@ -58,6 +60,7 @@ cdef class Connection:
         self.broken = False
         self.watched = False
         self.logged = False
+        self.peer_known = False
         self.fresh = False
         self.aborted = False
 
