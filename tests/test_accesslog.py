@@ -181,12 +181,13 @@ def test_a_request_cannot_forge_a_line(configured):
     server = configured(pool_config("{dir}/fpm.sock", "%r|%f|%{HTTP_X_EVIL}e|%s"))
     server.address = str(server.workdir / "fpm.sock")
     forged = '127.0.0.1 - - 01/Jan/2026:00:00:00 +0000 "GET /admin" 200'
-    request(server.address, f"/a\n{forged}", SCRIPT_FILENAME=f"/srv/a\n{forged}",
+    request(server.address, f"/a%0A\n{forged}", SCRIPT_FILENAME=f"/srv/a\n{forged}",
             HTTP_X_EVIL=f"x\r\n{forged}\x1b[31m\x7f\t")
     time.sleep(0.3)
     lines = log_lines(server.workdir / "access.log", 1)
     assert len(lines) == 1
-    assert lines[0] == f"/a.{forged}|/srv/a.{forged}|x..{forged}.[31m..|200"
+    # REQUEST_URI arrives percent-encoded, so its %0A stays three characters; decoded, it is a '.'.
+    assert lines[0] == f"/a%0A.{forged}|/srv/a.{forged}|x..{forged}.[31m..|200"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -253,21 +254,25 @@ def test_sigusr1_reopens_the_access_log(configured):
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_a_line_through_nginx(tmp_path_factory, transport):
     """nginx with stock fastcgi_params in front: %R is the FastCGI peer (nginx over TCP, "-" on a
-    unix socket, as php-fpm), the client's address is %{REMOTE_ADDR}e; %r%Q%q the request URI."""
+    unix socket, as php-fpm), the client's address is %{REMOTE_ADDR}e; %r%Q%q the request URI; a
+    %0A decoded into PATH_INFO is written as '.'."""
     workdir = tmp_path_factory.mktemp("fpm")
     server = ConfiguredServer(workdir, workdir / "fastfpm.conf")
     if transport == "tcp":
         server.socket_path, server.port = None, free_port()
         server.address = f"127.0.0.1:{server.port}"
-    server.rewrite(pool_config(server.address, '%R %{REMOTE_ADDR}e \\"%m %r%Q%q\\" %s %{Content-Type}o'))
+    line_format = '%R %{REMOTE_ADDR}e \\"%m %r%Q%q\\" %s %{Content-Type}o|%{PATH_INFO}e'
+    server.rewrite(pool_config(server.address, line_format))
     with Launcher(tmp_path_factory.mktemp) as launcher:
         launcher._started.append(server.start())
         web = launcher.nginx(server)
         result = http_get(web.port, "/status?code=201")
         assert result.status == 201
-        line = log_lines(workdir / "access.log", 1)[0]
+        assert http_get(web.port, "/x%0Ay").status == 200  # decoded into PATH_INFO
+        first, second = log_lines(workdir / "access.log", 2)
     peer = "127.0.0.1" if transport == "tcp" else "-"
-    assert line == f'{peer} 127.0.0.1 "GET /status?code=201" 201 text/plain'
+    assert first.startswith(f'{peer} 127.0.0.1 "GET /status?code=201" 201 text/plain|/status')
+    assert second.startswith(f'{peer} 127.0.0.1 "GET /x%0Ay" 200 ') and second.endswith("|/x.y")
 
 
 def test_access_directives_load_check_and_dump(tmp_path):
