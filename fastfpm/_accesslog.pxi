@@ -148,7 +148,7 @@ cdef class AccessLog:
         cdef LogOp *op
         self.fd = fd
         self.keep = []
-        self.suppress = frozenset(p.encode("latin-1") for p in suppress)
+        self.suppress = frozenset(p.encode("utf-8", "surrogateescape") for p in suppress)  # as in the file
         self.nops = len(ops)
         self.ops = <LogOp *>malloc(sizeof(LogOp) * (self.nops or 1))
         if self.ops == NULL:
