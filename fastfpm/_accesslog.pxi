@@ -19,9 +19,6 @@ cdef extern from "<time.h>" nogil:
 
 
 cdef extern from "<sys/socket.h>" nogil:
-    struct sockaddr_storage:
-        unsigned short ss_family
-    int getpeername(int fd, sockaddr *addr, socklen_t *addrlen)
     enum:
         AF_INET
         AF_INET6
@@ -133,7 +130,9 @@ cdef class AccessLog:
     cdef Py_ssize_t nops
     cdef list keep                   # the bytes and str the ops point into
     cdef frozenset suppress          # access.suppress_path as bytes; empty: none
-    cdef bint remote_wanted
+    cdef int remote_family           # %R: the last peer address formatted, and its text
+    cdef uint8_t remote_addr[16]
+    cdef char remote_text[48]
     cdef size_t used
     cdef char line[LOG_LINE_MAX + 1]
 
@@ -170,8 +169,6 @@ cdef class AccessLog:
             else:
                 op.text = PyBytes_AS_STRING(arg)
                 op.length = PyBytes_GET_SIZE(arg)
-            if code == OP_REMOTE:
-                self.remote_wanted = True
 
     # ------------------------------------------------------------------ building the line
 
@@ -289,27 +286,33 @@ cdef class AccessLog:
         self.put(<char *>user, n)
 
     cdef void put_remote(self, Connection c) noexcept:
-        """%R: the web server's address (php-fpm's fcgi_get_last_client_ip), once per connection."""
-        cdef sockaddr_storage addr
-        cdef socklen_t alen = sizeof(addr)
-        cdef const unsigned char *a6
-        cdef const char *shown = NULL
-        if not c.peer_known:
-            c.peer_known = True
-            c.peer_ip[0] = 0
-            if c.fd >= 0 and getpeername(c.fd, <sockaddr *>&addr, &alen) == 0:
-                if addr.ss_family == AF_INET:
-                    shown = inet_ntop(AF_INET, &(<sockaddr_in *>&addr).sin_addr, c.peer_ip, sizeof(c.peer_ip))
-                elif addr.ss_family == AF_INET6:
-                    a6 = (<sockaddr_in6 *>&addr).sin6_addr.s6_addr
-                    if memcmp(a6, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
-                        shown = inet_ntop(AF_INET, a6 + 12, c.peer_ip, sizeof(c.peer_ip))
-                    else:
-                        shown = inet_ntop(AF_INET6, a6, c.peer_ip, sizeof(c.peer_ip))
-                if shown == NULL:
-                    c.peer_ip[0] = 0
-        if c.peer_ip[0]:
-            self.put(c.peer_ip, strlen(c.peer_ip))
+        """%R: the web server's address (php-fpm's fcgi_get_last_client_ip), from what accept4 gave
+        the connection; formatted again only when it differs from the last one (nginx: always the same)."""
+        cdef const uint8_t *a
+        cdef int family
+        cdef size_t n
+        if c.peer_len == 0:
+            self.put_raw("-", 1)
+            return
+        if c.peer.ss_family == AF_INET:
+            a = <const uint8_t *>&(<sockaddr_in *>&c.peer).sin_addr
+            family, n = AF_INET, 4
+        elif c.peer.ss_family == AF_INET6:
+            a = (<sockaddr_in6 *>&c.peer).sin6_addr.s6_addr
+            family, n = AF_INET6, 16
+            if memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+                a += 12  # an IPv4 client of a dual-stack socket, written as IPv4
+                family, n = AF_INET, 4
+        else:
+            self.put_raw("-", 1)
+            return
+        if family != self.remote_family or memcmp(a, self.remote_addr, n) != 0:
+            if inet_ntop(family, a, self.remote_text, sizeof(self.remote_text)) == NULL:
+                self.remote_text[0] = 0
+            memcpy(self.remote_addr, a, n)
+            self.remote_family = family
+        if self.remote_text[0]:
+            self.put(self.remote_text, strlen(self.remote_text))
         else:
             self.put_raw("-", 1)
 

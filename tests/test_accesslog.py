@@ -299,3 +299,17 @@ def test_access_format_without_access_log_warns(tmp_path):
     conf.write_text('[www]\napp = myapp:application\nlisten = 9000\naccess.format = "%R"\n')
     config = load(conf)
     assert any("access.format has no effect without access.log" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(("listen", "connect", "shown"), [
+    ("127.0.0.1:{port}", "127.0.0.1:{port}", "127.0.0.1"),
+    ("[::1]:{port}", "[::1]:{port}", "::1"),
+    ("{port}", "127.0.0.1:{port}", "127.0.0.1"),  # dual-stack: an IPv4 peer written as IPv4
+])
+def test_remote_address_forms(configured, listen, connect, shown):
+    """%R from the address accept4 gave: IPv4, IPv6, and IPv4-mapped on a dual-stack socket."""
+    port = str(free_port())
+    server = configured(pool_config(listen.replace("{port}", port), "%R %r"))
+    request(connect.replace("{port}", port), "/one")
+    request(connect.replace("{port}", port), "/two")
+    assert log_lines(server.workdir / "access.log", 2) == [f"{shown} /one", f"{shown} /two"]
