@@ -11,8 +11,9 @@
 Backends (all with the same number of workers, default 4): fastfpm, php-fpm with opcache, uWSGI
 ``--fastcgi-socket``, flup ``fcgi_fork``, a C responder on libfcgi, a raw C responder (the floor: accept,
 read until the empty STDIN record, write a prebuilt response, close) and nginx answering by itself (the
-ceiling). Scenarios: hello, json4k, upload1m, io10ms, keepalive (an upstream keep-alive pool larger than
-the workers, many client connections) and reload (the server's reload signal while under load).
+ceiling). Scenarios: hello, hello-accesslog (hello with php-fpm's default access log line written per
+request; fastfpm and php-fpm only), json4k, upload1m, io10ms, keepalive (an upstream keep-alive pool
+larger than the workers, many client connections) and reload (the server's reload signal while under load).
 
 The script installs nothing. It checks for what it needs and prints the command that gets what is
 missing; optional backends that are missing are skipped. It writes every config into a temp dir, starts
@@ -65,7 +66,7 @@ READY_LINE = "ready to handle connections"
 SERVER_ORDER = ["fastfpm", "php-fpm", "uwsgi", "flup", "libfcgi", "raw-c", "nginx"]
 # With --baseline PATH: fastfpm as built in another checkout, measured next to the current tree.
 BASELINE = "fastfpm@baseline"
-SCENARIO_ORDER = ["hello", "json4k", "upload1m", "io10ms", "keepalive", "reload"]
+SCENARIO_ORDER = ["hello", "hello-accesslog", "json4k", "upload1m", "io10ms", "keepalive", "reload"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,6 +483,7 @@ class Scenario:
     conn_factor: int = 4  # wrk connections = conn_factor * workers (unless --connections)
     pool_factor: int = 2  # upstream keepalive pool = pool_factor * workers
     reload: bool = False
+    access_log: bool = False  # the server writes php-fpm's default access.format line per request
 
     def expected_body(self) -> bytes:
         """The body every backend must answer with."""
@@ -500,6 +502,15 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         Scenario("hello", "hello", "hello.php", "hello", "GET, 13-byte `Hello, world!`"),
+        Scenario(
+            "hello-accesslog",
+            "hello",
+            "hello.php",
+            "hello",
+            "hello with `access.log` on (php-fpm's default format), one line written per request",
+            nginx_alone=False,
+            access_log=True,
+        ),
         Scenario("json4k", "json4k", "json4k.php", "json4k", "GET, a 4 KB JSON document encoded per request"),
         Scenario(
             "upload1m",
@@ -586,8 +597,12 @@ class Server:
     def prepare(self, ctx: Context) -> None:
         """One-off work before the first start (compiling, writing configs that do not change)."""
 
+    writes_access_log = False  # whether it can write php-fpm's access log (hello-accesslog)
+
     def supports(self, scenario: Scenario) -> bool:
         """Whether the server takes part in the scenario."""
+        if scenario.access_log and not self.writes_access_log:
+            return False
         if scenario.reload:
             return self.reload_signal is not None
         return True
@@ -627,6 +642,7 @@ class FastFPM(Server):
 
     reload_signal = signal.SIGUSR2
     reload_note = "SIGUSR2"
+    writes_access_log = True
 
     def __init__(self, root: Path = REPO, name: str = "fastfpm", label: str = "fastfpm") -> None:
         self.root = root
@@ -723,6 +739,13 @@ class FastFPM(Server):
             "--max-children",
             str(ctx.workers),
         ]
+        if scenario.access_log:
+            # access.log is a file directive: the same pool, from a file.
+            conf = workdir / "fastfpm.conf"
+            conf.write_text(f"[global]\n[bench]\napp = benchmarks.apps:{scenario.wsgi}\nlisten = {address}\n"
+                            f"pm = static\npm.max_children = {ctx.workers}\nclear_env = no\n"
+                            f"access.log = {workdir / 'access.log'}\n")
+            argv = [*argv[:4], "-c", str(conf)]
         if IS_ROOT:
             argv.append("-R")
         if self.root == REPO:
@@ -737,6 +760,7 @@ class PhpFpm(Server):
     label = "php-fpm 8.2 + opcache"
     reload_signal = signal.SIGUSR2
     reload_note = "SIGUSR2"
+    writes_access_log = True
 
     def check(self) -> str | None:
         if not _which(PHP_FPM):
@@ -765,6 +789,7 @@ class PhpFpm(Server):
             f"pm.max_children = {ctx.workers}\n"
             "pm.max_requests = 0\n"
             "php_admin_value[opcache.enable] = 1\n"
+            + (f"access.log = {workdir / 'access.log'}\n" if scenario.access_log else "")
         )
         argv = [PHP_FPM, "-F", "-y", str(conf), "-d", "opcache.enable=1"]
         if IS_ROOT:

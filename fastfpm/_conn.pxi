@@ -9,6 +9,11 @@ cdef enum:
     REFUSED_KEPT = 8        # refused request ids a connection remembers
 
 
+cdef extern from "<sys/socket.h>" nogil:
+    struct sockaddr_storage:
+        unsigned short ss_family
+
+
 @cython.final
 cdef class Limits:
     """What the pool's configuration says about connections, shared by all of one worker's."""
@@ -38,6 +43,8 @@ cdef class Connection:
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
     cdef uint64_t request_serial   # changes when a request ends: its wsgi.input reads no more
     cdef int64_t content_length    # the current request's CONTENT_LENGTH, -1 when unknown
+    cdef sockaddr_storage peer     # the peer's address, as accept4 gave it (the access log's %R)
+    cdef socklen_t peer_len        # 0: unknown
 
     def __cinit__(self):
         self.rbuf = <uint8_t *>malloc(RBUF_SIZE)
@@ -58,6 +65,7 @@ cdef class Connection:
         self.broken = False
         self.watched = False
         self.logged = False
+        self.peer_len = 0
         self.fresh = False
         self.aborted = False
 

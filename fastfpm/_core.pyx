@@ -14,6 +14,7 @@ One compiled module made of parts, each in its own file (docs/architecture.md dr
     _conn.pxi      Connection (socket, buffer, deadlines) and FcgiConnection (the record rules)
     _response.pxi  Response (PEP 3333) and FcgiResponse (STDOUT/END_REQUEST framing)
     _loop.pxi      ConnectionLoop: accept, epoll, kept-alive connections
+    _accesslog.pxi AccessLog: access.format compiled, one line written per request
     _core.pyx      Worker: a request's stages in order, over those parts
 
 Included rather than split into modules: the parts are final classes of one module, so calls
@@ -95,6 +96,7 @@ include "_slot.pxi"
 include "_conn.pxi"
 include "_response.pxi"
 include "_loop.pxi"
+include "_accesslog.pxi"
 
 
 cdef class Worker:
@@ -112,6 +114,7 @@ cdef class Worker:
     cdef SlotWriter slot
     cdef EnvironBuilder request
     cdef FcgiResponse response
+    cdef AccessLog access_log        # None when the pool has no access.log
     cdef public bint stopping
     cdef public uint64_t max_requests
     cdef public uint64_t served
@@ -120,7 +123,7 @@ cdef class Worker:
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
                  int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
-                 dict routes=None):
+                 dict routes=None, AccessLog access_log=None):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
@@ -152,6 +155,7 @@ cdef class Worker:
         self.loop.header = self.slot.header
         self.loop.client_filter = client_filter
         self.loop.parent_pid = parent_pid
+        self.access_log = access_log
 
     def mark_ending(self):
         """Tell the master this worker is on its way out."""
@@ -227,6 +231,8 @@ cdef class Worker:
                 self.finish_request(c, env, failed)
         finally:
             self.response.end()
+        if self.access_log is not None:
+            self.access_log.write_line(self.request, self.response, self.slot, c, env)
         return 0
 
     cdef object start_request(self, Connection c):

@@ -77,8 +77,10 @@ cdef class ConnectionLoop:
         """
         cdef int fd, err
         cdef Connection conn
+        cdef sockaddr_storage peer
+        cdef socklen_t peer_len = sizeof(peer)
         with nogil:
-            fd = accept4(self.listen_fd, NULL, NULL, SOCK_CLOEXEC)
+            fd = accept4(self.listen_fd, <sockaddr *>&peer, &peer_len, SOCK_CLOEXEC)
         if fd >= 0 and self.client_filter is not None and not self.client_filter(fd):
             close(fd)
             return None
@@ -86,6 +88,8 @@ cdef class ConnectionLoop:
             conn = self.connection()
             conn.reset(fd)
             conn.fresh = True
+            memcpy(&conn.peer, &peer, peer_len if peer_len <= sizeof(peer) else sizeof(peer))
+            conn.peer_len = peer_len  # kept for the access log's %R: no getpeername() later
             return conn
         err = errno
         if err == EINTR:

@@ -78,6 +78,8 @@ class Children:
             for pool in generation.pools:
                 if pool.socket.fileno() not in keep:
                     pool.socket.close()
+                if pool.access_log_fd not in keep:
+                    pool.close_access_log()  # another pool's access log (php-fpm's fpm_log_init_child)
 
     def exited(self) -> Iterator[tuple[Generation, Child, int]]:
         """Each worker the spawner reports exited, its generation and waitpid() status, one at a

@@ -355,6 +355,18 @@ class PathList(ValueType):
         return ":".join(value)
 
 
+class AccessFormat(ValueType):
+    """access.format: php-fpm's % codes, compiled (and so checked) as the value is read."""
+
+    label = "access log format"
+
+    def parse(self, text: str) -> str:
+        from fastfpm.accesslog import compile_format
+
+        compile_format(text)  # FormatError (a ValueError) with php-fpm's message
+        return text
+
+
 class Clients(ValueType):
     """Comma-separated IPv4/IPv6 addresses (fastfpm also takes networks such as 10.0.0.0/8)."""
 
@@ -596,9 +608,17 @@ DIRECTIVES: tuple[Directive, ...] = (
     _unsupported("pm.status_listen", P, NOT_YET),
     _unsupported("ping.path", P, NOT_YET),
     _unsupported("ping.response", P, NOT_YET),
-    _unsupported("access.log", P, NOT_YET),
-    _unsupported("access.format", P, NOT_YET),
-    _unsupported("access.suppress_path", P, NOT_YET, array=True),
+    _d("access.log", P, Path(), None,
+       "File each request's line is appended to, in access.format; unset: no access log. SIGUSR1 reopens it.",
+       note="Opened by the master (mode 0600, as php-fpm); workers inherit it and write one line each."),
+    _d("access.format", P, AccessFormat(), None,
+       "The access log line: php-fpm's % codes (see docs/operations.md, Access log).",
+       default_doc='php-fpm\'s: %R - %u %t "%m %r" %s',
+       note="%C and %M are not measured: they write 0.00 and 0. %r is REQUEST_URI without its query."),
+    _d("access.suppress_path", P, Str(), None,
+       "access.suppress_path[] = /ping: a 2xx GET or HEAD of this %r path, without query or body, "
+       "is not logged.",
+       array=True, default_doc="none"),
     _d("slowlog", P, Path(), None, "File the tracebacks of slow requests are appended to.", cli="--slowlog"),
     _d("request_slowlog_timeout", P, Time(), 0.0,
        "A request running this long gets its Python traceback written to slowlog; 0: off.",
@@ -713,6 +733,7 @@ PoolConfig = dataclasses.make_dataclass(
     "PoolConfig",
     [("name", str, field(default="www"))] + [_field_for(d) for d in _STORED["pool"]] + [
         ("env", dict, field(default_factory=dict)),
+        ("access_suppress_path", list, field(default_factory=list)),
         ("source", dict, field(default_factory=dict, compare=False, repr=False)),
         ("section_source", str, field(default="", compare=False, repr=False)),
         # attributes check() filled in itself (dynamic pm defaults): recomputed on every check()
@@ -1002,6 +1023,11 @@ class _Loader:
         if directive.name == "env":
             self.set_env(sub or "", text, quoted, where)
             return
+        if directive.name == "access.suppress_path":
+            if text:  # as php-fpm, an empty entry is skipped
+                self.current.access_suppress_path.append(text)
+                self.current.source.setdefault(directive.name, where)
+            return
         assert directive.type is not None
         if text == "" and not isinstance(directive.type, Bool):
             value = directive.default_value()  # an empty value means "not set", as in php-fpm
@@ -1251,6 +1277,7 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     _check_accounts(pool, warn)
     _check_pm(pool, fail, warn)
     _check_slowlog(pool, pool_base, fail, warn)
+    _check_access_log(pool, pool_base, fail, warn)
     _check_directories(pool, pool_base, fail, warn)
     _check_connections(pool, fail)
 
@@ -1329,6 +1356,20 @@ def _check_slowlog(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> N
     if pool.request_slowlog_trace_depth != 20 and not pool.slowlog:
         # php-fpm refuses a trace depth without slowlog; it is harmless, so fastfpm only warns
         warn("request_slowlog_trace_depth", "request_slowlog_trace_depth has no effect without slowlog")
+
+
+def _check_access_log(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
+    """access.log's directory exists; access.format and suppress_path without access.log do nothing."""
+    if pool.access_log:
+        pool.access_log = _absolute(pool.access_log, pool_base)
+        if not os.path.isdir(os.path.dirname(pool.access_log)):
+            fail("access.log", f"the directory of access.log {pool.access_log} does not exist")
+    else:
+        for directive in ("access.format", "access.suppress_path"):
+            if directive in pool.source:
+                warn(directive, f"{directive} has no effect without access.log")
+    if not all(isinstance(path, str) for path in pool.access_suppress_path):
+        fail("access.suppress_path", "access.suppress_path entries must be strings")
 
 
 def _check_directories(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
@@ -1457,6 +1498,8 @@ def dump(config: Config) -> str:
         section(pool, "pool")
         for key, value in pool.env.items():
             lines.append(f"env[{key}] = {_quote(value)}")
+        for path in pool.access_suppress_path:
+            lines.append(f"access.suppress_path[] = {_quote(path)}")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ import time
 from functools import partial
 from typing import Any
 
-from fastfpm import pm
+from fastfpm import accesslog, pm
 from fastfpm.children import Children, describe_exit, signal_name  # noqa: F401  (re-exported, as before)
 from fastfpm.config import Config
 from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
@@ -236,7 +236,7 @@ class Master:
         self.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS
 
     def handle_sigusr1(self) -> None:
-        """Reopen the error log (after logrotate moved it); workers write through the master.
+        """Reopen the error log and the access logs (after logrotate moved them).
 
         As php-fpm: a file that cannot be opened (its directory is gone, say) is logged, to the old
         file, which stays the log; the server carries on. The lines are php-fpm's, its grammar too.
@@ -247,8 +247,12 @@ class Master:
             self.log.error(f"failed to open error_log ({self.log.path}): {exc.strerror or exc} "
                            f"({exc.errno})")
             self.log.error("unable to re-opened error log file")
-            return
-        self.log.notice("error log file re-opened")
+        else:
+            self.log.notice("error log file re-opened")
+        # php-fpm's fpm_log_open(1): the access logs too, then every worker restarts gracefully
+        # to inherit the new descriptor (see fastfpm.accesslog).
+        if accesslog.reopen_pools([pool for g in self.generations() for pool in g.pools], self.log):
+            self.children.kill_all(signal.SIGQUIT)
 
     def handle_sigusr2(self) -> None:
         """Reload: re-read the configuration and replace every worker with a new generation."""

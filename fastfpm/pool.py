@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastfpm import pm
+from fastfpm import accesslog, pm
 from fastfpm.address import accept_queue_length, create_listen_socket, parse_address
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
@@ -55,9 +55,15 @@ class Pool:
         self.log = log
         self.generation = generation
         self.address = parse_address(config.listen)
-        self.socket = sock if sock is not None else create_listen_socket(
-            self.address, backlog=config.listen_backlog, mode=config.listen_mode,
-            owner=config.listen_owner, group=config.listen_group)
+        # Opened by the master, as php-fpm's fpm_log_open: workers inherit it (-1: no access log).
+        self.access_log_fd = accesslog.open_log(config.access_log) if config.access_log else -1
+        try:
+            self.socket = sock if sock is not None else create_listen_socket(
+                self.address, backlog=config.listen_backlog, mode=config.listen_mode,
+                owner=config.listen_owner, group=config.listen_group)
+        except BaseException:
+            self.close_access_log()
+            raise
         # Room for two full generations: during a reload the old workers finish while new ones start.
         self.scoreboard = Scoreboard(2 * config.pm_max_children, config.name)
         # pm counts max_children_reached and slow_requests straight into the scoreboard header.
@@ -77,6 +83,21 @@ class Pool:
         finally:
             os.close(fd)
 
+    def reopen_access_log(self) -> bool:
+        """SIGUSR1: open access.log again onto the same descriptor (False: there is none).
+
+        OSError when it cannot be opened; the old file then stays the log.
+        """
+        if self.access_log_fd < 0:
+            return False
+        accesslog.reopen_log(self.config.access_log, self.access_log_fd)
+        return True
+
+    def close_access_log(self) -> None:
+        if self.access_log_fd >= 0:
+            os.close(self.access_log_fd)
+            self.access_log_fd = -1
+
     def snapshot(self) -> pm.PoolSnapshot:
         """The pool's workers as pm's decisions see them."""
         workers = []
@@ -95,6 +116,7 @@ class Pool:
     def close(self, keep_socket: bool = False) -> None:
         """Release the scoreboard and (unless reused by a reload) the socket and its file."""
         self.scoreboard.close()
+        self.close_access_log()
         if keep_socket:
             return
         if self.inherited:

@@ -33,7 +33,7 @@ class DirectSpawner:
         The read ends are non-blocking; the write ends are the worker's alone.
         """
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in PIPE_KINDS]
-        keep_in_child = {pool.socket.fileno(), *(w for _, w in pipes)}
+        keep_in_child = {pool.socket.fileno(), pool.access_log_fd, *(w for _, w in pipes)}
         # Block signals across fork so none reaches the child before it has reset its handlers.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
         try:
@@ -42,7 +42,7 @@ class DirectSpawner:
                 self.close_in_child(keep_in_child)
                 run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot,
                            log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1],
-                           identity=pool.identity)
+                           identity=pool.identity, access_log_fd=pool.access_log_fd)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         read_ends = {}

@@ -13,7 +13,7 @@ import struct
 import sys
 from typing import Any, NoReturn
 
-from fastfpm import __version__, not_built
+from fastfpm import __version__, accesslog, not_built
 
 try:
     from fastfpm._core import FileWrapper, Worker
@@ -88,7 +88,8 @@ def redirect_output(pool: Any, stdout_fd: int, stderr_fd: int) -> None:
 
 
 def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog, *,
-               log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None) -> NoReturn:
+               log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None,
+               access_log_fd: int = -1) -> NoReturn:
     """Serve pool's application on listen_fd until told to stop, then exit the process."""
     worker: Worker | None = None
     master_pid = os.getppid()  # taken at once: the master may die while the app imports
@@ -134,7 +135,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
                 lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),
-            parent_pid=master_pid,
+            parent_pid=master_pid, access_log=accesslog.for_worker(pool, access_log_fd),
         )
         worker.serve()
         worker.mark_ending()

@@ -1,0 +1,315 @@
+"""The access log: php-fpm's access.format codes, written by real workers for known requests.
+
+Each code group is read off a line a served request wrote (a pool whose format holds every code,
+`name=value|...`); the format's checks, suppress_path, forged lines, SIGUSR1's reopen and a line
+through nginx with stock fastcgi_params follow.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastfpm import accesslog
+from fastfpm.client import FastCGIClient
+from tests.servers import ConfiguredServer, Launcher, free_port, http_get, run_cli, wait_until
+
+# Every code, each behind a name: the line parses into a dict.
+EVERY_CODE = ("R=%R|u=%u|t=%t|T=%{%Y}T|m=%m|r=%r|Q=%Q|q=%q|s=%s|f=%f|l=%l|n=%n|p=%p|P=%P|"
+              "e=%{HTTP_X_TRACE}e|e_missing=%{NOT_THERE}e|o=%{X-Custom}o|o_case=%{x-custom}o|"
+              "o_missing=%{X-None}o|d=%d|d_seconds=%{seconds}d|d_milli=%{milli}d|d_mili=%{mili}d|"
+              "d_micro=%{microseconds}d|M=%M|M_kilo=%{kilo}M|M_mega=%{megabytes}M|C=%C|C_user=%{user}C|"
+              "C_system=%{system}C|pct=%%|iso=%{%Y-%m-%dT%H:%M:%S}t")
+
+POOL = """
+[global]
+error_log = {dir}/fastfpm.log
+[{pool}]
+app = tests.apps.router:app
+listen = {listen}
+pm = static
+pm.max_children = 1
+access.log = {dir}/access.log
+"""
+
+
+def pool_config(listen: str, format_line: str | None = None, pool: str = "www", extra: str = "") -> str:
+    body = POOL.replace("{pool}", pool).replace("{listen}", listen)
+    if format_line is not None:
+        body += f'access.format = "{format_line}"\n'
+    return body + extra
+
+
+def log_lines(path: Path, count: int, timeout: float = 5.0) -> list[str]:
+    """The access log's lines once it holds at least count of them."""
+    def enough() -> list[str]:
+        if not path.exists():
+            return []
+        lines = path.read_bytes().decode("latin-1").splitlines()
+        return lines if len(lines) >= count else []
+
+    return wait_until(enough, timeout, message=f"{count} access log lines in {path}")
+
+
+def fields(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in line.split("|"))
+
+
+def request(address: str, path: str, query: str = "", method: str = "GET", body: bytes = b"",
+            **params: str) -> None:
+    env = {"REQUEST_METHOD": method, "REQUEST_URI": path + (f"?{query}" if query else ""),
+           "QUERY_STRING": query, "SCRIPT_NAME": path, "SCRIPT_FILENAME": "/srv/app" + path,
+           "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "203.0.113.9", **params}
+    if body:
+        env["CONTENT_LENGTH"] = str(len(body))
+    with FastCGIClient(address, timeout=10) as client:
+        client.request(env, stdin=body)
+
+
+@pytest.fixture(scope="module")
+def every_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], float, int]]:
+    """One request to a TCP pool whose format has every code: its fields, when it was sent, the master pid."""
+    workdir = tmp_path_factory.mktemp("fpm")
+    server = ConfiguredServer(workdir, workdir / "fastfpm.conf")
+    server.address = f"127.0.0.1:{free_port()}"
+    server.rewrite(pool_config(server.address, EVERY_CODE, pool="codes"))
+    server.start()
+    try:
+        sent = time.time()
+        auth = base64.b64encode(b"alice:secret").decode()
+        request(server.address, "/headers", "a=1&b=2", method="POST", body=b"hello",
+                HTTP_X_TRACE="trace-42", HTTP_AUTHORIZATION=f"Basic {auth}")
+        yield fields(log_lines(workdir / "access.log", 1)[0]), sent, server.pid
+    finally:
+        server.stop()
+
+
+def test_request_codes(every_code):
+    """%m %r %Q %q %f %l %u: the request as the params gave it (%r without its query)."""
+    line, _, _ = every_code
+    assert (line["m"], line["r"], line["Q"], line["q"]) == ("POST", "/headers", "?", "a=1&b=2")
+    assert line["f"] == "/srv/app/headers"
+    assert line["l"] == "5"
+    assert line["u"] == "alice"  # PHP's PHP_AUTH_USER: the Basic Authorization user
+
+
+def test_response_codes(every_code):
+    """%s the status, %o a response header by its exact name (php-fpm matches case-sensitively)."""
+    line, _, _ = every_code
+    assert line["s"] == "200"
+    assert line["o"] == "custom value"
+    assert line["o_case"] == "-" and line["o_missing"] == "-"
+
+
+def test_environ_codes(every_code):
+    """%e: a param of the request by name, "-" when it has none."""
+    line, _, _ = every_code
+    assert line["e"] == "trace-42"
+    assert line["e_missing"] == "-"
+
+
+def test_process_codes(every_code):
+    """%n the pool, %p the worker, %P its parent (the master); %R the FastCGI peer, as php-fpm."""
+    line, _, master = every_code
+    assert line["n"] == "codes"
+    assert line["P"] == str(master)
+    assert line["p"].isdigit() and line["p"] != str(master)
+    assert line["R"] == "127.0.0.1"
+
+
+def test_time_codes(every_code):
+    """%t the request's start (php-fpm's default strftime, or the {format}), %T the line's time."""
+    line, sent, _ = every_code
+    started = time.mktime(time.strptime(line["t"], "%d/%b/%Y:%H:%M:%S %z"))
+    assert abs(started - sent) < 5
+    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) == line["iso"]
+    assert line["T"] == time.strftime("%Y")
+
+
+def test_duration_codes(every_code):
+    """%d: seconds with three decimals by default and {seconds}; {milli}/{mili} ms, {micro} µs."""
+    line, _, _ = every_code
+    assert re.fullmatch(r"\d+\.\d{3}", line["d"]) and line["d"] == line["d_seconds"]
+    assert re.fullmatch(r"\d+\.\d{3}", line["d_milli"]) and re.fullmatch(r"\d+\.\d{3}", line["d_mili"])
+    micro = int(line["d_micro"])
+    assert 0 < micro < 5_000_000
+    assert abs(float(line["d_milli"]) * 1000 - micro) < 100_000  # the same request, taken twice
+
+
+def test_unmeasured_codes(every_code):
+    """%C and %M: fastfpm does not measure them; what php-fpm shows for a request without figures."""
+    line, _, _ = every_code
+    assert (line["C"], line["C_user"], line["C_system"]) == ("0.00", "0.00", "0.00")
+    assert (line["M"], line["M_kilo"], line["M_mega"]) == ("0", "0", "0")
+    assert line["pct"] == "%"
+
+
+def test_default_format_is_php_fpms(configured):
+    """Without access.format: `%R - %u %t "%m %r" %s`; %R is "-" on a unix socket, as in php-fpm."""
+    server = configured(pool_config("{dir}/fpm.sock"))
+    server.address = str(server.workdir / "fpm.sock")
+    request(server.address, "/status", "code=404")
+    line = log_lines(server.workdir / "access.log", 1)[0]
+    assert re.fullmatch(r'- -  \d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4} "GET /status" 404', line), line
+
+
+def test_suppress_path(configured):
+    """A 2xx GET of a suppressed path is not logged; with a query, another method or status, it is."""
+    server = configured(pool_config("{dir}/fpm.sock", "%m %r%Q%q %s", extra=(
+        "access.suppress_path[] = /ping\naccess.suppress_path[] = /status\n")))
+    server.address = str(server.workdir / "fpm.sock")
+    request(server.address, "/ping")
+    request(server.address, "/status", "code=200")   # a query: logged
+    request(server.address, "/ping", method="POST", body=b"x")
+    request(server.address, "/headers")
+    log_lines(server.workdir / "access.log", 3)
+    time.sleep(0.2)  # a suppressed line would have been written before the later ones
+    assert log_lines(server.workdir / "access.log", 3) == ["GET /status?code=200 200", "POST /ping 200",
+                                                           "GET /headers 200"]
+
+
+def test_a_request_cannot_forge_a_line(configured):
+    """Control characters (a raw newline in the URI, %0A decoded into the script name, CR, ESC and
+    DEL in a header %e shows) are written as '.', so every request is one line."""
+    server = configured(pool_config("{dir}/fpm.sock", "%r|%f|%{HTTP_X_EVIL}e|%s"))
+    server.address = str(server.workdir / "fpm.sock")
+    forged = '127.0.0.1 - - 01/Jan/2026:00:00:00 +0000 "GET /admin" 200'
+    request(server.address, f"/a%0A\n{forged}", SCRIPT_FILENAME=f"/srv/a\n{forged}",
+            HTTP_X_EVIL=f"x\r\n{forged}\x1b[31m\x7f\t")
+    time.sleep(0.3)
+    lines = log_lines(server.workdir / "access.log", 1)
+    assert len(lines) == 1
+    # REQUEST_URI arrives percent-encoded, so its %0A stays three characters; decoded, it is a '.'.
+    assert lines[0] == f"/a%0A.{forged}|/srv/a.{forged}|x..{forged}.[31m..|200"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("%Z", "Invalid token in the access.format (%Z)"),
+    ("%{x}d", "only 'seconds', 'milli', 'milliseconds', 'micro' or 'microseconds' are allowed as a modifier "
+              "for %d ('x')"),
+    ("%{x}M", "only 'bytes', 'kilo', 'kilobytes', 'mega' or 'megabytes' are allowed as a modifier for "
+              "%M ('x')"),
+    ("%{x}C", "only 'total', 'user' or 'system' are allowed as a modifier for %C ('x')"),
+    ("%e", "the name of the environment variable must be set between embraces for %e"),
+    ("%o", "the name of the header must be set between embraces for %o"),
+    ("%{abc", "missing closing embrace in the access.format"),
+    ("%{abc}", "missing closing embrace in the access.format"),
+    ("%{x}s", "embrace is not allowed for modifier %s"),
+])
+def test_invalid_formats_have_php_fpms_messages(text, message):
+    with pytest.raises(accesslog.FormatError) as caught:
+        accesslog.compile_format(text)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("text", ["abc%", "%{%Y}t", "%{foo}t%", "%{MILLI}d %{Kilo}M %{USER}C"])
+def test_formats_php_fpm_accepts(text):
+    """As php-fpm 8.2's `-t` takes them: a trailing %, any strftime text, modifiers in any case."""
+    accesslog.compile_format(text)
+
+
+def test_invalid_format_in_a_file_is_an_error_at_its_line(tmp_path):
+    """`check` (and serve) report file:line and start nothing."""
+    conf = tmp_path / "fastfpm.conf"
+    conf.write_text(pool_config(str(tmp_path / "fpm.sock"), "%R %{bogus}d").replace("{dir}", str(tmp_path)))
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode != 0
+    assert (f"{conf}:10: invalid value '%R %{{bogus}}d' for 'access.format': only 'seconds', 'milli', "
+            f"'milliseconds', 'micro' or 'microseconds' are allowed as a modifier for %d ('bogus')"
+            ) in result.stderr
+    served = run_cli("serve", "-R", "-c", str(conf), timeout=30)
+    assert served.returncode != 0 and not (tmp_path / "fpm.sock").exists()
+    assert not (tmp_path / "access.log").exists()
+
+
+def test_sigusr1_reopens_the_access_log(configured):
+    """After logrotate's rename, SIGUSR1: the master opens the file again and restarts the workers
+    (php-fpm's way, their inherited descriptor cannot follow); new lines go to the new file."""
+    server = configured(pool_config("{dir}/fpm.sock", "%r"))
+    server.address = str(server.workdir / "fpm.sock")
+    log = server.workdir / "access.log"
+    request(server.address, "/before")
+    log_lines(log, 1)
+    os.rename(log, server.workdir / "access.log.1")
+    old_workers = set(server.worker_pids())
+    mark = server.log_size()
+    server.signal(signal.SIGUSR1)
+    server.wait_for_log("access log file re-opened", mark)
+    wait_until(lambda: (set(server.worker_pids()) - old_workers) and len(server.worker_pids()) == 1, 10,
+               message="a new worker")
+    request(server.address, "/after")
+    assert log_lines(log, 1) == ["/after"]
+    assert (server.workdir / "access.log.1").read_text().splitlines() == ["/before"]
+    assert oct(log.stat().st_mode & 0o777) == oct(accesslog.ACCESS_LOG_MODE)
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_line_through_nginx(tmp_path_factory, transport):
+    """nginx with stock fastcgi_params in front: %R is the FastCGI peer (nginx over TCP, "-" on a
+    unix socket, as php-fpm), the client's address is %{REMOTE_ADDR}e; %r%Q%q the request URI; a
+    %0A decoded into PATH_INFO is written as '.'."""
+    workdir = tmp_path_factory.mktemp("fpm")
+    server = ConfiguredServer(workdir, workdir / "fastfpm.conf")
+    if transport == "tcp":
+        server.socket_path, server.port = None, free_port()
+        server.address = f"127.0.0.1:{server.port}"
+    line_format = '%R %{REMOTE_ADDR}e \\"%m %r%Q%q\\" %s %{Content-Type}o|%{PATH_INFO}e'
+    server.rewrite(pool_config(server.address, line_format))
+    with Launcher(tmp_path_factory.mktemp) as launcher:
+        launcher._started.append(server.start())
+        web = launcher.nginx(server)
+        result = http_get(web.port, "/status?code=201")
+        assert result.status == 201
+        assert http_get(web.port, "/x%0Ay").status == 200  # decoded into PATH_INFO
+        first, second = log_lines(workdir / "access.log", 2)
+    peer = "127.0.0.1" if transport == "tcp" else "-"
+    assert first.startswith(f'{peer} 127.0.0.1 "GET /status?code=201" 201 text/plain|/status')
+    assert second.startswith(f'{peer} 127.0.0.1 "GET /x%0Ay" 200 ') and second.endswith("|/x.y")
+
+
+def test_access_directives_load_check_and_dump(tmp_path):
+    """access.log takes $pool and is made absolute; suppress_path[] collects; -tt's dump loads back."""
+    from fastfpm.config import dump, load
+
+    conf = tmp_path / "fastfpm.conf"
+    conf.write_text("[www]\napp = myapp:application\nlisten = 9000\naccess.log = $pool.access.log\n"
+                    'access.format = "%R %{mili}d"\naccess.suppress_path[] = /ping\n'
+                    "access.suppress_path[] = /health\n")
+    pool = load(conf).pools[0]
+    assert pool.access_log == str(tmp_path / "www.access.log")
+    assert (pool.access_format, pool.access_suppress_path) == ("%R %{mili}d", ["/ping", "/health"])
+    again = tmp_path / "again.conf"
+    again.write_text(dump(load(conf)))
+    reloaded = load(again).pools[0]
+    assert (reloaded.access_format, reloaded.access_suppress_path) == ("%R %{mili}d", ["/ping", "/health"])
+
+
+def test_access_format_without_access_log_warns(tmp_path):
+    from fastfpm.config import load
+
+    conf = tmp_path / "fastfpm.conf"
+    conf.write_text('[www]\napp = myapp:application\nlisten = 9000\naccess.format = "%R"\n')
+    config = load(conf)
+    assert any("access.format has no effect without access.log" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(("listen", "connect", "shown"), [
+    ("127.0.0.1:{port}", "127.0.0.1:{port}", "127.0.0.1"),
+    ("[::1]:{port}", "[::1]:{port}", "::1"),
+    ("{port}", "127.0.0.1:{port}", "127.0.0.1"),  # dual-stack: an IPv4 peer written as IPv4
+])
+def test_remote_address_forms(configured, listen, connect, shown):
+    """%R from the address accept4 gave: IPv4, IPv6, and IPv4-mapped on a dual-stack socket."""
+    port = str(free_port())
+    server = configured(pool_config(listen.replace("{port}", port), "%R %r"))
+    request(connect.replace("{port}", port), "/one")
+    request(connect.replace("{port}", port), "/two")
+    assert log_lines(server.workdir / "access.log", 2) == [f"{shown} /one", f"{shown} /two"]
