@@ -161,7 +161,12 @@ def read_slots(mapping: Any) -> list[SlotSnapshot]:
     for index in range(header.nslots):
         if slots[index].pid:
             copy = ffi.new("ffpm_slot *")
-            lib.ffpm_slot_read(ffi.addressof(slots[index]), copy)
+            # -1: the writer stayed mid-write for every try (descheduled, on a busy machine); give it
+            # the CPU and read again rather than show a torn copy.
+            for _ in range(100):
+                if lib.ffpm_slot_read(ffi.addressof(slots[index]), copy) == 0:
+                    break
+                time.sleep(0)
             copies.append(_decode(index, copy))
     return copies
 
