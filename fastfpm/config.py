@@ -406,6 +406,35 @@ class Mount(ValueType):
         return text.rstrip("/")
 
 
+class UrlPath(ValueType):
+    """A request path a worker answers itself (pm.status_path, ping.path), checked as php-fpm checks
+    them (fpm_conf.c): starts with '/', at least 2 characters, only letters, digits and /_-.~"""
+
+    label = "/path"
+    metavar = "PATH"
+    _ALLOWED = re.compile(r"[A-Za-z0-9/_.~-]*")
+
+    def parse(self, text: str) -> str:
+        if not text.startswith("/"):
+            raise ValueError("must start with a '/'")
+        if len(text) < 2:
+            raise ValueError("is not long enough")
+        if not self._ALLOWED.fullmatch(text):
+            raise ValueError("must contain only the following characters '[alphanum]/_-.~'")
+        return text
+
+
+class PingResponse(ValueType):
+    """ping.response: the body of a ping answer, at least one character."""
+
+    label = "text"
+
+    def parse(self, text: str) -> str:
+        if not text:
+            raise ValueError("is not long enough")
+        return text
+
+
 # ---------------------------------------------------------------------------------------------------
 # The directive table.
 
@@ -604,10 +633,18 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("pm.max_requests_jitter", P, Int(0), 0,
        "Adds random(0..jitter) to each worker's pm.max_requests so workers do not all restart at once.",
        origin="fastfpm"),
-    _unsupported("pm.status_path", P, NOT_YET),
+    _d("pm.status_path", P, UrlPath(), None,
+       "Request path the workers answer with php-fpm's status page (text, ?json, ?xml, ?html, "
+       "?openmetrics; ?full adds a row per worker). Unset: no status page.",
+       note="Matched against the request path (REQUEST_URI without its query, percent-decoded), not "
+            "SCRIPT_NAME. The status request counts as idle, not active. OpenMetrics counters end in "
+            "_total; fastfpm's own fields follow php-fpm's (docs/operations.md)."),
     _unsupported("pm.status_listen", P, NOT_YET),
-    _unsupported("ping.path", P, NOT_YET),
-    _unsupported("ping.response", P, NOT_YET),
+    _d("ping.path", P, UrlPath(), None,
+       "Request path the workers answer with ping.response (200, text/plain), to check the pool is alive.",
+       note="Matched against the request path, as pm.status_path."),
+    _d("ping.response", P, PingResponse(), "pong", "The body of the answer to ping.path.",
+       note="php-fpm ignores it without ping.path; fastfpm warns."),
     _d("access.log", P, Path(), None,
        "File each request's line is appended to, in access.format; unset: no access log. SIGUSR1 reopens it.",
        note="Opened by the master (mode 0600, as php-fpm); workers inherit it and write one line each."),
@@ -1280,6 +1317,7 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     _check_access_log(pool, pool_base, fail, warn)
     _check_directories(pool, pool_base, fail, warn)
     _check_connections(pool, fail)
+    _check_status_paths(pool, fail, warn)
 
 
 def _check_prefix(pool: Any, base: str, fail: _Report) -> str:
@@ -1396,6 +1434,14 @@ def _check_connections(pool: Any, fail: _Report) -> None:
     for key, value in list(pool.env.items()):
         if not isinstance(key, str) or not key or "=" in key or not isinstance(value, str):
             fail(f"env[{key}]", f"env[{key}]: names and values must be strings, names without '='")
+
+
+def _check_status_paths(pool: Any, fail: _Report, warn: _Report) -> None:
+    """pm.status_path and ping.path: one answer per path; ping.response needs ping.path."""
+    if pool.pm_status_path and pool.pm_status_path == pool.ping_path:
+        fail("ping.path", f"ping.path and pm.status_path are both {pool.ping_path}; give each its own path")
+    if not pool.ping_path and "ping.response" in pool.source:
+        warn("ping.response", "ping.response has no effect without ping.path")
 
 
 def _check_dynamic(pool: Any, fail: _Report) -> None:

@@ -109,7 +109,7 @@ def _decode(index: int, copy: Any) -> SlotSnapshot:
     )
 
 
-def _pool_counters(header: Any, slots: Any) -> PoolCounters:
+def _pool_counters(header: Any, slots: Any, serving: int | None = None) -> PoolCounters:
     idle = active = total = 0
     for index in range(header.nslots):
         slot = slots[index]
@@ -117,7 +117,7 @@ def _pool_counters(header: Any, slots: Any) -> PoolCounters:
             continue
         total += 1
         stage = slot.stage
-        if stage == STAGE_IDLE:
+        if stage == STAGE_IDLE or (index == serving and stage in BUSY_STAGES):
             idle += 1
         elif stage in BUSY_STAGES:
             active += 1
@@ -135,13 +135,40 @@ def _pool_counters(header: Any, slots: Any) -> PoolCounters:
     )
 
 
-def read_pool_counters(mapping: Any) -> PoolCounters:
-    """The pool's counters from an existing mapping (a worker that serves the status page)."""
+def _checked_header(mapping: Any) -> tuple[Any, Any]:
     base = ffi.from_buffer(mapping)
     header = ffi.cast("ffpm_pool_header *", base)
     if header.magic != lib.FFPM_SB_MAGIC or header.version != lib.FFPM_SB_VERSION:
         raise ValueError("not a scoreboard of this version of fastfpm")
-    return _pool_counters(header, lib.ffpm_slots(base))
+    return header, lib.ffpm_slots(base)
+
+
+def read_pool_counters(mapping: Any, serving: int | None = None) -> PoolCounters:
+    """The pool's counters from an existing mapping (a worker that serves the status page).
+
+    serving is the slot of the worker rendering a status page: it counts as idle, not active, so a
+    status request does not report itself (php-fpm counts its own status request as active).
+    """
+    header, slots = _checked_header(mapping)
+    return _pool_counters(header, slots, serving)
+
+
+def read_slots(mapping: Any) -> list[SlotSnapshot]:
+    """Consistent copies of every slot of an existing mapping that has a worker (Scoreboard.snapshot
+    for a process that holds only the mapping, such as a worker serving the status page)."""
+    header, slots = _checked_header(mapping)
+    copies = []
+    for index in range(header.nslots):
+        if slots[index].pid:
+            copy = ffi.new("ffpm_slot *")
+            # -1: the writer stayed mid-write for every try (descheduled, on a busy machine); give it
+            # the CPU and read again rather than show a torn copy.
+            for _ in range(100):
+                if lib.ffpm_slot_read(ffi.addressof(slots[index]), copy) == 0:
+                    break
+                time.sleep(0)
+            copies.append(_decode(index, copy))
+    return copies
 
 
 def read_slot(mapping: Any, index: int) -> SlotSnapshot:

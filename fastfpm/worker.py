@@ -24,6 +24,7 @@ from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker
 from fastfpm.proctitle import set_worker_title
+from fastfpm.status import routes as status_routes
 
 # Exit status of a worker whose application failed to import: the master stops rather than
 # respawning it in a loop (gunicorn does the same with its WORKER_BOOT_ERROR).
@@ -136,6 +137,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
                 lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),
             parent_pid=master_pid, access_log=accesslog.for_worker(pool, access_log_fd),
+            # pm.status_path and ping.path: answered by the worker itself, from the scoreboard.
+            routes=status_routes(pool, scoreboard, slot_index),
         )
         worker.serve()
         worker.mark_ending()

@@ -622,11 +622,13 @@ def random_chunks(total: int, digest: Any, chunk_size: int = 1 << 20) -> Iterato
 
 
 @contextlib.contextmanager
-def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any, pool_name: str = "test",
+def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any,
+                       pool_name: str = "test", *, app_for: Callable[[Any, int], Any] | None = None,
                        routes: dict[str, Callable[..., Any]] | None = None) -> Iterator[tuple[Any, str, int]]:
     """A real worker loop forked from the test, serving app on socket_path from slot 1 of a fresh
     scoreboard: (scoreboard, socket path, pid). A `fastfpm serve` master's scoreboard is an
-    anonymous mapping only it and its workers see, so tests of the slot's contents read this one."""
+    anonymous mapping only it and its workers see, so tests of the slot's contents read this one.
+    app_for(mapping, slot index), when given, makes the app from the scoreboard (a status page)."""
     from fastfpm._core import Worker
     from fastfpm.address import create_listen_socket, parse_address
     from fastfpm.log import ErrorLog
@@ -636,6 +638,8 @@ def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any, po
     board = Scoreboard(2, pool_name)
     listener = create_listen_socket(parse_address(str(socket_path)))
     board.claim(1, 0)
+    if app_for is not None:
+        app = app_for(board.mapping, 1)
     pid = os.fork()
     if pid == 0:  # the worker: serve until killed
         try:

@@ -510,10 +510,7 @@ def test_php_settings_are_errors_with_advice(tmp_path, line):
 @pytest.mark.parametrize(("line", "fragment"), [
     ("security.limit_extensions = .php", "app = MODULE:CALLABLE"),
     ("chroot = /srv", "RootDirectory="),
-    ("pm.status_path = /status", "not supported yet"),
     ("pm.status_listen = 127.0.0.1:9001", "not supported yet"),
-    ("ping.path = /ping", "not supported yet"),
-    ("ping.response = pong", "not supported yet"),
     ("listen.acl_users = www-data", "use listen.owner, listen.group and listen.mode"),
     ("listen.setfib = 1", "FreeBSD"),
     ("process.dumpable = yes", "not supported yet"),
@@ -522,6 +519,38 @@ def test_unsupported_php_fpm_directives_say_what_to_do(tmp_path, line, fragment)
     error = one_error(tmp_path, POOL + line + "\n")
     assert error.startswith(f"{tmp_path / 'fpm.conf'}:4: '")
     assert fragment in error
+
+
+def test_status_and_ping_paths_are_read(tmp_path):
+    pool = pool_with(tmp_path, "pm.status_path = /fpm-status\nping.path = /ping\n")
+    assert (pool.pm_status_path, pool.ping_path, pool.ping_response) == ("/fpm-status", "/ping", "pong")
+    assert pool_with(tmp_path, "ping.path = /ping\nping.response = alive\n").ping_response == "alive"
+    assert pool_with(tmp_path, "").pm_status_path is None
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    # php-fpm's checks (fpm_conf.c), with its wording
+    ("pm.status_path = status", "must start with a '/'"),
+    ("pm.status_path = /", "is not long enough"),
+    ("pm.status_path = /st atus", "must contain only the following characters '[alphanum]/_-.~'"),
+    ("ping.path = /ping?x", "must contain only the following characters"),
+    ("ping.path = ping", "must start with a '/'"),
+])
+def test_status_and_ping_paths_are_checked_as_php_fpm_checks_them(tmp_path, line, fragment):
+    error = one_error(tmp_path, POOL + line + "\n")
+    assert error.startswith(f"{tmp_path / 'fpm.conf'}:4: invalid value")
+    assert fragment in error
+
+
+def test_status_and_ping_cannot_share_a_path(tmp_path):
+    error = one_error(tmp_path, POOL + "pm.status_path = /s\nping.path = /s\n")
+    assert error.startswith(f"{tmp_path / 'fpm.conf'}:5: [pool www] ping.path and pm.status_path")
+
+
+def test_ping_response_without_ping_path_warns(tmp_path):
+    config = load_text(tmp_path, POOL + "ping.response = ok\n")
+    assert config.warnings == [f"{tmp_path / 'fpm.conf'}:4: [pool www] ping.response has no effect "
+                               f"without ping.path"]
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
