@@ -153,29 +153,28 @@ def read_pool_counters(mapping: Any, serving: int | None = None) -> PoolCounters
     return _pool_counters(header, slots, serving)
 
 
+def _read_consistent(slot: Any, index: int) -> SlotSnapshot:
+    """A consistent copy of one slot. ffpm_slot_read gives up (-1) when the writer stayed mid-write
+    for every try (descheduled, on a busy machine): give it the CPU and read again rather than
+    return a torn copy."""
+    copy = ffi.new("ffpm_slot *")
+    for _ in range(100):
+        if lib.ffpm_slot_read(ffi.addressof(slot), copy) == 0:
+            break
+        time.sleep(0)
+    return _decode(index, copy)
+
+
 def read_slots(mapping: Any) -> list[SlotSnapshot]:
     """Consistent copies of every slot of an existing mapping that has a worker (Scoreboard.snapshot
     for a process that holds only the mapping, such as a worker serving the status page)."""
     header, slots = _checked_header(mapping)
-    copies = []
-    for index in range(header.nslots):
-        if slots[index].pid:
-            copy = ffi.new("ffpm_slot *")
-            # -1: the writer stayed mid-write for every try (descheduled, on a busy machine); give it
-            # the CPU and read again rather than show a torn copy.
-            for _ in range(100):
-                if lib.ffpm_slot_read(ffi.addressof(slots[index]), copy) == 0:
-                    break
-                time.sleep(0)
-            copies.append(_decode(index, copy))
-    return copies
+    return [_read_consistent(slots[index], index) for index in range(header.nslots) if slots[index].pid]
 
 
 def read_slot(mapping: Any, index: int) -> SlotSnapshot:
     """A consistent copy of slot `index` of an existing mapping (a worker reading its own slot)."""
-    copy = ffi.new("ffpm_slot *")
-    lib.ffpm_slot_read(ffi.addressof(lib.ffpm_slots(ffi.from_buffer(mapping))[index]), copy)
-    return _decode(index, copy)
+    return _read_consistent(lib.ffpm_slots(ffi.from_buffer(mapping))[index], index)
 
 
 class HeaderView:
@@ -272,9 +271,7 @@ class Scoreboard:
 
     def read(self, index: int) -> SlotSnapshot:
         """A consistent copy of one slot (seqlock read, no lock taken)."""
-        copy = ffi.new("ffpm_slot *")
-        lib.ffpm_slot_read(ffi.addressof(self._slots[index]), copy)
-        return _decode(index, copy)
+        return _read_consistent(self._slots[index], index)
 
     def snapshot(self) -> list[SlotSnapshot]:
         """Copies of every slot that has a worker."""
