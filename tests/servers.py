@@ -305,6 +305,23 @@ def serve_as_systemd(args: list[str], env: dict[str, str], **popen: object) -> s
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def notified_master(conf: Path, notify_path: Path, env: dict[str, str] | None = None
+                    ) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """`fastfpm serve -c conf` as systemd starts it, and the notify socket it reports to (bound at
+    notify_path, 10 s receive timeout): (process, socket). A master still running is killed at the end."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(10)
+        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(notify_path), **(env or {})})
+        try:
+            yield proc, notify
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
 def write_config(path: Path, body: str) -> Path:
     """A config file with the given text (dedented by the caller)."""
     path.write_text(body)

@@ -11,7 +11,6 @@ decides them, and accepted conn / requests kept across worker restarts.
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from tests.servers import (
     Launcher,
     free_port,
     missing_requirement,
-    serve_as_systemd,
+    notified_master,
     wait_until,
     write_config,
 )
@@ -199,35 +198,27 @@ pm.max_spare_servers = 1
 request_slowlog_timeout = 1s
 slowlog = {tmp_path}/slow.log
 """)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(tmp_path / "notify"))
-        notify.settimeout(10)
-        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
-        try:
-            assert "READY=1" in notify.recv(4096).decode()
-            # nginx percent-decodes the path into SCRIPT_FILENAME: %0A becomes a newline there.
-            response = get(str(tmp_path / "c.sock"), "/counters%0A[01-Jan-2026 00:00:00] ALERT: forged",
-                           "do=sleep&seconds=2")
-            assert response.status == 200
-            # One slow request (2 s, well past the 1 s timeout: the check runs every third of it and a
-            # loaded machine may run it late), and one max_children episode: the only worker was busy
-            # with nobody idle for a maintenance tick. STATUS= carries the slow figure, php-fpm's words.
-            deadline = time.monotonic() + 10
-            while "slow: 1," not in (status := notify.recv(4096).decode()):
-                assert "slow: 0," in status and time.monotonic() < deadline, status
-            counters = master_counters(proc.pid, "www")
-            assert (counters.max_children_reached, counters.slow_requests) == (1, 1)
-            log = (tmp_path / "error.log").read_text()
-            assert log.count("server reached pm.max_children setting (1)") == 1
-            (warning,) = [line for line in log.splitlines() if "executing too slow" in line]
-            assert "script '/var/www/html/counters.[01-Jan-2026 00:00:00] ALERT: forged'" in warning
-            assert [line for line in log.splitlines() if "forged" in line] == [warning]  # one line, not two
-            entry = wait_until(lambda: "script_filename" in (text := (tmp_path / "slow.log").read_text())
-                               and text, 5, message="the slowlog entry")
-            assert "script_filename = /var/www/html/counters.[01-Jan-2026 00:00:00] ALERT: forged\n" in entry
-            proc.send_signal(signal.SIGQUIT)
-            assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+    with notified_master(conf, tmp_path / "notify") as (proc, notify):
+        assert "READY=1" in notify.recv(4096).decode()
+        # nginx percent-decodes the path into SCRIPT_FILENAME: %0A becomes a newline there.
+        response = get(str(tmp_path / "c.sock"), "/counters%0A[01-Jan-2026 00:00:00] ALERT: forged",
+                       "do=sleep&seconds=2")
+        assert response.status == 200
+        # One slow request (2 s, well past the 1 s timeout: the check runs every third of it and a
+        # loaded machine may run it late), and one max_children episode: the only worker was busy
+        # with nobody idle for a maintenance tick. STATUS= carries the slow figure, php-fpm's words.
+        deadline = time.monotonic() + 10
+        while "slow: 1," not in (status := notify.recv(4096).decode()):
+            assert "slow: 0," in status and time.monotonic() < deadline, status
+        counters = master_counters(proc.pid, "www")
+        assert (counters.max_children_reached, counters.slow_requests) == (1, 1)
+        log = (tmp_path / "error.log").read_text()
+        assert log.count("server reached pm.max_children setting (1)") == 1
+        (warning,) = [line for line in log.splitlines() if "executing too slow" in line]
+        assert "script '/var/www/html/counters.[01-Jan-2026 00:00:00] ALERT: forged'" in warning
+        assert [line for line in log.splitlines() if "forged" in line] == [warning]  # one line, not two
+        entry = wait_until(lambda: "script_filename" in (text := (tmp_path / "slow.log").read_text())
+                           and text, 5, message="the slowlog entry")
+        assert "script_filename = /var/www/html/counters.[01-Jan-2026 00:00:00] ALERT: forged\n" in entry
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(10) == 0

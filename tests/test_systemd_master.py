@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.fcgi_helpers import get
-from tests.servers import REPO_ROOT, serve_as_systemd, write_config
+from tests.servers import REPO_ROOT, notified_master, write_config
 
 ROUTER = "tests.apps.router:app"
 
@@ -26,24 +26,16 @@ listen = {tmp_path}/n.sock
 app = {ROUTER}
 pm.max_children = 1
 """)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(tmp_path / "notify"))
-        notify.settimeout(10)
-        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
-        try:
-            ready = notify.recv(4096).decode()
-            assert "READY=1" in ready and f"MAINPID={proc.pid}" in ready
-            assert get(str(tmp_path / "n.sock"), "/env").status == 200
-            status = notify.recv(4096).decode()  # systemd_interval: php-fpm's status line
-            assert status.startswith("STATUS=Processes active: ") and "idle: " in status
-            proc.send_signal(signal.SIGQUIT)
-            while "STOPPING=1" not in (message := notify.recv(4096).decode()):
-                assert "STATUS=" in message
-            assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-
+    with notified_master(conf, tmp_path / "notify") as (proc, notify):
+        ready = notify.recv(4096).decode()
+        assert "READY=1" in ready and f"MAINPID={proc.pid}" in ready
+        assert get(str(tmp_path / "n.sock"), "/env").status == 200
+        status = notify.recv(4096).decode()  # systemd_interval: php-fpm's status line
+        assert status.startswith("STATUS=Processes active: ") and "idle: " in status
+        proc.send_signal(signal.SIGQUIT)
+        while "STOPPING=1" not in (message := notify.recv(4096).decode()):
+            assert "STATUS=" in message
+        assert proc.wait(10) == 0
 
 
 def test_status_requests_count_those_of_recycled_workers(tmp_path: Path) -> None:
@@ -58,23 +50,16 @@ pm = static
 pm.max_children = 1
 pm.max_requests = 1
 """)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(tmp_path / "notify"))
-        notify.settimeout(10)
-        proc = serve_as_systemd(["-c", str(conf)], {"NOTIFY_SOCKET": str(tmp_path / "notify")})
-        try:
-            assert "READY=1" in notify.recv(4096).decode()
-            for _ in range(3):  # each request ends its worker (pm.max_requests = 1)
-                assert get(str(tmp_path / "m.sock"), "/env").status == 200
-            # The pool served three requests although no living worker did more than one.
-            deadline = time.monotonic() + 10
-            while "Requests: 3," not in (status := notify.recv(4096).decode()):
-                assert time.monotonic() < deadline, status
-            proc.send_signal(signal.SIGQUIT)
-            assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with notified_master(conf, tmp_path / "notify") as (proc, notify):
+        assert "READY=1" in notify.recv(4096).decode()
+        for _ in range(3):  # each request ends its worker (pm.max_requests = 1)
+            assert get(str(tmp_path / "m.sock"), "/env").status == 200
+        # The pool served three requests although no living worker did more than one.
+        deadline = time.monotonic() + 10
+        while "Requests: 3," not in (status := notify.recv(4096).decode()):
+            assert time.monotonic() < deadline, status
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(10) == 0
 
 
 def test_watchdog_pings_at_half_of_watchdog_usec(tmp_path: Path) -> None:
@@ -87,28 +72,20 @@ listen = {tmp_path}/w.sock
 app = {ROUTER}
 pm.max_children = 1
 """)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(tmp_path / "notify"))
-        notify.settimeout(10)
-        # WatchdogSec=1s: systemd sets WATCHDOG_USEC (WATCHDOG_PID may be left out).
-        proc = serve_as_systemd(["-c", str(conf)],
-                     {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"})
-        try:
-            # Pings start with the master, so one may come before READY=1.
-            while "READY=1" not in (message := notify.recv(4096).decode()):
-                assert message == "WATCHDOG=1", message
-            ready = time.monotonic()
-            for _ in range(3):
-                # systemd_interval = 0: no STATUS lines, only the watchdog's pings.
-                assert notify.recv(4096).decode() == "WATCHDOG=1"
-            # Every 0.5 s (half the timeout, as sd_watchdog_enabled(3) advises): three take about 1.5 s.
-            assert 0.9 <= time.monotonic() - ready < 5
-            assert get(str(tmp_path / "w.sock"), "/env").status == 200
-            proc.send_signal(signal.SIGQUIT)
-            assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    # WatchdogSec=1s: systemd sets WATCHDOG_USEC (WATCHDOG_PID may be left out).
+    with notified_master(conf, tmp_path / "notify", {"WATCHDOG_USEC": "1000000"}) as (proc, notify):
+        # Pings start with the master, so one may come before READY=1.
+        while "READY=1" not in (message := notify.recv(4096).decode()):
+            assert message == "WATCHDOG=1", message
+        ready = time.monotonic()
+        for _ in range(3):
+            # systemd_interval = 0: no STATUS lines, only the watchdog's pings.
+            assert notify.recv(4096).decode() == "WATCHDOG=1"
+        # Every 0.5 s (half the timeout, as sd_watchdog_enabled(3) advises): three take about 1.5 s.
+        assert 0.9 <= time.monotonic() - ready < 5
+        assert get(str(tmp_path / "w.sock"), "/env").status == 200
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(10) == 0
 
 
 def test_socket_activation_uses_the_passed_socket_and_keeps_its_file(tmp_path: Path) -> None:
