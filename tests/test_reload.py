@@ -53,7 +53,9 @@ def test_sigusr2_reloads_with_a_new_generation_and_leaves_no_old_worker(launcher
     server.wait_for_log("reloaded: generation 2", mark)
     new = wait_until(lambda: (pids := set(server.worker_pids())) and not pids & old and len(pids) == 2
                      and pids, 10, message="only new workers")
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in old)
+    # ...and reaped: an old worker that has just exited is a zombie until the master's SIGCHLD.
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in old), 5,
+               message="the old workers to be reaped")
     assert len(new) == 2
     assert get(server.address, "/env").status == 200
 
