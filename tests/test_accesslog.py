@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fastfpm import accesslog
-from fastfpm.client import FastCGIClient
+from fastfpm.client import FastCGIClient, build_params
 from tests.servers import ConfiguredServer, Launcher, free_port, http_get, run_cli, wait_until
 
 # Every code, each behind a name: the line parses into a dict.
@@ -313,3 +313,17 @@ def test_remote_address_forms(configured, listen, connect, shown):
     request(connect.replace("{port}", port), "/one")
     request(connect.replace("{port}", port), "/two")
     assert log_lines(server.workdir / "access.log", 2) == [f"{shown} /one", f"{shown} /two"]
+
+
+@pytest.mark.parametrize("path", ["/raise-before", "/raise-after-start", "/bad-iterable"])
+def test_after_fastfpms_own_500_the_line_shows_the_headers_sent(configured, path):
+    """The app failed before anything was sent (after setting `X-App: 1` in two of the cases): %s and
+    %o are the 500's that went out, not what the app had started; a header the 500 lacks is "-"."""
+    server = configured(pool_config("{dir}/fpm.sock", "%r %s %{X-App}o|%{Content-Type}o|%{Content-Length}o"))
+    server.address = str(server.workdir / "fpm.sock")
+    with FastCGIClient(server.address, timeout=10) as client:
+        answer = client.request(build_params("GET", path))
+    assert answer.status == 500
+    sent = (answer.header("Content-Type"), answer.header("Content-Length"))
+    assert log_lines(server.workdir / "access.log", 1) == [f"{path} 500 -|{sent[0]}|{sent[1]}"]
+    assert sent == ("text/plain; charset=utf-8", "22")
