@@ -12,8 +12,10 @@ Backends (all with the same number of workers, default 4): fastfpm, php-fpm with
 ``--fastcgi-socket``, flup ``fcgi_fork``, a C responder on libfcgi, a raw C responder (the floor: accept,
 read until the empty STDIN record, write a prebuilt response, close) and nginx answering by itself (the
 ceiling). Scenarios: hello, hello-accesslog (hello with php-fpm's default access log line written per
-request; fastfpm and php-fpm only), json4k, upload1m, io10ms, keepalive (an upstream keep-alive pool
-larger than the workers, many client connections) and reload (the server's reload signal while under load).
+request; fastfpm and php-fpm only), hello-scrape (hello while a Prometheus-style scraper fetches the
+pool's status page, ``?openmetrics&full`` over FastCGI, once a second; fastfpm and php-fpm only), json4k,
+upload1m, io10ms, keepalive (an upstream keep-alive pool larger than the workers, many client
+connections) and reload (the server's reload signal while under load).
 
 The script installs nothing. It checks for what it needs and prints the command that gets what is
 missing; optional backends that are missing are skipped. It writes every config into a temp dir, starts
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,11 +65,14 @@ for _sbin in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
     if _sbin not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + _sbin
 READY_LINE = "ready to handle connections"
+STATUS_PATH = "/status"  # pm.status_path of the pools in hello-scrape
 
 SERVER_ORDER = ["fastfpm", "php-fpm", "uwsgi", "flup", "libfcgi", "raw-c", "nginx"]
 # With --baseline PATH: fastfpm as built in another checkout, measured next to the current tree.
 BASELINE = "fastfpm@baseline"
-SCENARIO_ORDER = ["hello", "hello-accesslog", "json4k", "upload1m", "io10ms", "keepalive", "reload"]
+SCENARIO_ORDER = [
+    "hello", "hello-accesslog", "hello-scrape", "json4k", "upload1m", "io10ms", "keepalive", "reload",
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -484,6 +490,7 @@ class Scenario:
     pool_factor: int = 2  # upstream keepalive pool = pool_factor * workers
     reload: bool = False
     access_log: bool = False  # the server writes php-fpm's default access.format line per request
+    scrape: bool = False  # a Scraper fetches the pool's status page once a second during each run
 
     def expected_body(self) -> bytes:
         """The body every backend must answer with."""
@@ -510,6 +517,16 @@ SCENARIOS: dict[str, Scenario] = {
             "hello with `access.log` on (php-fpm's default format), one line written per request",
             nginx_alone=False,
             access_log=True,
+        ),
+        Scenario(
+            "hello-scrape",
+            "hello",
+            "hello.php",
+            "hello",
+            f"hello while a Prometheus-style scraper fetches `{STATUS_PATH}?openmetrics&full` once a second"
+            " (FastCGI, straight to the pool, as php-fpm exporters do)",
+            nginx_alone=False,
+            scrape=True,
         ),
         Scenario("json4k", "json4k", "json4k.php", "json4k", "GET, a 4 KB JSON document encoded per request"),
         Scenario(
@@ -598,10 +615,13 @@ class Server:
         """One-off work before the first start (compiling, writing configs that do not change)."""
 
     writes_access_log = False  # whether it can write php-fpm's access log (hello-accesslog)
+    serves_status = False  # whether its pool serves php-fpm's status page (hello-scrape)
 
     def supports(self, scenario: Scenario) -> bool:
         """Whether the server takes part in the scenario."""
         if scenario.access_log and not self.writes_access_log:
+            return False
+        if scenario.scrape and not self.serves_status:
             return False
         if scenario.reload:
             return self.reload_signal is not None
@@ -643,6 +663,7 @@ class FastFPM(Server):
     reload_signal = signal.SIGUSR2
     reload_note = "SIGUSR2"
     writes_access_log = True
+    serves_status = True
 
     def __init__(self, root: Path = REPO, name: str = "fastfpm", label: str = "fastfpm") -> None:
         self.root = root
@@ -739,12 +760,13 @@ class FastFPM(Server):
             "--max-children",
             str(ctx.workers),
         ]
-        if scenario.access_log:
-            # access.log is a file directive: the same pool, from a file.
+        if scenario.access_log or scenario.scrape:
+            # access.log and pm.status_path are file directives: the same pool, from a file.
             conf = workdir / "fastfpm.conf"
             conf.write_text(f"[global]\n[bench]\napp = benchmarks.apps:{scenario.wsgi}\nlisten = {address}\n"
                             f"pm = static\npm.max_children = {ctx.workers}\nclear_env = no\n"
-                            f"access.log = {workdir / 'access.log'}\n")
+                            + (f"access.log = {workdir / 'access.log'}\n" if scenario.access_log else "")
+                            + (f"pm.status_path = {STATUS_PATH}\n" if scenario.scrape else ""))
             argv = [*argv[:4], "-c", str(conf)]
         if IS_ROOT:
             argv.append("-R")
@@ -761,6 +783,7 @@ class PhpFpm(Server):
     reload_signal = signal.SIGUSR2
     reload_note = "SIGUSR2"
     writes_access_log = True
+    serves_status = True
 
     def check(self) -> str | None:
         if not _which(PHP_FPM):
@@ -790,6 +813,7 @@ class PhpFpm(Server):
             "pm.max_requests = 0\n"
             "php_admin_value[opcache.enable] = 1\n"
             + (f"access.log = {workdir / 'access.log'}\n" if scenario.access_log else "")
+            + (f"pm.status_path = {STATUS_PATH}\n" if scenario.scrape else "")
         )
         argv = [PHP_FPM, "-F", "-y", str(conf), "-d", "opcache.enable=1"]
         if IS_ROOT:
@@ -1194,6 +1218,8 @@ class Sample:
     other_cpu_pct: float  # CPU used by everything else on the machine during the run, % of one core
     round: int = 0  # which interleaved round (ratios pair runs of the same round)
     reload: str | None = None
+    scrapes: int | None = None  # hello-scrape: status pages fetched whole during the run
+    scrape_failures: int = 0  # ... and fetches that failed or were not the OpenMetrics page
 
 
 def wrk_script(tmp: Path, scenario: Scenario) -> Path:
@@ -1208,6 +1234,48 @@ def wrk_script(tmp: Path, scenario: Scenario) -> Path:
     return path
 
 
+class Scraper:
+    """A Prometheus-style scraper for the length of a with block: GET STATUS_PATH?openmetrics&full
+    over FastCGI, straight to the pool as php-fpm exporters do, once at the start and then every
+    `interval` seconds, in a thread. Its own CPU is this script's, not the backend's."""
+
+    def __init__(self, address: str, interval: float = 1.0) -> None:
+        self.address = address
+        self.interval = interval
+        self.ok = 0
+        self.failed = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        if str(REPO) not in sys.path:  # the project's client, whichever fastfpm is measured
+            sys.path.append(str(REPO))
+        from fastfpm.client import FastCGIClient, build_params
+
+        params = build_params("GET", STATUS_PATH, "openmetrics&full")
+        while not self._stop.is_set():
+            try:
+                with FastCGIClient(self.address, timeout=5) as client:
+                    page = client.request(params)
+                if page.status != 200 or not (page.header("Content-Type") or "").startswith(
+                        "application/openmetrics-text"):
+                    raise RuntimeError(f"answered {page.status} {page.header('Content-Type')!r}")
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
+                self.failed += 1
+                self.last_error = str(exc)
+            self._stop.wait(self.interval)
+
+
 def run_wrk(
     port: int,
     script: Path,
@@ -1217,8 +1285,12 @@ def run_wrk(
     server_pid: int | None,
     nginx_pid: int,
     reload_signal: int | None = None,
+    scrape: str | None = None,
 ) -> tuple[Sample, list[int], list[int]]:
-    """Run wrk against nginx's port; returns the sample and the backend's workers before/after."""
+    """Run wrk against nginx's port; returns the sample and the backend's workers before/after.
+
+    With scrape (the backend's FastCGI address), a Scraper fetches its status page during the run.
+    """
     argv = [
         "wrk",
         f"-t{threads}",
@@ -1234,15 +1306,17 @@ def run_wrk(
     busy0, kids0, self0 = system_busy_seconds(), children_cpu_seconds(), self_cpu_seconds()
     cpu0 = tree_cpu_seconds(server_pid) if server_pid else 0.0
     ncpu0 = tree_cpu_seconds(nginx_pid)
-    proc = REGISTRY.spawn(argv, capture=True)
-    try:
-        if reload_signal is not None and server_pid:
-            time.sleep(duration / 2)
-            with contextlib.suppress(OSError):
-                os.kill(server_pid, reload_signal)
-        out, err = proc.communicate(timeout=duration + 60)
-    finally:
-        REGISTRY.stop(proc)
+    scraper = Scraper(scrape) if scrape else None
+    with scraper or contextlib.nullcontext():
+        proc = REGISTRY.spawn(argv, capture=True)
+        try:
+            if reload_signal is not None and server_pid:
+                time.sleep(duration / 2)
+                with contextlib.suppress(OSError):
+                    os.kill(server_pid, reload_signal)
+            out, err = proc.communicate(timeout=duration + 60)
+        finally:
+            REGISTRY.stop(proc)
     cpu1 = tree_cpu_seconds(server_pid) if server_pid else 0.0
     ncpu1 = tree_cpu_seconds(nginx_pid)
     busy1, kids1, self1 = system_busy_seconds(), children_cpu_seconds(), self_cpu_seconds()
@@ -1273,7 +1347,13 @@ def run_wrk(
         non2xx=int(report["status"]),
         wrk_cpu_us=wrk_cpu / requests * 1e6 if requests else 0.0,
         other_cpu_pct=other / seconds * 100 if seconds else 0.0,
+        scrapes=scraper.ok if scraper else None,
+        scrape_failures=scraper.failed if scraper else 0,
     )
+    if scraper and (scraper.failed or not scraper.ok):
+        # Figures of a run whose pool was not scraped would be hello's under another name.
+        raise RuntimeError(f"{scraper.failed} of {scraper.ok + scraper.failed} status page fetches failed: "
+                           f"{scraper.last_error or 'none was made'}")
     return sample, workers_before, workers_after
 
 
@@ -1332,6 +1412,7 @@ class ServerResult:
             "master_rss_kib": self.master_rss_kib,
             "workers": self.workers,
             "reload": self.reload,
+            "scrapes": sum(x.scrapes for x in s) if s and s[0].scrapes is not None else None,
         }
 
 
@@ -1519,6 +1600,7 @@ def run_case(
                         pid,
                         nginx_proc.pid,
                         reload_signal=server.reload_signal if scenario.reload else None,
+                        scrape=addresses.get(name) if scenario.scrape else None,
                     )
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     log(f"   ! {name}: run failed: {exc}")
@@ -1537,6 +1619,9 @@ def run_case(
                     extra += f", other load {sample.other_cpu_pct:.0f}% of a core"
                 if sample.reload:
                     extra += f", {sample.reload}"
+                if sample.scrapes is not None:
+                    extra += f", {sample.scrapes} scrapes" + (
+                        f" ({sample.scrape_failures} failed)" if sample.scrape_failures else "")
                 log(
                     f"{progress.prefix()} {case.key} round {rnd + 1}/{opts.repeat} {name:{width}s} "
                     f"{sample.rps:9,.0f} req/s {cpu}  p99 {sample.p99_ms:6.2f} ms{extra}"
@@ -1669,6 +1754,11 @@ def case_table(case: Case, results: dict[str, ServerResult]) -> list[str]:
             )
             + " |"
         )
+    if case.scenario.scrape:
+        fetched = ", ".join(f"{SERVERS[n].label} {sums[n]['scrapes']}" for n in results if n in ok)
+        rows += ["", f"Status pages scraped during these runs (one a second, "
+                     f"`{STATUS_PATH}?openmetrics&full`): {fetched or 'none'}. Compare with hello's table "
+                     "for the cost."]
     samples = [x for n in ok for x in results[n].samples]
     if samples:
         others = [x.other_cpu_pct for x in samples]

@@ -18,27 +18,6 @@ cdef extern from "<time.h>" nogil:
     size_t strftime(char *s, size_t maximum, const char *fmt, const tm *t)
 
 
-cdef extern from "<sys/socket.h>" nogil:
-    enum:
-        AF_INET
-        AF_INET6
-
-
-cdef extern from "<netinet/in.h>" nogil:
-    struct in_addr:
-        pass
-    struct in6_addr:
-        unsigned char s6_addr[16]
-    struct sockaddr_in:
-        in_addr sin_addr
-    struct sockaddr_in6:
-        in6_addr sin6_addr
-
-
-cdef extern from "<arpa/inet.h>" nogil:
-    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
-
-
 cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
 
@@ -290,20 +269,8 @@ cdef class AccessLog:
         the connection; formatted again only when it differs from the last one (nginx: always the same)."""
         cdef const uint8_t *a
         cdef int family
-        cdef size_t n
-        if c.peer_len == 0:
-            self.put_raw("-", 1)
-            return
-        if c.peer.ss_family == AF_INET:
-            a = <const uint8_t *>&(<sockaddr_in *>&c.peer).sin_addr
-            family, n = AF_INET, 4
-        elif c.peer.ss_family == AF_INET6:
-            a = (<sockaddr_in6 *>&c.peer).sin6_addr.s6_addr
-            family, n = AF_INET6, 16
-            if memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
-                a += 12  # an IPv4 client of a dual-stack socket, written as IPv4
-                family, n = AF_INET, 4
-        else:
+        cdef size_t n = c.peer_ip(&a, &family)
+        if n == 0:
             self.put_raw("-", 1)
             return
         if family != self.remote_family or memcmp(a, self.remote_addr, n) != 0:

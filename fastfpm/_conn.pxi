@@ -12,6 +12,24 @@ cdef enum:
 cdef extern from "<sys/socket.h>" nogil:
     struct sockaddr_storage:
         unsigned short ss_family
+    enum:
+        AF_INET
+        AF_INET6
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        pass
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in:
+        in_addr sin_addr
+    struct sockaddr_in6:
+        in6_addr sin6_addr
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 
 @cython.final
@@ -20,6 +38,7 @@ cdef class Limits:
     cdef int idle_timeout_ms         # waiting for the start of a request
     cdef int read_timeout_ms         # waiting for the rest of a request, or to send
     cdef object log                  # log(level: str, message: str), error paths only
+    cdef object protocol_log         # the same, for the line of a connection closed on bad input
     cdef dict get_values             # FCGI_GET_VALUES answers
 
 
@@ -148,12 +167,43 @@ cdef class Connection:
     cdef int send_bytes(self, bytes data) except -1:
         return self.send_all(<const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
+    cdef size_t peer_ip(self, const uint8_t **addr, int *family) noexcept:
+        """The peer's IP address as accept4 gave it: its length (4 or 16 bytes at *addr, *family
+        AF_INET or AF_INET6), 0 on a unix socket. An IPv4 client of a dual-stack socket is IPv4."""
+        if self.peer_len == 0:
+            return 0
+        if self.peer.ss_family == AF_INET:
+            addr[0] = <const uint8_t *>&(<sockaddr_in *>&self.peer).sin_addr
+            family[0] = AF_INET
+            return 4
+        if self.peer.ss_family != AF_INET6:
+            return 0
+        addr[0] = (<sockaddr_in6 *>&self.peer).sin6_addr.s6_addr
+        if memcmp(addr[0], b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+            addr[0] += 12
+            family[0] = AF_INET
+            return 4
+        family[0] = AF_INET6
+        return 16
+
+    cdef str peer_text(self):
+        """The peer's IP address for a log line, "" on a unix socket."""
+        cdef const uint8_t *a
+        cdef int family
+        cdef char text[48]
+        if self.peer_ip(&a, &family) == 0 or inet_ntop(family, a, text, sizeof(text)) == NULL:
+            return ""
+        return text.decode("ascii")
+
     cdef void malformed(self, str why) noexcept:
-        """Close after this: the peer broke the protocol (why goes to the log, once)."""
+        """Close after this: the peer broke the protocol. One line says why (and, over TCP, who), through
+        the pool's protocol_log, which lets a worker log only so many a minute (fastfpm.log.Throttle)."""
         self.broken = True
         self.logged = True
         try:
-            self.limits.log("warning", f"closing a FastCGI connection: {why}")
+            peer = self.peer_text()
+            self.limits.protocol_log("warning", f"closing a FastCGI connection{' from ' if peer else ''}"
+                                                f"{peer}: {why}")
         except BaseException:
             pass
 

@@ -123,7 +123,7 @@ cdef class Worker:
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
                  int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
-                 dict routes=None, AccessLog access_log=None):
+                 dict routes=None, AccessLog access_log=None, protocol_log=None):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
@@ -131,6 +131,7 @@ cdef class Worker:
         parent_pid, the loop stops once that process is no longer its parent (the master died).
         routes maps request paths to WSGI apps served instead of app (the status page, ping): the
         path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
+        protocol_log (default: log) takes the line of a connection closed on malformed input.
         """
         self.app = app
         self.routes = [(path.encode("latin-1"), route_app) for path, route_app in (routes or {}).items()]
@@ -141,6 +142,7 @@ cdef class Worker:
         self.limits.idle_timeout_ms = <int>(idle_timeout * 1000)
         self.limits.read_timeout_ms = <int>(read_timeout * 1000)
         self.limits.log = log
+        self.limits.protocol_log = protocol_log if protocol_log is not None else log
         limit = str(max_conns).encode()
         self.limits.get_values = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"0"}
         self.slot = SlotWriter()

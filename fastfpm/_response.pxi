@@ -8,8 +8,15 @@ cdef enum:
     FLUSH_AT = 262144       # send once this much response is buffered
 cdef size_t NO_RECORD = <size_t>-1
 
-cdef bytes STATUS_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                         b"Content-Length: 22\r\n\r\nInternal Server Error\n")
+# fastfpm's own 500, declared once: the status and headers Response.answer_500 records (what the
+# access log's %s and %o read) and the CGI head plus body FcgiResponse sends are made from them.
+cdef str STATUS_LINE_500 = "500 Internal Server Error"
+cdef bytes BODY_500 = b"Internal Server Error\n"
+cdef list HEADERS_500 = [("Content-Type", "text/plain; charset=utf-8"),
+                         ("Content-Length", str(len(BODY_500)))]
+cdef bytes STATUS_500 = "".join([f"Status: {STATUS_LINE_500}\r\n",
+                                 *[f"{name}: {value}\r\n" for name, value in HEADERS_500],
+                                 "\r\n"]).encode("latin-1") + BODY_500
 
 
 cdef class Response:
@@ -143,6 +150,13 @@ cdef class Response:
                 count += 1
         return 0
 
+    cdef void answer_500(self) noexcept:
+        """The response is now fastfpm's own 500: its status and headers replace what the app had
+        started (never sent), so the access log shows what went out."""
+        self.status = STATUS_LINE_500
+        self.headers = HEADERS_500
+        self.status_code = 500
+
     cdef int ensure_head(self) except -1:
         """An empty body: the head still goes out."""
         if not self.headers_sent:
@@ -261,5 +275,5 @@ cdef class FcgiResponse(Response):
     cdef int replace_with_500(self) except -1:
         self.wlen = 0
         self.rec_start = NO_RECORD
-        self.status_code = 500
+        self.answer_500()
         return self.out_body(<const uint8_t *>PyBytes_AS_STRING(STATUS_500), PyBytes_GET_SIZE(STATUS_500))

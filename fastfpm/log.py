@@ -18,6 +18,7 @@ import sys
 import syslog
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, TextIO
 
 LEVELS = {"alert": 1, "error": 2, "warning": 3, "notice": 4, "debug": 5}
@@ -222,3 +223,35 @@ class WsgiErrors:
         if self.pending:
             self.log.log(self.level, self.pending)
             self.pending = ""
+
+
+class Throttle:
+    """A log callable that lets at most `burst` lines through per `window` seconds and counts the
+    rest; the count is logged before the first line of a later window (the kernel's printk
+    ratelimit). For lines a peer can cause at will: a worker's connections closed on malformed
+    FastCGI input, which php-fpm closes without a word, must show in the log but not flood it."""
+
+    def __init__(self, log: Callable[[str, str], None], what: str, burst: int = 10, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = log
+        self.what = what          # names the lines held back: "N more {what} were not logged"
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self.started = -float("inf")
+        self.passed = 0
+        self.held = 0
+
+    def __call__(self, level: str, message: str) -> None:
+        """Log message at level, unless this window's burst is spent (then it is counted)."""
+        now = self.clock()
+        if now - self.started >= self.window:
+            if self.held:
+                self.log(level, f"{self.held} more {self.what} were not logged (at most {self.burst} "
+                                f"per {self.window:g} s)")
+            self.started, self.passed, self.held = now, 0, 0
+        if self.passed < self.burst:
+            self.passed += 1
+            self.log(level, message)
+        else:
+            self.held += 1

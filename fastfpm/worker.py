@@ -21,7 +21,7 @@ except ModuleNotFoundError as exc:
     raise not_built(exc) from None
 from fastfpm.address import REFUSED_MESSAGE, AllowedClients
 from fastfpm.app import AppLoadError, load_app
-from fastfpm.log import ErrorLog, WsgiErrors
+from fastfpm.log import ErrorLog, Throttle, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker
 from fastfpm.proctitle import set_worker_title
 from fastfpm.status import routes as status_routes
@@ -139,6 +139,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             parent_pid=master_pid, access_log=accesslog.for_worker(pool, access_log_fd),
             # pm.status_path and ping.path: answered by the worker itself, from the scoreboard.
             routes=status_routes(pool, scoreboard, slot_index),
+            protocol_log=Throttle(log.log, "connections closed on malformed FastCGI input"),
         )
         worker.serve()
         worker.mark_ending()

@@ -22,6 +22,13 @@ def request_bytes(request_id: int, params: dict[str, str], body: bytes = b"", fl
             + p.encode_record(p.STDIN, request_id))
 
 
+def truncated_params_request(request_id: int = 1) -> bytes:
+    """A request whose PARAMS hold a pair cut short (a 5-byte name, a 127-byte value, 2 bytes of
+    them): malformed params, which close the connection before the application is called."""
+    return (p.encode_begin_request(request_id) + p.encode_record(p.PARAMS, request_id, b"\x05\x7fAB")
+            + p.encode_record(p.PARAMS, request_id) + p.encode_record(p.STDIN, request_id))
+
+
 def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
                  timeout: float = 10.0) -> list[p.Record]:
     """Records from sock until one of until_type arrives or the peer closes (or resets)."""

@@ -11,6 +11,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from fastfpm import accesslog
-from fastfpm.client import FastCGIClient
+from fastfpm.client import FastCGIClient, build_params
+from tests.fcgi_helpers import closed_by_peer, truncated_params_request
 from tests.servers import ConfiguredServer, Launcher, free_port, http_get, run_cli, wait_until
 
 # Every code, each behind a name: the line parses into a dict.
@@ -313,3 +315,45 @@ def test_remote_address_forms(configured, listen, connect, shown):
     request(connect.replace("{port}", port), "/one")
     request(connect.replace("{port}", port), "/two")
     assert log_lines(server.workdir / "access.log", 2) == [f"{shown} /one", f"{shown} /two"]
+
+
+@pytest.mark.parametrize("path", ["/raise-before", "/raise-after-start", "/bad-iterable"])
+def test_after_fastfpms_own_500_the_line_shows_the_headers_sent(configured, path):
+    """The app failed before anything was sent (after setting `X-App: 1` in two of the cases): %s and
+    %o are the 500's that went out, not what the app had started; a header the 500 lacks is "-"."""
+    server = configured(pool_config("{dir}/fpm.sock", "%r %s %{X-App}o|%{Content-Type}o|%{Content-Length}o"))
+    server.address = str(server.workdir / "fpm.sock")
+    with FastCGIClient(server.address, timeout=10) as client:
+        answer = client.request(build_params("GET", path))
+    assert answer.status == 500
+    sent = (answer.header("Content-Type"), answer.header("Content-Length"))
+    assert log_lines(server.workdir / "access.log", 1) == [f"{path} 500 -|{sent[0]}|{sent[1]}"]
+    assert sent == ("text/plain; charset=utf-8", "22")
+
+
+def test_malformed_params_write_no_line_and_a_throttled_warning(configured):
+    """A request whose params are malformed never reaches the app: no access line (php-fpm's
+    fcgi_accept_request closes such a connection before any request starts), one WARNING naming
+    the peer, and no more than 10 of those a minute from one worker however many arrive."""
+    port = free_port()
+    server = configured(pool_config(f"127.0.0.1:{port}", "%r %s"))
+    address = f"127.0.0.1:{port}"
+
+    def malformed() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(truncated_params_request())
+            assert closed_by_peer(sock)
+
+    malformed()
+    request(address, "/after")
+    for _ in range(14):
+        malformed()
+    # The 500's traceback goes through the same worker's log pipe after every warning before it:
+    # once it is in the error log, so is everything the malformed requests logged.
+    request(address, "/raise-before")
+    log = server.wait_for_log("the application failed for GET /raise-before")
+    assert log_lines(server.workdir / "access.log", 2) == ["/after 200", "/raise-before 500"]
+    said = "closing a FastCGI connection from 127.0.0.1: truncated name/value pair in PARAMS"
+    lines = [line for line in log.splitlines() if "closing a FastCGI connection" in line]
+    assert len(lines) == 10
+    assert all("WARNING: [pool www] child " in line and line.endswith(f": {said}") for line in lines)

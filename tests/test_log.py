@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastfpm.log import ErrorLog, WsgiErrors, truncate, wrap
+from fastfpm.log import ErrorLog, Throttle, WsgiErrors, truncate, wrap
 from tests.apps.counters_app import payload
 from tests.fcgi_helpers import get
 from tests.servers import Launcher, wait_until, write_config
@@ -125,6 +125,26 @@ def test_wsgi_errors_writes_whole_lines_to_the_log(tmp_path: Path) -> None:
 
 
 # --- through real processes: reopening, workers' output, log_level, syslog -------------------
+
+
+def test_throttle_lets_a_burst_through_per_window_and_counts_the_rest() -> None:
+    lines: list[tuple[str, str]] = []
+    now = [100.0]
+    throttle = Throttle(lambda level, message: lines.append((level, message)), "bad things", burst=3,
+                        window=60, clock=lambda: now[0])
+    for i in range(5):
+        throttle("warning", f"bad {i}")
+    assert lines == [("warning", "bad 0"), ("warning", "bad 1"), ("warning", "bad 2")]
+    now[0] += 59.9
+    throttle("warning", "still the same window")
+    assert len(lines) == 3 and throttle.held == 3
+    now[0] += 0.1  # a new window: first the count, then the line
+    throttle("warning", "bad 6")
+    assert lines[3:] == [("warning", "3 more bad things were not logged (at most 3 per 60 s)"),
+                         ("warning", "bad 6")]
+    now[0] += 120  # nothing was held back in the last window: no count
+    throttle("error", "bad 7")
+    assert lines[5:] == [("error", "bad 7")]
 
 
 def test_sigusr1_reopens_the_error_log(launcher: Launcher, tmp_path: Path) -> None:

@@ -1,21 +1,17 @@
 """The status page and ping (fastfpm.status): php-fpm 8.2's formats, rendered from a scoreboard.
 
 The renderers and the WSGI apps are tested with fabricated views and environs; then a real worker
-serves them from a real scoreboard, side by side with Debian's php-fpm 8.2 (started here without
-a php.ini, on a unix socket in a temporary directory), and every format's keys, their order and
-their value types are compared; and nginx with its stock fastcgi_params is put in front.
+serves them from a real scoreboard, side by side with Debian's php-fpm 8.2 (tests.status_server's
+PhpFpm: no php.ini, a unix socket in a temporary directory), and every format's keys, their order
+and their value types are compared; and nginx with its stock fastcgi_params is put in front.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -29,16 +25,9 @@ from fastfpm import status
 from fastfpm.client import FastCGIClient, FastCGIError, build_params
 from fastfpm.config import from_cli
 from fastfpm.scoreboard import PoolCounters, SlotSnapshot
-from tests.servers import (
-    Nginx,
-    forked_slot_worker,
-    http_request,
-    missing_requirement,
-    nginx_binary,
-    wait_until,
-)
+from tests.servers import Nginx, forked_slot_worker, http_request, nginx_binary, wait_until
+from tests.status_server import PhpFpm
 
-PHP_FPM_MISSING = "php-fpm 8.2 is not installed (apt-get install php8.2-fpm); the comparison tests need it"
 PHPFPM_POOL_FIELDS = ["pool", "process manager", "start time", "start since", "accepted conn",
                       "listen queue", "max listen queue", "listen queue len", "idle processes",
                       "active processes", "total processes", "max active processes",
@@ -284,40 +273,14 @@ def fastfpm_status(tmp_path_factory) -> Iterator[str]:
         yield path
 
 
-def php_fpm_binary() -> str:
-    for candidate in ("php-fpm8.2", "/usr/sbin/php-fpm8.2"):
-        found = shutil.which(candidate) or (candidate if os.access(candidate, os.X_OK) else None)
-        if found:
-            return found
-    missing_requirement(PHP_FPM_MISSING)
-
-
 @pytest.fixture
 def php_fpm(tmp_path_factory) -> Iterator[str]:
     """Debian's php-fpm 8.2, no php.ini, one static pool of 2 on a unix socket; its socket path."""
-    binary = php_fpm_binary()
-    directory = tmp_path_factory.mktemp("php-fpm")
-    sock = directory / "php.sock"
-    conf = directory / "php-fpm.conf"
-    conf.write_text(f"[global]\nerror_log = {directory}/error.log\ndaemonize = no\n"
-                    f"[www]\nlisten = {sock}\npm = static\npm.max_children = 2\n"
-                    f"pm.status_path = /status\nping.path = /ping\n")
-    command = [binary, "-n", "-y", str(conf)] + (["-R"] if os.geteuid() == 0 else [])
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    server = PhpFpm(tmp_path_factory.mktemp("php-fpm"))
     try:
-        wait_until(lambda: sock.exists() or proc.poll() is not None, 10, message="php-fpm's socket")
-        if proc.poll() is not None:
-            pytest.fail(f"php-fpm exited: {(directory / 'error.log').read_text(errors='replace')}")
-        yield str(sock)
+        yield server.start().address
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()
 
 
 def fetch(address: str, path: str, query: str = "", method: str = "GET") -> Any:

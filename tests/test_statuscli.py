@@ -1,7 +1,7 @@
 """`python -m fastfpm status` against a real server's status page, in every format, and when there is none.
 
-The server under test is tests.status_server's status_target (php-fpm 8.2 until fastfpm's own page
-lands; see there to re-point it).
+The server under test is tests.status_server's status_target: a fastfpm pool whose workers serve
+pm.status_path themselves.
 """
 
 from __future__ import annotations

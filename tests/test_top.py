@@ -1,8 +1,8 @@
 """`python -m fastfpm top`: the page-to-screen functions with fabricated pages, then the real command
 driven in a terminal (tmux: new-session, send-keys, capture-pane) against a real server.
 
-The server under test is tests.status_server's status_target: php-fpm 8.2 until fastfpm's own
-status page lands (see there to re-point it; these tests need no other change).
+The server under test is tests.status_server's status_target: a fastfpm pool whose workers serve
+pm.status_path themselves.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 
 from fastfpm import protocol as p
 from fastfpm.client import FastCGIClient, build_params
-from tests.fcgi_helpers import closed_by_peer, read_records, request_bytes
+from tests.fcgi_helpers import closed_by_peer, read_records, request_bytes, truncated_params_request
 from tests.servers import Launcher, forked_slot_worker, wait_until
 
 ROUTER = "tests.apps.lifecycle:app"
@@ -207,8 +207,7 @@ def test_abort_before_params_end_is_acknowledged(server) -> None:
 MALFORMED = {
     "bad version": b"\x02" + p.encode_begin_request(1)[1:],
     "content past the end": p.encode_begin_request(1) + b"\x01\x04\x00\x01\xff\xf0\x00\x00" + b"x" * 10,
-    "truncated pairs": (p.encode_begin_request(1) + p.encode_record(p.PARAMS, 1, b"\x05\x7fAB")
-                        + p.encode_record(p.PARAMS, 1) + p.encode_record(p.STDIN, 1)),
+    "truncated pairs": truncated_params_request(1),
     "unknown request id": p.encode_begin_request(1) + p.encode_record(p.PARAMS, 7, b""),
     "params before begin": p.encode_record(p.PARAMS, 1, b""),
     "begin body too short": p.encode_record(p.BEGIN_REQUEST, 1, b"\x00\x01"),

@@ -1,4 +1,6 @@
-"""Applications that fail: before start_response, and after the first body chunk went out.
+"""Applications that fail: before start_response, after it (nothing sent yet), with a body that is
+not bytes, and after the first body chunk went out. The two in between set `X-App: 1`, a header
+fastfpm's 500 must not carry.
 
 `?marker=TEXT` puts TEXT in the exception message, so a test can find its own traceback in the log.
 """
@@ -23,6 +25,18 @@ def _marker(environ: dict[str, Any]) -> str:
 def raise_before(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """Raise before start_response: the server must answer 500."""
     raise AppFailure(f"raised before start_response {_marker(environ)}")
+
+
+def raise_after_start(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Call start_response, then raise before any body: the server must answer 500."""
+    start_response("200 OK", [("Content-Type", "text/html"), ("X-App", "1")])
+    raise AppFailure(f"raised after start_response {_marker(environ)}")
+
+
+def bad_iterable(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[Any]:
+    """Call start_response, then return a body of str rather than bytes: a 500."""
+    start_response("200 OK", [("Content-Type", "text/html"), ("X-App", "1")])
+    return ["not bytes"]
 
 
 def raise_after(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

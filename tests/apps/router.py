@@ -16,6 +16,8 @@ ROUTES: dict[str, Callable[..., Iterable[bytes]]] = {
     "download": download.app,
     "raise-before": errors.raise_before,
     "raise-after": errors.raise_after,
+    "raise-after-start": errors.raise_after_start,
+    "bad-iterable": errors.bad_iterable,
     "headers": headers.headers_app,
     "status": headers.status_app,
     "write": headers.write_app,
