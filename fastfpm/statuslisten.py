@@ -384,6 +384,7 @@ class StatusConnection:
         self.out += fcgi.encode_get_values_result([(n, known[n]) for n in names if n in known])
 
     def begin(self, rid: int, content: bytes) -> None:
+        """A BEGIN_REQUEST between requests: a RESPONDER request starts, any other role is refused."""
         role, flags = fcgi.parse_begin_request(content)
         with contextlib.suppress(ValueError):
             self.refused.remove(rid)  # the id is reused: its records are a new request's
@@ -443,6 +444,7 @@ class StatusConnection:
         self.close()
 
     def warn(self, why: str) -> None:
+        """Why this connection is being closed, in the pool's error log."""
         self.listener.log.warning(f"{self.listener.label}: closing the connection from {self.peer}: {why}")
 
     def fail(self, why: str) -> None:
@@ -456,6 +458,7 @@ class StatusConnection:
         self.close()
 
     def close(self) -> None:
+        """Stop watching the socket, close it, and give its room back to the listener."""
         if self.closed:
             return
         self.closed = True
