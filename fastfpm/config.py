@@ -639,7 +639,13 @@ DIRECTIVES: tuple[Directive, ...] = (
        note="Matched against the request path (REQUEST_URI without its query, percent-decoded), not "
             "SCRIPT_NAME. The status request counts as idle, not active. OpenMetrics counters end in "
             "_total; fastfpm's own fields follow php-fpm's (docs/operations.md)."),
-    _unsupported("pm.status_listen", P, NOT_YET),
+    _d("pm.status_listen", P, Listen(), None,
+       "Address (as `listen` takes it) on which the master itself answers pm.status_path and ping.path "
+       "over FastCGI, from its event loop, so the page answers while every worker is busy. Unset: none.",
+       note="php-fpm 8.0+ starts a hidden pool of workers there and, without pm.status_path, serves the "
+            "page at `/` (on the pool's own socket too); fastfpm needs pm.status_path or ping.path. A "
+            "unix socket gets listen.owner, listen.group and listen.mode; listen.allowed_clients applies "
+            "to TCP clients. Other paths: php-fpm's 404 `File not found.`"),
     _d("ping.path", P, UrlPath(), None,
        "Request path the workers answer with ping.response (200, text/plain), to check the pool is alive.",
        note="Matched against the request path, as pm.status_path."),
@@ -1243,22 +1249,26 @@ def _check(config: Config) -> list[str]:
 
     # php-fpm refuses two pools on one listen address; fastfpm also catches the same port written two
     # ways (9000 and 0.0.0.0:9000, say), which could not both be bound either.
-    seen: list[tuple[Any, Any]] = []
+    seen: list[tuple[Any, str, Any]] = []
     names: dict[str, Any] = {}
     for pool in config.pools:
         if pool.name.lower() in names:
             errors.append(f"{pool.where()}: [pool {pool.name}] two pools are named {pool.name!r}")
         names[pool.name.lower()] = pool
         missing = pool.section_source not in ("", CLI_SOURCE) and "listen" not in pool.source
-        key = None if missing else _address_key(pool.listen)
-        if key is None:  # a pool without listen was reported already
-            continue
-        for other, other_key in seen:
-            if _addresses_clash(key, other_key):
-                errors.append(f"{pool.where('listen')}: [pool {pool.name}] listen address {pool.listen} is "
-                              f"already used by pool '{other.name}' ({other.where('listen')})")
-                break
-        seen.append((pool, key))
+        for directive, value in (("listen", None if missing else pool.listen),
+                                 ("pm.status_listen", pool.pm_status_listen)):
+            key = _address_key(value) if value else None
+            if key is None:  # a pool without listen was reported already
+                continue
+            for other, other_directive, other_key in seen:
+                if _addresses_clash(key, other_key):
+                    use = "" if other_directive == "listen" else f" for {other_directive}"
+                    errors.append(f"{pool.where(directive)}: [pool {pool.name}] {directive} address {value} "
+                                  f"is already used by pool '{other.name}'{use} "
+                                  f"({other.where(other_directive)})")
+                    break
+            seen.append((pool, directive, key))
     for message in warnings:
         if message not in config.warnings:
             config.warnings.append(message)
@@ -1336,10 +1346,18 @@ def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
     address = parse_address(pool.listen)
     if address.is_unix:
         pool.listen = _absolute(address.path, pool_base)
+    # The pool's pm.status_listen socket takes the same owner, mode and allowed clients.
+    unix = [address.is_unix]
+    if pool.pm_status_listen:
+        status = parse_address(pool.pm_status_listen)
+        if status.is_unix:
+            pool.pm_status_listen = _absolute(status.path, pool_base)
+        unix.append(status.is_unix)
+    if all(unix):
         if pool.listen_allowed_clients and "listen.allowed_clients" in pool.source:
             warn("listen.allowed_clients", "listen.allowed_clients only applies to TCP sockets; "
                                            "this pool listens on a unix socket")
-    else:
+    elif not any(unix):
         for directive in ("listen.owner", "listen.group", "listen.mode"):
             if directive in pool.source:
                 warn(directive, f"{directive} only applies to unix sockets; this pool listens on TCP")
@@ -1437,11 +1455,17 @@ def _check_connections(pool: Any, fail: _Report) -> None:
 
 
 def _check_status_paths(pool: Any, fail: _Report, warn: _Report) -> None:
-    """pm.status_path and ping.path: one answer per path; ping.response needs ping.path."""
+    """pm.status_path and ping.path: one answer per path; ping.response needs ping.path; a
+    pm.status_listen needs at least one of them to answer."""
     if pool.pm_status_path and pool.pm_status_path == pool.ping_path:
         fail("ping.path", f"ping.path and pm.status_path are both {pool.ping_path}; give each its own path")
     if not pool.ping_path and "ping.response" in pool.source:
         warn("ping.response", "ping.response has no effect without ping.path")
+    if pool.pm_status_listen and not (pool.pm_status_path or pool.ping_path):
+        # php-fpm serves its page at "/" then, and makes "/" the pool's own status path as well,
+        # taking that path from the application; an error says what is missing instead.
+        fail("pm.status_listen", "pm.status_listen answers only pm.status_path and ping.path, and this "
+                                 "pool sets neither: add pm.status_path = /status (or ping.path)")
 
 
 def _check_dynamic(pool: Any, fail: _Report) -> None:

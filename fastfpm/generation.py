@@ -5,7 +5,9 @@ The master serves one generation at a time. A reload (SIGUSR2) starts the next b
 running one serves on until the new one's initial workers have loaded the application, then it is
 retired: its workers finish their requests and exit, and it is gone. A new generation whose
 application cannot be loaded fails instead and the previous one keeps serving. Sockets whose
-address did not change pass from one generation to the next, so no connection is refused.
+address did not change pass from one generation to the next, so no connection is refused; so do the
+pools' pm.status_listen listeners (fastfpm.statuslisten), which answer for whichever generation
+serves and close with the generation that opened them when the next one no longer has them.
 
     starting --(initial workers up)--> serving --(the next one is up)--> draining --> gone
         \\--(the application cannot be loaded: rolled back)--> failed --> gone
@@ -24,6 +26,8 @@ from fastfpm.config import Config
 from fastfpm.log import ErrorLog
 from fastfpm.pool import Child, Pool, pending_connections
 from fastfpm.slowlog import SLOWLOG_SIGNAL
+from fastfpm.statuslisten import StatusListener
+from fastfpm.watcher import Watcher
 
 STARTING, SERVING, DRAINING, FAILED = "starting", "serving", "draining", "failed"
 # How often a generation going away repeats SIGQUIT: a worker that was between its stop check and
@@ -35,7 +39,7 @@ class Generation:
     """One configuration's pools and workers, numbered from 1 in the order reloads made them."""
 
     def __init__(self, number: int, config: Config, log: ErrorLog, *, spawn_worker: Callable[[Pool], bool],
-                 process_max_state: pm.ProcessMaxState) -> None:
+                 process_max_state: pm.ProcessMaxState, watcher: Watcher | None = None) -> None:
         self.number = number
         self.config = config
         self.log = log                   # the error log its [global] asks for
@@ -43,7 +47,11 @@ class Generation:
         self.process_max_state = process_max_state  # the master's, kept across reloads
         self.pools: list[Pool] = []
         self.state = STARTING
-        # ids of the listen sockets another generation serves on: closing a pool leaves those open.
+        # pool name -> its pm.status_listen, served on watcher (the master's; None: none is opened)
+        self.watcher = watcher
+        self.listeners: dict[str, StatusListener] = {}
+        # ids of the listen sockets (and status listeners) another generation serves on: closing a
+        # pool leaves those open.
         self.shared_sockets: set[int] = set()
         # While going away: SIGKILL for whoever is still busy at the deadline; SIGQUIT repeated.
         self.deadline = 0.0
@@ -67,6 +75,7 @@ class Generation:
             self.log.warning(f"no pool listens on the socket systemd passed as fd {sock.fileno()}; "
                              "closing it")
             sock.close()
+        self.open_listeners([])
 
     def open_pools_after(self, running: Generation, identities: dict[str, Any]) -> None:
         """A reload's pools: each takes over the running generation's socket on the same address.
@@ -81,10 +90,26 @@ class Generation:
                                    sock=old.socket if old is not None else None,
                                    identity=identities[pool_config.name],
                                    inherited=old is not None and old.inherited))
+        self.open_listeners(list(running.listeners.values()))
+
+    def open_listeners(self, running: list[StatusListener]) -> None:
+        """Each pool's pm.status_listen: a running listener on the same address is taken over (it
+        answers for the running generation until this one serves), else one is opened. OSError
+        (the address cannot be bound): those made so far stay in self.listeners for close()."""
+        if self.watcher is None:
+            return
+        kept = {str(listener.address): listener for listener in running}
+        for pool in self.pools:
+            if pool.config.pm_status_listen:
+                listener = kept.pop(str(parse_address(pool.config.pm_status_listen)), None)
+                self.listeners[pool.name] = listener or StatusListener(pool, self.watcher)
 
     def share_sockets_with(self, other: Generation) -> None:
-        """Remember which of this generation's listen sockets other serves on too."""
-        self.shared_sockets = {id(p.socket) for p in self.pools} & {id(p.socket) for p in other.pools}
+        """Remember which of this generation's listen sockets (and status listeners) other serves on too."""
+        def owned(generation: Generation) -> set[int]:
+            return {id(p.socket) for p in generation.pools} | {id(s) for s in generation.listeners.values()}
+
+        self.shared_sockets = owned(self) & owned(other)
 
     def all_started(self) -> bool:
         """True once every pool's initial workers have imported the app and wait for connections."""
@@ -97,8 +122,12 @@ class Generation:
                            f"pm.max_children {pool.config.pm_max_children}")
 
     def serve(self) -> None:
-        """Its initial workers are up (or it is what a failed reload falls back on): it serves."""
+        """Its initial workers are up (or it is what a failed reload falls back on): it serves, and
+        its status listeners answer for its pools."""
         self.state = SERVING
+        for pool in self.pools:
+            if pool.name in self.listeners:
+                self.listeners[pool.name].serve(pool)
 
     # ------------------------------------------------------------------ process management
 
@@ -243,11 +272,13 @@ class Generation:
     def retire(self, grace: float) -> None:
         """The next generation is up: workers finish their current request (SIGQUIT) and exit."""
         self.state = DRAINING
+        self.close_listeners(keep_shared=True)
         self.stop_workers(signal.SIGQUIT, grace)
 
     def fail(self, grace: float) -> None:
         """The application cannot be loaded: its workers are terminated (SIGTERM), not replaced."""
         self.state = FAILED
+        self.close_listeners(keep_shared=True)
         for child in self.children():
             child.killed_by_pm = True
         self.stop_workers(signal.SIGTERM, grace)
@@ -284,7 +315,16 @@ class Generation:
 
     def close(self, keep_shared: bool = False) -> None:
         """Close every pool: its scoreboard, and its socket unless keep_shared and another
-        generation serves on it."""
+        generation serves on it; the status listeners likewise."""
+        self.close_listeners(keep_shared)
         for pool in self.pools:
             pool.close(keep_socket=keep_shared and id(pool.socket) in self.shared_sockets)
         self.pools = []
+
+    def close_listeners(self, keep_shared: bool) -> None:
+        """Close the status listeners (those another generation has too stay open, if keep_shared);
+        this generation holds none after it."""
+        for listener in self.listeners.values():
+            if not (keep_shared and id(listener) in self.shared_sockets):
+                listener.close()
+        self.listeners = {}

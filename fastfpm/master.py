@@ -10,7 +10,9 @@ for them. A reload starts the next beside it and retires the old one once the ne
 rolls back to it. fastfpm.children starts workers through a spawner (fastfpm.spawner), reads their
 pipes (fastfpm.stdio) and reports their exits; what follows an exit is decided here (bury).
 fastfpm.globals holds what [global] sets up: the error log, the pid file, the systemd link. The loop
-sleeps on a Watcher (fastfpm.watcher): the signal pipe, the workers' pipes, ondemand listen sockets.
+sleeps on a Watcher (fastfpm.watcher): the signal pipe, the workers' pipes, ondemand listen sockets,
+and the pools' pm.status_listen listeners (fastfpm.statuslisten, held by the generations, with
+timers of their own on the Watcher, so they add nothing to next_timeout).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class Master:
     def new_generation(self, number: int, config: Config, log: ErrorLog) -> Generation:
         """A generation whose workers this master starts and whose spawns process.max caps."""
         return Generation(number, config, log, spawn_worker=self.children.spawn_worker,
-                          process_max_state=self.process_max_state)
+                          process_max_state=self.process_max_state, watcher=self.watcher)
 
     # ------------------------------------------------------------------ life cycle
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from fastfpm.stages import STAGE_TABLE
 
-__all__ = ["StatusView", "choose_format", "render", "status_app", "ping_app", "worker_view",
+__all__ = ["StatusView", "choose_format", "render", "status_app", "ping_app", "worker_view", "pool_view",
            "NO_CACHE_HEADERS", "CONTENT_TYPES", "FORMATS", "ERROR_BODY"]
 
 # The headers php-fpm sends with every status and ping answer.
@@ -406,6 +406,14 @@ def worker_view(mapping: Any, slot_index: int, process_manager: str) -> Callable
                           generation or 1, resident_memory(s.pid for s in slots), slot_index)
 
     return view
+
+
+def pool_view(pool: Any) -> StatusView:
+    """A pool's StatusView as the master reads it (fastfpm.statuslisten): its scoreboard's counters
+    and slots, no worker rendering the page (serving=None), the pool's generation."""
+    slots = pool.scoreboard.snapshot()
+    return StatusView(pool.scoreboard.counters(), slots, pool.config.pm, time.time(), time.monotonic_ns(),
+                      pool.generation, resident_memory(s.pid for s in slots), None)
 
 
 def routes(pool: Any, mapping: Any, slot_index: int) -> dict[str, WSGIApp]:

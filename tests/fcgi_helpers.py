@@ -30,8 +30,9 @@ def truncated_params_request(request_id: int = 1) -> bytes:
 
 
 def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
-                 timeout: float = 10.0) -> list[p.Record]:
-    """Records from sock until one of until_type arrives or the peer closes (or resets)."""
+                 timeout: float = 10.0, count: int = 1) -> list[p.Record]:
+    """Records from sock until `count` of until_type have arrived (the answers to that many
+    pipelined requests) or the peer closes (or resets)."""
     sock.settimeout(timeout)
     buf, offset, records = b"", 0, []
     while True:
@@ -39,7 +40,9 @@ def read_records(sock: socket.socket, until_type: int = p.END_REQUEST,
             records.append(record)
             offset += record.size
             if record.type == until_type:
-                return records
+                count -= 1
+                if count <= 0:
+                    return records
         try:
             data = sock.recv(65536)
         except ConnectionResetError:

@@ -510,7 +510,6 @@ def test_php_settings_are_errors_with_advice(tmp_path, line):
 @pytest.mark.parametrize(("line", "fragment"), [
     ("security.limit_extensions = .php", "app = MODULE:CALLABLE"),
     ("chroot = /srv", "RootDirectory="),
-    ("pm.status_listen = 127.0.0.1:9001", "not supported yet"),
     ("listen.acl_users = www-data", "use listen.owner, listen.group and listen.mode"),
     ("listen.setfib = 1", "FreeBSD"),
     ("process.dumpable = yes", "not supported yet"),

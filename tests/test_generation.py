@@ -104,6 +104,49 @@ def test_watcher_unregister_with_a_handler_leaves_a_newer_registration_alone(pip
     watcher.unregister(r)  # not watched: no error
 
 
+def test_watcher_calls_writable_handlers_until_unregistered(pipes) -> None:
+    watcher = Watcher()
+    called: list[str] = []
+    r, w = new_pipe(pipes)
+    watcher.register_writable(w, lambda: called.append("w"))
+    watcher.register(r, lambda: called.append("r"))
+    watcher.wait(1.0)
+    assert called == ["w"]   # an empty pipe takes writes; nothing to read
+    os.write(w, b"x")
+    watcher.wait(1.0)
+    assert called == ["w", "r", "w"]  # readers first, then writers
+    watcher.unregister_writable(w, lambda: None)  # another handler's: left alone
+    watcher.unregister_writable(w)
+    watcher.unregister(r)
+    watcher.wait(0.0)
+    assert called == ["w", "r", "w"]
+
+
+def test_watcher_timers_shorten_the_wait_and_expire_once_due() -> None:
+    watcher = Watcher()
+    due = [time.monotonic() + 0.05]
+    expired: list[float] = []
+
+    def deadline() -> float | None:
+        return due[0] if due else None
+
+    def expire(now: float) -> None:
+        expired.append(now)
+        due.clear()  # what a listener does: the connection past its deadline is closed
+
+    when = due[0]
+    watcher.add_timer(deadline, expire)
+    watcher.wait(30.0)           # would sleep 30 s without the timer
+    assert len(expired) == 1 and expired[0] >= when
+    watcher.wait(0.0)
+    assert len(expired) == 1     # nothing due any more
+    due.append(time.monotonic() - 1)
+    watcher.remove_timer(deadline)
+    watcher.wait(0.0)
+    assert len(expired) == 1     # removed: never called again
+    watcher.remove_timer(deadline)  # not set: no error
+
+
 # ------------------------------------------------------------------ SignalPipe
 
 
