@@ -5,7 +5,6 @@
 # Every value taken from a request or a response has its control characters (below space, DEL)
 # written as '.', the slow log's rule, so no request can start a line of its own.
 
-from libc.stdio cimport snprintf
 from libc.string cimport strlen
 
 
@@ -247,14 +246,17 @@ cdef class AccessLog:
         self.put_raw(frac, 4)
 
     cdef void put_cpu(self, ffpm_slot *s, int which) noexcept:
-        """%C: the request's CPU time (0 total, 1 user, 2 system) as a percentage of its duration,
-        "%.2f" of ffpm_cpu_percent, so the status page's "last request cpu" reads the same."""
-        cdef char text[32]
+        """%C: the request's CPU time (0 total, 1 user, 2 system) in percent of its duration, two
+        decimals: the hundredths of ffpm_cpu_hundredths, which the status page shows too."""
+        cdef char frac[3]
         cdef int64_t cpu_us = (s.last_request_utime_us if which != 2 else 0) + \
             (s.last_request_stime_us if which != 1 else 0)
-        cdef int n = snprintf(text, sizeof(text), "%.2f", ffpm_cpu_percent(cpu_us, s.last_request_ns))
-        if 0 < n < <int>sizeof(text):
-            self.put_raw(text, n)
+        cdef int64_t hundredths = ffpm_cpu_hundredths(cpu_us, s.last_request_ns)
+        self.put_int(hundredths // 100)
+        frac[0] = c'.'
+        frac[1] = <char>(c'0' + hundredths // 10 % 10)
+        frac[2] = <char>(c'0' + hundredths % 10)
+        self.put_raw(frac, 3)
 
     cdef void put_time(self, LogOp *op, int64_t seconds) noexcept:
         """strftime of a second in local time, formatted once per second and op."""

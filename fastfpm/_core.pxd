@@ -144,7 +144,7 @@ cdef extern from "scoreboard.h" nogil:
     void ffpm_slot_write_end(ffpm_slot *s)
     void ffpm_copy_field(char *dst, size_t cap, const char *src, size_t len)
     uint32_t ffpm_duration_bucket(int64_t ns)
-    double ffpm_cpu_percent(int64_t cpu_us, int64_t duration_ns)
+    int64_t ffpm_cpu_hundredths(int64_t cpu_us, int64_t duration_ns)
 
 
 # getrusage(RUSAGE_SELF): a request's CPU time and the worker's peak resident set (SlotWriter).

@@ -123,3 +123,4 @@ cdef class SlotWriter:
         ffpm_slot_write_begin(self.slot)
         self.slot.stage = FFPM_STAGE_ENDING
         ffpm_slot_write_end(self.slot)
+

@@ -65,9 +65,10 @@ class SlotSnapshot:
 
     @property
     def last_request_cpu(self) -> float:
-        """php-fpm's "last request cpu": the last request's CPU time in percent of its duration."""
-        return lib.ffpm_cpu_percent(max(0, self.last_request_utime_us + self.last_request_stime_us),
-                                    self.last_request_ns)
+        """php-fpm's "last request cpu": the last request's CPU time in percent of its duration,
+        rounded to the hundredth as the access log's %C writes it."""
+        cpu_us = self.last_request_utime_us + self.last_request_stime_us
+        return lib.ffpm_cpu_hundredths(cpu_us, self.last_request_ns) / 100
 
     @property
     def stage_name(self) -> str:

@@ -150,7 +150,7 @@ def test_a_request_s_cpu_and_the_worker_s_peak_memory_reach_the_slot(work_worker
     # own clock reads are system calls, so no split is asserted.)
     assert burn.last_request_utime_us >= 0 and burn.last_request_stime_us >= 0
     assert 0 < burn.last_request_cpu <= 101
-    assert burn.last_request_cpu == pytest.approx(cpu_us * 1000 / burn.last_request_ns * 100)
+    assert burn.last_request_cpu == pytest.approx(cpu_us * 1000 / burn.last_request_ns * 100, abs=0.0051)
     # Sleeping 0.3 s costs next to no CPU.
     sleep = served(board, address, "do=sleep&seconds=0.3", 2)
     assert sleep.last_request_ns >= 300_000_000
@@ -165,3 +165,14 @@ def test_a_request_s_cpu_and_the_worker_s_peak_memory_reach_the_slot(work_worker
     assert alloc.last_request_memory >= before + (45 << 20)
     after = served(board, address, "", 4)
     assert after.last_request_memory >= alloc.last_request_memory
+
+
+def test_cpu_percent_is_rounded_once_for_the_page_and_the_log() -> None:
+    """ffpm_cpu_hundredths: cpu / duration * 100 in hundredths, half up, exact past 2^63 µs x 10^7."""
+    from fastfpm.scoreboard import lib
+
+    assert lib.ffpm_cpu_hundredths(1, 2_000_000) == 5            # 1 µs of 2 ms: 0.05 %
+    assert lib.ffpm_cpu_hundredths(1, 4_000_000) == 3            # 2.5 hundredths: up
+    assert lib.ffpm_cpu_hundredths(1, 4_000_001) == 2
+    assert lib.ffpm_cpu_hundredths(10**13, 10**16) == 10_000     # 115 days of CPU in as long: 100 %
+    assert lib.ffpm_cpu_hundredths(5, 0) == lib.ffpm_cpu_hundredths(-5, 10) == 0

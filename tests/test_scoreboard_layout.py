@@ -181,7 +181,7 @@ def test_the_header_is_parsed_whole() -> None:
     assert ("uint64_t", "duration_buckets_retired", buckets) in header.structs["ffpm_pool_header"]
     assert ("int64_t", "last_request_utime_us", None) in header.structs["ffpm_slot"]
     assert fields["reserved"] == ("uint8_t", header.constants["FFPM_POOL_HEADER_SIZE"] - 264)
-    assert header.functions["ffpm_cpu_percent"] == ("double", "int64_t", "int64_t")
+    assert header.functions["ffpm_cpu_hundredths"] == ("int64_t", "int64_t", "int64_t")
     assert header.stages["FFPM_STAGE_RUNNING"] == 5 and len(header.stages) == len(stages.STAGE_TABLE)
     assert header.functions["ffpm_accept_lock"] == ("int", "ffpm_pool_header *", "int64_t", "int64_t")
     assert header.constants["FFPM_SB_MAGIC"] == 0x4D504646
@@ -209,8 +209,8 @@ def _replace(text: str, old: str, new: str) -> str:
      "ffpm_totals field 2"),
     ("header", "#define FFPM_DURATION_BUCKETS 12", "#define FFPM_DURATION_BUCKETS 12\n#define FFPM_X 1",
      "constant FFPM_X is not declared"),
-    ("pxd", "    double ffpm_cpu_percent(int64_t cpu_us, int64_t duration_ns)\n",
-     "    double ffpm_cpu_percent(int64_t cpu_us, int duration_ns)\n", "function ffpm_cpu_percent"),
+    ("pxd", "    int64_t ffpm_cpu_hundredths(int64_t cpu_us, int64_t duration_ns)\n",
+     "    int64_t ffpm_cpu_hundredths(int64_t cpu_us, int duration_ns)\n", "function ffpm_cpu_hundredths"),
     ("pxd", "    void ffpm_accept_unlock(ffpm_pool_header *h)\n",
      "    void ffpm_accept_unlock(ffpm_slot *h)\n", "function ffpm_accept_unlock"),
     ("header", "    uint64_t requests_retired;", "    uint64_t requests_retired;\n    uint64_t extra;",
