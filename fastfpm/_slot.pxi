@@ -124,3 +124,15 @@ cdef class SlotWriter:
         self.slot.stage = FFPM_STAGE_ENDING
         ffpm_slot_write_end(self.slot)
 
+    def bench(self, Py_ssize_t rounds):
+        """Write a request's stages rounds times (reading, info, finishing, request_done, idle; not
+        running, which needs a request's params), without Python between: the micro-benchmark's loop
+        and the instruction count of benchmarks/callgrind_request.py --stages. Returns requests."""
+        cdef Py_ssize_t i
+        for i in range(rounds):
+            self.reading(True)
+            self.info()
+            self.finishing(200)
+            self.request_done()
+            self.idle()
+        return self.slot.requests
