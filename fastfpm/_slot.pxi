@@ -52,9 +52,10 @@ cdef class SlotWriter:
         """A request's first bytes arrived: php-fpm's "Reading headers", the request's clocks start."""
         cdef ffpm_slot *s = self.slot
         cdef rusage usage
-        # CPU so far, as php-fpm's times() at fpm_request_reading_headers: getrusage rather than
-        # clock_gettime(CLOCK_PROCESS_CPUTIME_ID), which is no cheaper here (neither is a vDSO
-        # call) and gives neither the user/system split %C has nor the peak RSS (BENCHMARKS.md).
+        # CPU so far, as php-fpm's times() at fpm_request_reading_headers. getrusage rather than
+        # clock_gettime(CLOCK_PROCESS_CPUTIME_ID): neither is a vDSO call, and the latter, some 30 ns
+        # cheaper, gives neither the user/system split %C has nor the peak RSS, so the request's end
+        # would need a getrusage anyway (BENCHMARKS.md has the figures).
         getrusage(RUSAGE_SELF, &usage)
         self.utime_start_us = timeval_us(usage.ru_utime)
         self.stime_start_us = timeval_us(usage.ru_stime)
