@@ -4,8 +4,8 @@
  * The master maps it (anonymous, shared) before forking and reads it through cffi
  * (fastfpm/scoreboard.py); each worker writes only its own slot from the Cython hot loop.
  * A slot is guarded by a sequence counter (a seqlock): the writer makes it odd, stores, makes it
- * even again; a reader retries while it is odd or changed under it. The hot path takes no lock and
- * makes no system call.
+ * even again; a reader retries while it is odd or changed under it. A slot write takes no lock and
+ * makes no system call (the request's CPU and memory figures are taken before its window opens).
  *
  * The mapping holds room for every worker that can be alive at once, old and new generations
  * together during a reload, so the slot's generation field says which one a worker belongs to.
@@ -27,7 +27,11 @@
 /* ---- cffi cdef begin ---- */
 
 #define FFPM_SB_MAGIC 0x4d504646u /* "FFPM" */
-#define FFPM_SB_VERSION 2u
+#define FFPM_SB_VERSION 3u
+#define FFPM_POOL_HEADER_SIZE 512 /* the slots start here: a multiple of 64 keeps them cache-aligned */
+/* Request durations are counted in this many buckets: Prometheus' default bounds (.005 .01 .025 .05
+ * .1 .25 .5 1 2.5 5 10 seconds, ffpm_duration_bound_ns below), then +Inf. */
+#define FFPM_DURATION_BUCKETS 12
 
 /* Request stages, php-fpm's names (fpm_request.h) plus the slot's life around them. */
 enum {
@@ -66,6 +70,15 @@ typedef struct {
     char request_uri[FFPM_URI_LEN];
     char query_string[FFPM_QUERY_LEN];
     char script_filename[FFPM_SCRIPT_LEN];
+    /* The last finished request's CPU and memory, php-fpm's "last request cpu" / "last request
+     * memory": getrusage(RUSAGE_SELF) at its start ("Reading headers") and at its end. */
+    int64_t last_request_utime_us;  /* user CPU time, microseconds */
+    int64_t last_request_stime_us;  /* system CPU time, microseconds */
+    uint64_t last_request_memory;   /* the worker's peak resident set at that end (ru_maxrss), bytes */
+    /* Every request the worker finished, by duration (request_start_ns to its end): bucket i counts
+     * durations above bound i-1 and at most bound i (not cumulative; the last is +Inf). */
+    uint64_t duration_sum_ns;
+    uint64_t duration_buckets[FFPM_DURATION_BUCKETS];
 } ffpm_slot;
 
 /* The pool header is also the home of every pool counter php-fpm's status page shows that is not a
@@ -90,12 +103,61 @@ typedef struct {
     /* Workers: held (CLOCK_MONOTONIC ns of taking it, 0 when free) by the one worker making the
      * shared listen socket non-blocking for a moment (see ffpm_accept_lock). */
     int64_t accept_lock_ns;
-    uint8_t reserved[256 - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8];
+    /* The duration histogram of the workers whose slots were freed (folded in as requests_retired). */
+    uint64_t duration_sum_ns_retired;
+    uint64_t duration_buckets_retired[FFPM_DURATION_BUCKETS];
+    uint8_t reserved[(FFPM_POOL_HEADER_SIZE - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8 - 8
+                      - 8 * FFPM_DURATION_BUCKETS)];
 } ffpm_pool_header;
+
+/* A pool's totals since it started (ffpm_pool_totals): the retired ones plus every live slot's. */
+typedef struct {
+    uint64_t accepted_conn;
+    uint64_t requests;
+    uint64_t duration_sum_ns;
+    uint64_t duration_buckets[FFPM_DURATION_BUCKETS];
+} ffpm_totals;
 
 /* ---- cffi cdef end ---- */
 
-_Static_assert(sizeof(ffpm_pool_header) == 256, "the pool header is 256 bytes: shrink reserved");
+_Static_assert(sizeof(ffpm_pool_header) == FFPM_POOL_HEADER_SIZE,
+               "the pool header is FFPM_POOL_HEADER_SIZE bytes: shrink reserved");
+
+/* The upper bounds of the duration buckets but the last (+Inf), nanoseconds. Prometheus' default
+ * buckets (client_golang's DefBuckets), so a pool's histogram sums with other services' defaults. */
+static const int64_t ffpm_duration_bounds_ns[FFPM_DURATION_BUCKETS - 1] = {
+    5000000, 10000000, 25000000, 50000000, 100000000, 250000000, 500000000,
+    1000000000, 2500000000, 5000000000, 10000000000,
+};
+
+/* The upper bound of bucket i in nanoseconds; INT64_MAX for the last (+Inf). */
+static inline int64_t ffpm_duration_bound_ns(uint32_t i)
+{
+    return i < FFPM_DURATION_BUCKETS - 1 ? ffpm_duration_bounds_ns[i] : INT64_MAX;
+}
+
+/* The bucket a request of duration ns is counted in: the first whose bound it does not exceed
+ * (a bucket counts durations <= its bound, Prometheus' `le`). Most requests stop at the first. */
+static inline uint32_t ffpm_duration_bucket(int64_t ns)
+{
+    uint32_t i = 0;
+    while (i < FFPM_DURATION_BUCKETS - 1 && ns > ffpm_duration_bounds_ns[i])
+        i++;
+    return i;
+}
+
+/* CPU time as a percentage of a duration, in hundredths of a percent rounded half up: php-fpm's
+ * "last request cpu" and %C (cpu / duration * 100, printed "%.2f"); 0 for an empty duration. One
+ * definition for the access log (Cython) and the status page (cffi), so both print the same digits,
+ * and an integer, so the log writes them without snprintf. 128-bit: cpu_us * 10^7 passes 2^63
+ * after ten days of CPU. */
+static inline int64_t ffpm_cpu_hundredths(int64_t cpu_us, int64_t duration_ns)
+{
+    if (duration_ns <= 0 || cpu_us <= 0)
+        return 0;
+    unsigned __int128 twice = (unsigned __int128)cpu_us * 20000000u + (unsigned __int128)duration_ns;
+    return (int64_t)(twice / (2 * (unsigned __int128)duration_ns));
+}
 
 /*
  * A worker holding kept-alive connections must not sleep in accept(), so it makes the listen
@@ -159,36 +221,64 @@ static inline int ffpm_slot_read(const ffpm_slot *s, ffpm_slot *out)
 
 /* Master side: the worker of slot s was reaped; free its slot and move what it counted into the
  * pool's *_retired totals, in one step that ffpm_pool_totals never sees half done (the header's own
- * sequence counter), so accepted conn and requests never go back when a worker is replaced. */
+ * sequence counter), so accepted conn, requests and the duration histogram never go back when a
+ * worker is replaced. */
 static inline void ffpm_slot_release(ffpm_pool_header *h, ffpm_slot *s)
 {
     __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     h->accepted_conn_retired += __atomic_load_n(&s->accepted_conn, __ATOMIC_RELAXED);
     h->requests_retired += __atomic_load_n(&s->requests, __ATOMIC_RELAXED);
+    h->duration_sum_ns_retired += __atomic_load_n(&s->duration_sum_ns, __ATOMIC_RELAXED);
+    for (uint32_t b = 0; b < FFPM_DURATION_BUCKETS; b++)
+        h->duration_buckets_retired[b] += __atomic_load_n(&s->duration_buckets[b], __ATOMIC_RELAXED);
     s->pid = 0;
     __atomic_store_n(&s->stage, FFPM_STAGE_FREE, __ATOMIC_RELAXED);
     __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELEASE);
 }
 
-/* Reader side (master or worker): accepted connections and requests of the pool since it started,
- * the retired totals plus every live slot's own counts. Returns 0, or -1 if the master kept the
- * header busy for every try (the figures may then count one worker twice or not at all). */
-static inline int ffpm_pool_totals(const ffpm_pool_header *h, uint64_t *accepted_conn, uint64_t *requests)
+/* Add what one live slot counted to t, read under the slot's sequence counter so that its requests
+ * and its histogram are of one moment (after 1000 busy tries, as they are). */
+static inline void ffpm_totals_add_slot(ffpm_totals *t, const ffpm_slot *s)
+{
+    ffpm_totals one;
+    for (int tries = 0;; tries++) {
+        uint32_t before = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        one.accepted_conn = s->accepted_conn;
+        one.requests = s->requests;
+        one.duration_sum_ns = s->duration_sum_ns;
+        memcpy(one.duration_buckets, (const void *)s->duration_buckets, sizeof one.duration_buckets);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if ((!(before & 1) && __atomic_load_n(&s->seq, __ATOMIC_RELAXED) == before) || tries >= 1000)
+            break;
+    }
+    t->accepted_conn += one.accepted_conn;
+    t->requests += one.requests;
+    t->duration_sum_ns += one.duration_sum_ns;
+    for (uint32_t b = 0; b < FFPM_DURATION_BUCKETS; b++)
+        t->duration_buckets[b] += one.duration_buckets[b];
+}
+
+/* Reader side (master or worker): accepted connections, requests and the duration histogram of the
+ * pool since it started, the retired totals plus every live slot's own counts. Returns 0, or -1 if
+ * the master kept the header busy for every try (the figures may then count one worker twice or
+ * not at all). */
+static inline int ffpm_pool_totals(const ffpm_pool_header *h, ffpm_totals *out)
 {
     const ffpm_slot *slots = (const ffpm_slot *)((const char *)h + sizeof(ffpm_pool_header));
     uint32_t n = h->nslots;
     for (int tries = 0;; tries++) {
         uint32_t before = __atomic_load_n(&h->seq, __ATOMIC_ACQUIRE);
-        uint64_t a = h->accepted_conn_retired, r = h->requests_retired;
+        ffpm_totals t;
+        t.accepted_conn = h->accepted_conn_retired;
+        t.requests = h->requests_retired;
+        t.duration_sum_ns = h->duration_sum_ns_retired;
+        memcpy(t.duration_buckets, (const void *)h->duration_buckets_retired, sizeof t.duration_buckets);
         for (uint32_t i = 0; i < n; i++) {
-            if (__atomic_load_n(&slots[i].pid, __ATOMIC_RELAXED) == 0)
-                continue;
-            a += __atomic_load_n(&slots[i].accepted_conn, __ATOMIC_RELAXED);
-            r += __atomic_load_n(&slots[i].requests, __ATOMIC_RELAXED);
+            if (__atomic_load_n(&slots[i].pid, __ATOMIC_RELAXED) != 0)
+                ffpm_totals_add_slot(&t, &slots[i]);
         }
-        *accepted_conn = a;
-        *requests = r;
+        *out = t;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (!(before & 1) && __atomic_load_n(&h->seq, __ATOMIC_RELAXED) == before)
             return 0;

@@ -1,6 +1,7 @@
 # The access log's line: access.format as compiled by fastfpm/accesslog.py (an array of operations),
-# filled from the request's params, the response's status and headers, the slot's clock and the
-# environ, then written with one write() after the response is complete. Included by _core.pyx.
+# filled from the request's params, the response's status and headers, the slot's figures for the
+# request just ended (duration, CPU, memory) and the environ, then written with one write() after
+# the response is complete. Included by _core.pyx.
 # Every value taken from a request or a response has its control characters (below space, DEL)
 # written as '.', the slow log's rule, so no request can start a line of its own.
 
@@ -39,6 +40,8 @@ cdef enum:
     OP_TIME_START
     OP_TIME_NOW
     OP_USER
+    OP_CPU
+    OP_MEMORY
     OP_COUNT
 
 cdef enum:
@@ -221,6 +224,19 @@ cdef class AccessLog:
         frac[3] = <char>(c'0' + value % 10)
         self.put_raw(frac, 4)
 
+    cdef void put_cpu(self, ffpm_slot *s, int which) noexcept:
+        """%C: the request's CPU time (0 total, 1 user, 2 system) in percent of its duration, two
+        decimals: the hundredths of ffpm_cpu_hundredths, which the status page shows too."""
+        cdef char frac[3]
+        cdef int64_t cpu_us = (s.last_request_utime_us if which != 2 else 0) + \
+            (s.last_request_stime_us if which != 1 else 0)
+        cdef int64_t hundredths = ffpm_cpu_hundredths(cpu_us, s.last_request_ns)
+        self.put_int(hundredths // 100)
+        frac[0] = c'.'
+        frac[1] = <char>(c'0' + hundredths // 10 % 10)
+        frac[2] = <char>(c'0' + hundredths % 10)
+        self.put_raw(frac, 3)
+
     cdef void put_time(self, LogOp *op, int64_t seconds) noexcept:
         """strftime of a second in local time, formatted once per second and op."""
         cdef tm parts
@@ -309,10 +325,11 @@ cdef class AccessLog:
 
     cdef int format_line(self, EnvironBuilder req, Response resp, SlotWriter slot, Connection c,
                          dict env) except -1:
-        """The line for the request just served into self.line (self.used bytes, no newline)."""
+        """The line for the request just served into self.line (self.used bytes, no newline); the
+        slot holds its figures (SlotWriter.request_done ran first, as php-fpm's fpm_request_end)."""
         cdef Py_ssize_t i
         cdef LogOp *op
-        cdef int64_t elapsed_ns = mono_ns() - slot.slot.request_start_ns
+        cdef int64_t elapsed_ns = slot.slot.last_request_ns
         cdef int64_t content_length = c.content_length if c.content_length > 0 else 0
         self.used = 0
         for i in range(self.nops):
@@ -359,6 +376,11 @@ cdef class AccessLog:
                 self.put_time(op, wall_us() // 1000000)
             elif op.code == OP_USER:
                 self.put_user(env)
+            elif op.code == OP_CPU:
+                self.put_cpu(slot.slot, op.number)
+            elif op.code == OP_MEMORY:
+                # php-fpm's integer divisions of the byte count: 1024 per step
+                self.put_int(<int64_t>(slot.slot.last_request_memory >> (10 * op.number)))
         return 0
 
     cdef int write_line(self, EnvironBuilder req, Response resp, SlotWriter slot, Connection c,
@@ -376,9 +398,11 @@ cdef class AccessLog:
             rc = write(self.fd, self.line, self.used + 1)
         return 0
 
-    def line_for(self, params, status, headers, dict env=None, double elapsed=0.0):
+    def line_for(self, params, status, headers, dict env=None, double elapsed=0.0,
+                 int64_t utime_us=0, int64_t stime_us=0, uint64_t memory=0):
         """The line (without its newline) the worker writes for a request with these params, a
-        response with this status and headers, no I/O: for tests and the micro-benchmark."""
+        response with this status and headers, that took elapsed seconds, utime_us and stime_us of
+        CPU and left the worker's peak at memory bytes; no I/O: for tests and the micro-benchmark."""
         cdef EnvironBuilder req = EnvironBuilder({}, PathPolicy(""), 65536)
         cdef Response resp = Response()
         cdef SlotWriter slot = SlotWriter()
@@ -398,6 +422,10 @@ cdef class AccessLog:
         resp.start_response(status, headers)
         slot.slot.request_start_ns = mono_ns() - <int64_t>(elapsed * 1e9)
         slot.slot.request_start_wall_us = wall_us()
+        slot.slot.last_request_ns = <int64_t>(elapsed * 1e9)
+        slot.slot.last_request_utime_us = utime_us
+        slot.slot.last_request_stime_us = stime_us
+        slot.slot.last_request_memory = memory
         return self.format(req, resp, slot, c, env)
 
     cdef bytes format(self, EnvironBuilder req, Response resp, SlotWriter slot, Connection c, dict env):
@@ -423,6 +451,10 @@ cdef class AccessLog:
         resp.start_response(status, headers)
         slot.slot.request_start_ns = mono_ns()
         slot.slot.request_start_wall_us = wall_us()
+        slot.slot.last_request_ns = 1234567    # figures for %d, %C and %M, as after a request
+        slot.slot.last_request_utime_us = 456
+        slot.slot.last_request_stime_us = 78
+        slot.slot.last_request_memory = 23 << 20
         for i in range(rounds):
             if not (self.suppress and self.suppressed(req, resp, c.content_length)):
                 self.format_line(req, resp, slot, c, env)

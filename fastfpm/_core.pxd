@@ -67,6 +67,8 @@ cdef extern from "scoreboard.h" nogil:
     enum:
         FFPM_SB_MAGIC
         FFPM_SB_VERSION
+        FFPM_POOL_HEADER_SIZE
+        FFPM_DURATION_BUCKETS
         FFPM_STAGE_FREE
         FFPM_STAGE_STARTING
         FFPM_STAGE_IDLE
@@ -100,6 +102,11 @@ cdef extern from "scoreboard.h" nogil:
         char request_uri[FFPM_URI_LEN]
         char query_string[FFPM_QUERY_LEN]
         char script_filename[FFPM_SCRIPT_LEN]
+        int64_t last_request_utime_us
+        int64_t last_request_stime_us
+        uint64_t last_request_memory
+        uint64_t duration_sum_ns
+        uint64_t duration_buckets[FFPM_DURATION_BUCKETS]
 
     # The master writes everything here but accept_lock_ns; a worker only takes the accept lock.
     ctypedef struct ffpm_pool_header:
@@ -119,7 +126,16 @@ cdef extern from "scoreboard.h" nogil:
         uint64_t requests_retired
         char pool_name[FFPM_POOL_NAME_LEN]
         int64_t accept_lock_ns
-        uint8_t reserved[96]
+        uint64_t duration_sum_ns_retired
+        uint64_t duration_buckets_retired[FFPM_DURATION_BUCKETS]
+        uint8_t reserved[248]
+
+    # Read by the master (ffpm_pool_totals); declared here because every struct of the header is.
+    ctypedef struct ffpm_totals:
+        uint64_t accepted_conn
+        uint64_t requests
+        uint64_t duration_sum_ns
+        uint64_t duration_buckets[FFPM_DURATION_BUCKETS]
 
     ffpm_slot *ffpm_slots(void *base)
     bint ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t stale_ns)
@@ -127,6 +143,13 @@ cdef extern from "scoreboard.h" nogil:
     void ffpm_slot_write_begin(ffpm_slot *s)
     void ffpm_slot_write_end(ffpm_slot *s)
     void ffpm_copy_field(char *dst, size_t cap, const char *src, size_t len)
+    uint32_t ffpm_duration_bucket(int64_t ns)
+    int64_t ffpm_cpu_hundredths(int64_t cpu_us, int64_t duration_ns)
+
+
+# getrusage(RUSAGE_SELF): a request's CPU time and the worker's peak resident set (SlotWriter).
+from posix.resource cimport RUSAGE_SELF, getrusage, rusage
+from posix.time cimport timeval
 
 
 cdef extern from "<time.h>" nogil:

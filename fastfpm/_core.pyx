@@ -204,7 +204,6 @@ cdef class Worker:
             first = False
             self.handle_request(c)
             self.served += 1
-            self.slot.request_done()
             if c.broken:
                 return 0
             if not c.keep_conn or self.stopping:
@@ -224,6 +223,7 @@ cdef class Worker:
         cdef bint failed
         env = self.start_request(c)
         if env is None:
+            self.slot.request_done()
             return 0
         try:
             self.slot.running(self.request, c.content_length, c.keep_conn)
@@ -233,6 +233,9 @@ cdef class Worker:
                 self.finish_request(c, env, failed)
         finally:
             self.response.end()
+        # The request's end, then its line, as php-fpm's fpm_request_end() then fpm_log_write():
+        # the line's %d, %C and %M are the figures the slot keeps for the status page.
+        self.slot.request_done()
         if self.access_log is not None:
             self.access_log.write_line(self.request, self.response, self.slot, c, env)
         return 0

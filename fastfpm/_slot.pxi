@@ -1,6 +1,10 @@
 # The worker's scoreboard slot (csrc/scoreboard.h): one writer per php-fpm request stage, each a
-# seqlock-guarded run of plain stores, no lock and no system call. Included by _core.pyx; knows
-# nothing of FastCGI, so a second protocol writes the same stages.
+# seqlock-guarded run of plain stores, no lock and no system call inside it. Included by _core.pyx;
+# knows nothing of FastCGI, so a second protocol writes the same stages.
+
+
+cdef inline int64_t timeval_us(timeval t) noexcept nogil:
+    return <int64_t>t.tv_sec * 1000000 + t.tv_usec
 
 
 @cython.final
@@ -14,6 +18,8 @@ cdef class SlotWriter:
     cdef object mapping              # keeps the shared mapping alive
     cdef ffpm_slot dummy_slot
     cdef ffpm_pool_header dummy_header
+    cdef int64_t utime_start_us      # the worker's CPU times when the current request started
+    cdef int64_t stime_start_us
 
     def __cinit__(self):
         memset(&self.dummy_slot, 0, sizeof(self.dummy_slot))
@@ -45,6 +51,14 @@ cdef class SlotWriter:
     cdef inline void reading(self, bint new_connection) noexcept:
         """A request's first bytes arrived: php-fpm's "Reading headers", the request's clocks start."""
         cdef ffpm_slot *s = self.slot
+        cdef rusage usage
+        # CPU so far, as php-fpm's times() at fpm_request_reading_headers. getrusage rather than
+        # clock_gettime(CLOCK_PROCESS_CPUTIME_ID): neither is a vDSO call, and the latter, some 30 ns
+        # cheaper, gives neither the user/system split %C has nor the peak RSS, so the request's end
+        # would need a getrusage anyway (BENCHMARKS.md has the figures).
+        getrusage(RUSAGE_SELF, &usage)
+        self.utime_start_us = timeval_us(usage.ru_utime)
+        self.stime_start_us = timeval_us(usage.ru_stime)
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_READING_HEADERS
         if new_connection:
@@ -89,11 +103,20 @@ cdef class SlotWriter:
         ffpm_slot_write_end(s)
 
     cdef inline void request_done(self) noexcept:
+        """The request ended (php-fpm's fpm_request_end): counted, timed, its CPU and the worker's
+        peak memory stored, its duration counted in the pool's histogram (this slot's share)."""
         cdef ffpm_slot *s = self.slot
-        cdef int64_t now = mono_ns()
+        cdef rusage usage
+        getrusage(RUSAGE_SELF, &usage)
+        cdef int64_t duration = mono_ns() - s.request_start_ns
         ffpm_slot_write_begin(s)
         s.requests += 1
-        s.last_request_ns = now - s.request_start_ns
+        s.last_request_ns = duration
+        s.last_request_utime_us = timeval_us(usage.ru_utime) - self.utime_start_us
+        s.last_request_stime_us = timeval_us(usage.ru_stime) - self.stime_start_us
+        s.last_request_memory = <uint64_t>usage.ru_maxrss * 1024  # Linux gives kilobytes
+        s.duration_sum_ns += <uint64_t>duration
+        s.duration_buckets[ffpm_duration_bucket(duration)] += 1
         ffpm_slot_write_end(s)
 
     cdef void ending(self) noexcept:
@@ -101,3 +124,16 @@ cdef class SlotWriter:
         ffpm_slot_write_begin(self.slot)
         self.slot.stage = FFPM_STAGE_ENDING
         ffpm_slot_write_end(self.slot)
+
+    def bench(self, Py_ssize_t rounds):
+        """Write a request's stages rounds times (reading, info, finishing, request_done, idle; not
+        running, which needs a request's params), without Python between: the micro-benchmark's loop
+        and the instruction count of benchmarks/callgrind_request.py --stages. Returns requests."""
+        cdef Py_ssize_t i
+        for i in range(rounds):
+            self.reading(True)
+            self.info()
+            self.finishing(200)
+            self.request_done()
+            self.idle()
+        return self.slot.requests

@@ -22,18 +22,24 @@ DEFAULT_FORMAT = '%R - %u %t "%m %r" %s'
 # php-fpm opens the access log S_IRUSR | S_IWUSR, as the master's user.
 ACCESS_LOG_MODE = 0o600
 
-# Operation codes of a compiled format; _accesslog.pxi has the same numbers.
+# Operation codes of a compiled format; _accesslog.pxi has the same numbers up to OP_MEMORY (the
+# others are folded into literals by worker_ops). tests/test_accesslog.py holds the two together.
 (OP_LITERAL, OP_DURATION, OP_ENV, OP_SCRIPT, OP_CONTENT_LENGTH, OP_METHOD, OP_HEADER, OP_QUERY,
- OP_QUERY_MARK, OP_URI, OP_REMOTE, OP_STATUS, OP_TIME_START, OP_TIME_NOW, OP_USER,
- OP_POOL, OP_PID, OP_PARENT_PID) = range(18)
+ OP_QUERY_MARK, OP_URI, OP_REMOTE, OP_STATUS, OP_TIME_START, OP_TIME_NOW, OP_USER, OP_CPU, OP_MEMORY,
+ OP_POOL, OP_PID, OP_PARENT_PID) = range(20)
 
 # %d's modifiers, as php-fpm 8.2 spells them: the scale of the duration printed.
 DURATION_SECONDS, DURATION_MILLI, DURATION_MICRO = 0, 1, 2
 _DURATION = {"": DURATION_SECONDS, "seconds": DURATION_SECONDS, "milli": DURATION_MILLI,
              "milliseconds": DURATION_MILLI, "mili": DURATION_MILLI, "miliseconds": DURATION_MILLI,
              "micro": DURATION_MICRO, "microseconds": DURATION_MICRO}
-_MEMORY = {"", "bytes", "kilo", "kilobytes", "mega", "megabytes"}
-_CPU = {"", "total", "user", "system"}
+# %M's modifiers: the divisor's power of 1024 (php-fpm divides whole bytes: 1536 bytes is 1 kilo).
+MEMORY_BYTES, MEMORY_KILO, MEMORY_MEGA = 0, 1, 2
+_MEMORY = {"": MEMORY_BYTES, "bytes": MEMORY_BYTES, "kilo": MEMORY_KILO, "kilobytes": MEMORY_KILO,
+           "mega": MEMORY_MEGA, "megabytes": MEMORY_MEGA}
+# %C's modifiers: which CPU time, as a percentage of the request's duration.
+CPU_TOTAL, CPU_USER, CPU_SYSTEM = 0, 1, 2
+_CPU = {"": CPU_TOTAL, "total": CPU_TOTAL, "user": CPU_USER, "system": CPU_SYSTEM}
 # Codes that take no modifier, and what each becomes.
 _PLAIN = {"f": OP_SCRIPT, "l": OP_CONTENT_LENGTH, "m": OP_METHOD, "n": OP_POOL, "p": OP_PID,
           "P": OP_PARENT_PID, "q": OP_QUERY, "Q": OP_QUERY_MARK, "r": OP_URI, "R": OP_REMOTE,
@@ -41,11 +47,6 @@ _PLAIN = {"f": OP_SCRIPT, "l": OP_CONTENT_LENGTH, "m": OP_METHOD, "n": OP_POOL, 
 DEFAULT_TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
 # php-fpm copies a modifier into a 129-byte buffer: longer ones are cut to 127 characters.
 _MODIFIER_MAX = 127
-
-# What fastfpm writes for what it does not measure: what php-fpm's status page shows for a request
-# it has no figures for (0.00 CPU, 0 memory).
-NO_CPU = "0.00"
-NO_MEMORY = "0"
 
 
 class FormatError(ValueError):
@@ -55,7 +56,7 @@ class FormatError(ValueError):
 def compile_format(text: str) -> list[tuple[int, int, str]]:
     """access.format as operations (code, number, text), checked as php-fpm checks it.
 
-    Literals come out as OP_LITERAL runs; %C and %M (not measured) as their literal stand-ins.
+    Literals come out as OP_LITERAL runs.
     """
     ops: list[tuple[int, int, str]] = []
     literal: list[str] = []
@@ -100,7 +101,7 @@ def _compile_code(code: str, modifier: str, emit: Any, literal: list[str]) -> No
         if modifier.lower() not in _CPU:
             raise FormatError(f"only 'total', 'user' or 'system' are allowed as a modifier for %C "
                               f"('{modifier}')")
-        literal.append(NO_CPU)
+        emit(OP_CPU, _CPU[modifier.lower()])
     elif code == "d":
         if modifier.lower() not in _DURATION:
             raise FormatError("only 'seconds', 'milli', 'milliseconds', 'micro' or 'microseconds' are "
@@ -114,7 +115,7 @@ def _compile_code(code: str, modifier: str, emit: Any, literal: list[str]) -> No
         if modifier.lower() not in _MEMORY:
             raise FormatError("only 'bytes', 'kilo', 'kilobytes', 'mega' or 'megabytes' are allowed as a "
                               f"modifier for %M ('{modifier}')")
-        literal.append(NO_MEMORY)
+        emit(OP_MEMORY, _MEMORY[modifier.lower()])
     elif code == "o":
         if not modifier:
             raise FormatError("the name of the header must be set between embraces for %o")

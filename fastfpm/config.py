@@ -657,7 +657,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("access.format", P, AccessFormat(), None,
        "The access log line: php-fpm's % codes (see docs/operations.md, Access log).",
        default_doc='php-fpm\'s: %R - %u %t "%m %r" %s',
-       note="%C and %M are not measured: they write 0.00 and 0. %r is REQUEST_URI without its query."),
+       note="%M is the worker's peak resident set at the request's end (Python has no per-request "
+            "allocator); %r is REQUEST_URI without its query."),
     _d("access.suppress_path", P, Str(), None,
        "access.suppress_path[] = /ping: a 2xx GET or HEAD of this %r path, without query or body, "
        "is not logged.",

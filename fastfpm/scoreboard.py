@@ -8,6 +8,7 @@ and free it around the worker's life.
 
 from __future__ import annotations
 
+import math
 import mmap
 import time
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ STAGE_ENDING = lib.FFPM_STAGE_ENDING
 STAGE_NAMES = {getattr(lib, stage.constant): stage.status_name for stage in STAGE_TABLE}
 # Stages in which a worker is busy with a request (php-fpm's "active").
 BUSY_STAGES = frozenset(getattr(lib, stage.constant) for stage in STAGE_TABLE if stage.busy)
+# The request duration histogram's upper bounds in seconds, from the header's (the last is +Inf).
+DURATION_BOUNDS = tuple(lib.ffpm_duration_bound_ns(i) / 1e9 for i in range(lib.FFPM_DURATION_BUCKETS - 1)
+                        ) + (math.inf,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,16 @@ class SlotSnapshot:
     request_uri: str
     query_string: str
     script_filename: str
+    last_request_utime_us: int = 0   # the last finished request's user CPU time
+    last_request_stime_us: int = 0   # and its system CPU time
+    last_request_memory: int = 0     # the worker's peak resident bytes at that request's end
+
+    @property
+    def last_request_cpu(self) -> float:
+        """php-fpm's "last request cpu": the last request's CPU time in percent of its duration,
+        rounded to the hundredth as the access log's %C writes it."""
+        cpu_us = self.last_request_utime_us + self.last_request_stime_us
+        return lib.ffpm_cpu_hundredths(cpu_us, self.last_request_ns) / 100
 
     @property
     def stage_name(self) -> str:
@@ -91,6 +105,10 @@ class PoolCounters:
     max_active_processes: int
     max_children_reached: int
     slow_requests: int
+    # Every finished request by duration: (upper bound in seconds, requests in that bucket alone),
+    # DURATION_BOUNDS' order, +Inf last; and their durations summed, in nanoseconds.
+    duration_buckets: tuple[tuple[float, int], ...] = ()
+    duration_sum_ns: int = 0
 
 
 def _text(field: object) -> str:
@@ -106,6 +124,8 @@ def _decode(index: int, copy: Any) -> SlotSnapshot:
         content_length=copy.content_length, status=copy.status, keepalive=bool(copy.keepalive),
         method=_text(copy.method), request_uri=_text(copy.request_uri),
         query_string=_text(copy.query_string), script_filename=_text(copy.script_filename),
+        last_request_utime_us=copy.last_request_utime_us, last_request_stime_us=copy.last_request_stime_us,
+        last_request_memory=copy.last_request_memory,
     )
 
 
@@ -121,17 +141,19 @@ def _pool_counters(header: Any, slots: Any, serving: int | None = None) -> PoolC
             idle += 1
         elif stage in BUSY_STAGES:
             active += 1
-    totals = ffi.new("uint64_t[2]")
-    lib.ffpm_pool_totals(header, totals, totals + 1)
+    totals = ffi.new("ffpm_totals *")
+    lib.ffpm_pool_totals(header, totals)
     return PoolCounters(
         pool=_text(header.pool_name), start_time=header.started_wall,
-        accepted_conn=totals[0], requests=totals[1],
+        accepted_conn=totals.accepted_conn, requests=totals.requests,
         listen_queue=header.listen_queue, max_listen_queue=header.listen_queue_max,
         listen_queue_len=header.listen_queue_len,
         idle_processes=idle, active_processes=active, total_processes=total,
         # The sample is once a second; a status page must not show fewer than it counts now.
         max_active_processes=max(header.max_active_processes, active),
         max_children_reached=header.max_children_reached, slow_requests=header.slow_requests,
+        duration_buckets=tuple(zip(DURATION_BOUNDS, totals.duration_buckets, strict=True)),
+        duration_sum_ns=totals.duration_sum_ns,
     )
 
 
@@ -233,8 +255,9 @@ class Scoreboard:
     def release(self, index: int) -> None:
         """Mark slot `index` free once its worker has been reaped.
 
-        What the worker counted (accepted_conn, requests) moves into the header's retired totals in
-        the same step, so the pool's totals never go back when a worker is replaced.
+        What the worker counted (accepted_conn, requests, its request durations) moves into the
+        header's retired totals in the same step, so the pool's totals never go back when a worker
+        is replaced.
         """
         lib.ffpm_slot_release(self._header, ffi.addressof(self._slots[index]))
 

@@ -15,14 +15,22 @@ Differences from php-fpm, each on purpose: no X-Powered-By header; OpenMetrics c
 the `_total` suffix on their samples (php-fpm's output fails a strict OpenMetrics parser); a HEAD
 request gets the Content-Type its GET would (php-fpm sends PHP's default text/html); control
 characters in request URIs and scripts are shown as "." outside JSON, so a request cannot forge a
-line or break the XML. `last request cpu` and `last request memory` are 0 (fastfpm does not measure
-them per request yet) and `user` is "-" (the slot does not keep REMOTE_USER).
+line or break the XML. `user` is "-" (the slot does not keep REMOTE_USER).
+
+`last request cpu` and `last request memory` are shown, as php-fpm shows them, for a worker between
+requests (0 while it is inside one). The CPU is php-fpm's: user + system time of the request
+(getrusage at its start and end) in percent of its duration, "%.2f" (child processes the request
+waited for are not counted; php-fpm's times() counts them). The memory differs: php-fpm reports
+the Zend engine's peak allocation of the request, and Python has no per-request allocator, so
+fastfpm reports the worker's peak resident set (ru_maxrss, bytes) when the request ended: a high-water
+mark of the worker's life, which a later, smaller request does not lower.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import time
 import urllib.parse
@@ -134,7 +142,9 @@ def process_fields(view: StatusView, slot: Any) -> list[Field]:
         ("request method", "str", slot.method or "-"), ("request uri", "str", uri or "-"),
         ("content length", "int", max(0, slot.content_length)), ("user", "str", "-"),
         ("script", "str", slot.script_filename or "-"),
-        ("last request cpu", "float", 0.0), ("last request memory", "int", 0),
+        # php-fpm shows the last request's figures only between requests (0 while in one)
+        ("last request cpu", "float", 0.0 if slot.busy else slot.last_request_cpu),
+        ("last request memory", "int", 0 if slot.busy else slot.last_request_memory),
         ("resident memory", "int", view.memory.get(slot.pid, 0)),
     ]
 
@@ -254,6 +264,8 @@ class _EmptySlot:
     query_string: str = ""
     content_length: int = 0
     script_filename: str = ""
+    last_request_cpu: float = 0.0
+    last_request_memory: int = 0
 
 
 _NO_SLOT = _EmptySlot()
@@ -323,7 +335,34 @@ def render_openmetrics(view: StatusView, full: bool = False) -> str:
     lines += _family("fastfpm_resident_memory_bytes", "gauge",
                      "Resident memory of the pool's workers together (shared pages counted per worker).",
                      [(by_pool, values["resident memory"])])
+    lines += _family("fastfpm_worker_peak_memory_bytes", "gauge",
+                     "The largest peak resident set among the pool's workers, as of their last request.",
+                     [(by_pool, max((slot.last_request_memory for slot in view.slots), default=0))])
+    lines += _duration_histogram(view.counters, pool)
     return "\n".join(lines) + "\n# EOF\n"
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as OpenMetrics writes numbers (canonical: 1.0, not 1; +Inf)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def _duration_histogram(counters: Any, pool: str) -> list[str]:
+    """fastfpm_request_duration_seconds: every request the pool finished, by duration (the slots'
+    bucket counts plus those of exited workers), cumulative as OpenMetrics wants; _count is the
+    +Inf bucket, so it equals the pool's requests."""
+    name = "fastfpm_request_duration_seconds"
+    label = _label(pool)
+    lines = [f"# HELP {name} Requests by duration, from their first bytes to their end.",
+             f"# TYPE {name} histogram"]
+    total = 0
+    buckets = counters.duration_buckets or ((math.inf, 0),)
+    for bound, count in buckets:
+        total += count
+        lines.append(f'{name}_bucket{{pool="{label}",le="{_le(bound)}"}} {total}')
+    lines.append(f'{name}_count{{pool="{label}"}} {total}')
+    lines.append(f'{name}_sum{{pool="{label}"}} {counters.duration_sum_ns / 1e9!r}')
+    return lines
 
 
 RENDERERS: dict[str, Callable[[StatusView, bool], str]] = {

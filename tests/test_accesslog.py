@@ -8,6 +8,7 @@ through nginx with stock fastcgi_params follow.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
@@ -145,12 +146,88 @@ def test_duration_codes(every_code):
     assert abs(float(line["d_milli"]) * 1000 - micro) < 100_000  # the same request, taken twice
 
 
-def test_unmeasured_codes(every_code):
-    """%C and %M: fastfpm does not measure them; what php-fpm shows for a request without figures."""
+def test_cpu_and_memory_codes(every_code):
+    """%C: the request's CPU time in percent of its duration, "%.2f" ({total}, {user}, {system});
+    %M: the worker's peak resident set at the request's end, bytes, {kilo} and {mega} divided."""
     line, _, _ = every_code
-    assert (line["C"], line["C_user"], line["C_system"]) == ("0.00", "0.00", "0.00")
-    assert (line["M"], line["M_kilo"], line["M_mega"]) == ("0", "0", "0")
+    for code in ("C", "C_user", "C_system"):
+        assert re.fullmatch(r"\d+\.\d\d", line[code]), line[code]
+    assert float(line["C"]) == pytest.approx(float(line["C_user"]) + float(line["C_system"]), abs=0.011)
+    memory = int(line["M"])
+    assert memory > 1 << 20  # a Python worker holds megabytes
+    assert (int(line["M_kilo"]), int(line["M_mega"])) == (memory // 1024, memory // 1024 // 1024)
     assert line["pct"] == "%"
+
+
+CPU_MEMORY = ("%{total}C %{user}C %{system}C %C %M %{bytes}M %{kilo}M %{kilobytes}M %{mega}M %{megabytes}M "
+              "%{micro}d")
+
+
+@pytest.mark.parametrize(("elapsed", "utime", "stime", "memory", "expected"), [
+    (0.5, 200_000, 50_000, (50 << 20) + 1536,
+     f"50.00 40.00 10.00 50.00 {(50 << 20) + 1536} {(50 << 20) + 1536} 51201 51201 50 50 500000"),
+    (0.0, 10, 10, 0, "0.00 0.00 0.00 0.00 0 0 0 0 0 0 0"),          # no duration: 0, not NaN
+    (0.003, 1, 0, 1023, "0.03 0.03 0.00 0.03 1023 1023 0 0 0 0 3000"),  # 1 µs of 3 ms, rounded
+])
+def test_cpu_and_memory_modifiers(elapsed, utime, stime, memory, expected):
+    """php-fpm's arithmetic on given figures, in process: percent of the duration, whole-byte divisions."""
+    from fastfpm import _core, protocol
+
+    ops = accesslog.worker_ops(accesslog.compile_format(CPU_MEMORY), pool="www", pid=1, parent_pid=1,
+                               remote_known=False)
+    log = _core.AccessLog(-1, ops)
+    params = protocol.encode_pairs([(b"REQUEST_METHOD", b"GET")])
+    line = log.line_for(params, "200 OK", [], elapsed=elapsed, utime_us=utime, stime_us=stime, memory=memory)
+    assert line.decode() == expected
+
+
+def test_the_operation_numbers_match_the_compiled_writer():
+    """accesslog.py's OP_* and _accesslog.pxi's enum are the same list, up to the folded ones."""
+    source = (Path(accesslog.__file__).parent / "_accesslog.pxi").read_text()
+    block = re.search(r"cdef enum:\n((?:    OP_\w+(?: = 0)?\n)+)", source).group(1)
+    names = [line.split()[0] for line in block.splitlines()]
+    assert names[-1] == "OP_COUNT"
+    assert [getattr(accesslog, name) for name in names[:-1]] == list(range(len(names) - 1))
+    assert accesslog.OP_POOL == len(names) - 1  # the first of those worker_ops folds into literals
+
+
+STATUS_AND_LOG = POOL.replace("app = tests.apps.router:app", "app = tests.apps.work:app").replace(
+    "pm.max_children = 1", "pm.max_children = 2\npm.status_path = /status")
+
+
+def test_the_line_and_the_status_page_show_the_same_figures(configured):
+    """%C, %M and %{micro}d are the figures the status page shows for the same request (the slot's,
+    stored before the line is written, as php-fpm ends a request before logging it)."""
+    body = STATUS_AND_LOG.replace("{pool}", "www").replace("{listen}", "{dir}/fpm.sock")
+    body += 'access.format = "%p|%r%Q%q|%C|%M|%{micro}d"\n'
+    server = configured(body)
+    server.address = str(server.workdir / "fpm.sock")
+    log = server.workdir / "access.log"
+    request(server.address, "/", "do=burn&seconds=0.2")
+    burn = [line.split("|") for line in log_lines(log, 1) if "do=burn" in line][0]
+    cpu, duration = float(burn[2]), int(burn[4])
+    assert cpu * duration / 100 >= 190_000 and 0 < cpu <= 101  # at least 0.2 s of CPU
+    assert int(burn[3]) > 1 << 20
+
+    def agreeing() -> bool:
+        # The row of the worker that did not serve this page: its last request's line (the last
+        # line with its pid) says what the row says.
+        with FastCGIClient(server.address, timeout=10) as client:
+            page = client.request({"REQUEST_METHOD": "GET", "REQUEST_URI": "/status?json&full",
+                                   "QUERY_STRING": "json&full", "SCRIPT_NAME": "/status"})
+        rows = [r for r in json.loads(page.body)["processes"] if r["state"] == "Idle" and r["requests"]]
+        lines = log.read_text().splitlines()
+        for row in rows:
+            mine = [line.split("|") for line in lines if line.startswith(f"{row['pid']}|")]
+            if len(mine) == row["requests"]:  # its last line is written
+                last = mine[-1]
+                cpu = f"{row['last request cpu']:.2f}"
+                shown = (cpu, row["last request memory"], row["request duration"])
+                assert shown == (last[2], int(last[3]), int(last[4])), (row, last)
+                return True
+        return False
+
+    wait_until(agreeing, 10, message="an idle worker's row and its last line")
 
 
 def test_default_format_is_php_fpms(configured):

@@ -77,15 +77,23 @@ def test_release_folds_a_slot_into_the_pool_totals() -> None:
     board.set_pid(0, 111)
     slot = board._slots[0]
     slot.accepted_conn, slot.requests = 4, 3
+    slot.duration_buckets[0], slot.duration_buckets[6], slot.duration_sum_ns = 2, 1, 300_000_000
     assert (board.counters().accepted_conn, board.counters().requests) == (4, 3)
     board.release(0)
     after = board.counters()
     assert (after.accepted_conn, after.requests, after.total_processes) == (4, 3, 0)
+    assert dict(after.duration_buckets)[0.005] == 2 and dict(after.duration_buckets)[0.5] == 1
+    assert after.duration_sum_ns == 300_000_000
     assert board.header.seq % 2 == 0 and board.header.seq > 0
     board.claim(0, 0)  # a new worker's slot starts from zero; the pool's totals stay
     board.set_pid(0, 222)
     board._slots[0].accepted_conn = 1
+    board._slots[0].duration_buckets[0] = 1
     assert board.counters().accepted_conn == 5
+    assert [n for _, n in board.counters().duration_buckets] == [3, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    # A slot without a worker (pid 0) adds nothing, whatever it holds.
+    board._slots[1].duration_buckets[11] = 9
+    assert sum(n for _, n in board.counters().duration_buckets) == 4
     board.close()
     with pytest.raises(AttributeError):
         board.header.slow_requests  # noqa: B018 - the view refuses to touch the unmapped header
@@ -113,6 +121,38 @@ pm.max_requests = 2
     assert final.accepted_conn == 5
     assert seen == sorted(seen) and seen[-1] == 5
     assert server.log_text().count("exited with code 0") >= 2
+
+
+def cumulative(counters, bound: float) -> int:
+    """Requests of the pool's duration histogram that took at most bound seconds."""
+    return sum(n for le, n in counters.duration_buckets if le <= bound)
+
+
+def test_the_duration_histogram_counts_every_request_across_worker_restarts(launcher: Launcher,
+                                                                            tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "h.conf", f"""
+[www]
+listen = {tmp_path}/h.sock
+app = {COUNTERS_APP}
+pm = static
+pm.max_children = 1
+pm.max_requests = 3
+""")
+    server = launcher.fastfpm("", max_children=1, extra_args=["-c", str(conf)])
+    address = str(tmp_path / "h.sock")
+    # Four requests answered at once and two that sleep 0.3 s, over three workers' lives.
+    for query in ("", "do=sleep&seconds=0.3", "", "", "do=sleep&seconds=0.3", ""):
+        assert get(address, "/", query).status == 200
+    final = wait_until(lambda: (c := master_counters(server.pid, "www")).requests == 6
+                       and server.log_text().count("exited with code 0") >= 2 and c, 10,
+                       message="six requests counted and two workers replaced")
+    # Every request is in the histogram once, the retired workers' ones too.
+    assert sum(n for _, n in final.duration_buckets) == final.requests == 6
+    assert [le for le, _ in final.duration_buckets][-1] == float("inf")
+    assert cumulative(final, 0.25) == 4          # the sleeps take at least 0.3 s
+    assert cumulative(final, 1.0) == 6
+    assert cumulative(final, 0.005) >= 1         # an immediate answer takes well under 5 ms
+    assert final.duration_sum_ns >= 600_000_000
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])

@@ -120,3 +120,59 @@ def test_slot_reads_are_consistent_while_the_worker_writes(forked_worker, tmp_pa
         thread.join(10)
     assert last_requests > 10
     assert board.read(1).accepted_conn == 1  # one kept-alive connection carried them all
+
+
+@pytest.fixture
+def work_worker(tmp_path: Path):
+    """A real worker process serving tests.apps.work from slot 1 of a fresh scoreboard."""
+    from tests.apps import work
+
+    with forked_slot_worker(tmp_path / "work.sock", work.app, PoolStub, "sb") as worker:
+        yield worker
+
+
+def served(board: Scoreboard, address: str, query: str, done: int):
+    """GET /?query, then the slot once it has counted `done` requests and is idle again."""
+    response = FastCGIClient(address, timeout=30).request(build_params("GET", "/", query, {}, None, {}))
+    assert response.status == 200
+    return wait_until(lambda: (s := board.read(1)).requests == done and s.stage == STAGE_IDLE and s, 10,
+                      message=f"request {done} to be counted")
+
+
+def test_a_request_s_cpu_and_the_worker_s_peak_memory_reach_the_slot(work_worker) -> None:
+    board, address, _ = work_worker
+    # Burning 0.2 s of CPU: at least that much is counted, whatever the load (which only stretches
+    # the duration), and never more CPU than time for this single-threaded request.
+    burn = served(board, address, "do=burn&seconds=0.2", 1)
+    cpu_us = burn.last_request_utime_us + burn.last_request_stime_us
+    assert cpu_us >= 190_000
+    # (How it splits into user and system time is the kernel's tick-sampled estimate: the loop's
+    # own clock reads are system calls, so no split is asserted.)
+    assert burn.last_request_utime_us >= 0 and burn.last_request_stime_us >= 0
+    assert 0 < burn.last_request_cpu <= 101
+    assert burn.last_request_cpu == pytest.approx(cpu_us * 1000 / burn.last_request_ns * 100, abs=0.0051)
+    # Sleeping 0.3 s costs next to no CPU.
+    sleep = served(board, address, "do=sleep&seconds=0.3", 2)
+    assert sleep.last_request_ns >= 300_000_000
+    assert sleep.last_request_utime_us + sleep.last_request_stime_us < 50_000
+    assert sleep.last_request_cpu < 15
+    # The memory is the worker's peak resident set at the request's end: 50 MiB filled and freed
+    # raise it by at least that, and it stays (a high-water mark, not the request's own use).
+    before = sleep.last_request_memory
+    assert 1 << 20 < before < 1 << 30
+    alloc = served(board, address, "do=alloc&mb=50", 3)
+    assert alloc.last_request_memory >= 50 << 20
+    assert alloc.last_request_memory >= before + (45 << 20)
+    after = served(board, address, "", 4)
+    assert after.last_request_memory >= alloc.last_request_memory
+
+
+def test_cpu_percent_is_rounded_once_for_the_page_and_the_log() -> None:
+    """ffpm_cpu_hundredths: cpu / duration * 100 in hundredths, half up, exact past 2^63 µs x 10^7."""
+    from fastfpm.scoreboard import lib
+
+    assert lib.ffpm_cpu_hundredths(1, 2_000_000) == 5            # 1 µs of 2 ms: 0.05 %
+    assert lib.ffpm_cpu_hundredths(1, 4_000_000) == 3            # 2.5 hundredths: up
+    assert lib.ffpm_cpu_hundredths(1, 4_000_001) == 2
+    assert lib.ffpm_cpu_hundredths(10**13, 10**16) == 10_000     # 115 days of CPU in as long: 100 %
+    assert lib.ffpm_cpu_hundredths(5, 0) == lib.ffpm_cpu_hundredths(-5, 10) == 0

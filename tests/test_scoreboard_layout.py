@@ -176,6 +176,12 @@ def test_the_header_is_parsed_whole() -> None:
     assert fields["pool_name"] == ("char", header.constants["FFPM_POOL_NAME_LEN"])
     assert fields["max_children_reached"] == ("uint64_t", None)
     assert ("char", "method", 16) in header.structs["ffpm_slot"]
+    buckets = header.constants["FFPM_DURATION_BUCKETS"]
+    assert ("uint64_t", "duration_buckets", buckets) in header.structs["ffpm_slot"]
+    assert ("uint64_t", "duration_buckets_retired", buckets) in header.structs["ffpm_pool_header"]
+    assert ("int64_t", "last_request_utime_us", None) in header.structs["ffpm_slot"]
+    assert fields["reserved"] == ("uint8_t", header.constants["FFPM_POOL_HEADER_SIZE"] - 264)
+    assert header.functions["ffpm_cpu_hundredths"] == ("int64_t", "int64_t", "int64_t")
     assert header.stages["FFPM_STAGE_RUNNING"] == 5 and len(header.stages) == len(stages.STAGE_TABLE)
     assert header.functions["ffpm_accept_lock"] == ("int", "ffpm_pool_header *", "int64_t", "int64_t")
     assert header.constants["FFPM_SB_MAGIC"] == 0x4D504646
@@ -191,7 +197,20 @@ def _replace(text: str, old: str, new: str) -> str:
     ("pxd", "        uint64_t slow_requests\n", "        int64_t slow_requests\n",
      "ffpm_pool_header field 11"),
     ("pxd", "        FFPM_STAGE_ENDING\n", "", "constant FFPM_STAGE_ENDING is not declared"),
-    ("pxd", "        uint8_t reserved[96]\n", "        uint8_t reserved[88]\n", "ffpm_pool_header field 16"),
+    ("pxd", "        uint8_t reserved[248]\n", "        uint8_t reserved[240]\n",
+     "ffpm_pool_header field 18"),
+    # the new fields of issue 10: a slot's CPU/memory figures and histogram, the retired histogram
+    ("pxd", "        int64_t last_request_stime_us\n", "        uint64_t last_request_stime_us\n",
+     "ffpm_slot field 19"),
+    ("pxd", "        uint64_t duration_buckets[FFPM_DURATION_BUCKETS]\n\n    # The master",
+     "        uint64_t duration_buckets[11]\n\n    # The master", "ffpm_slot field 22"),
+    ("header", "    uint64_t duration_sum_ns_retired;", "", "ffpm_pool_header field 16"),
+    ("header", "    uint64_t requests;\n    uint64_t duration_sum_ns;", "    uint64_t requests;",
+     "ffpm_totals field 2"),
+    ("header", "#define FFPM_DURATION_BUCKETS 12", "#define FFPM_DURATION_BUCKETS 12\n#define FFPM_X 1",
+     "constant FFPM_X is not declared"),
+    ("pxd", "    int64_t ffpm_cpu_hundredths(int64_t cpu_us, int64_t duration_ns)\n",
+     "    int64_t ffpm_cpu_hundredths(int64_t cpu_us, int duration_ns)\n", "function ffpm_cpu_hundredths"),
     ("pxd", "    void ffpm_accept_unlock(ffpm_pool_header *h)\n",
      "    void ffpm_accept_unlock(ffpm_slot *h)\n", "function ffpm_accept_unlock"),
     ("header", "    uint64_t requests_retired;", "    uint64_t requests_retired;\n    uint64_t extra;",
@@ -229,7 +248,8 @@ def test_the_built_cffi_module_is_the_header_of_this_tree() -> None:
         assert getattr(lib, name) == value, name
     for struct, fields in header.structs.items():
         assert [name for name, _ in ffi.typeof(struct).fields] == [name for _, name, _ in fields], struct
-    assert ffi.sizeof("ffpm_pool_header") == 256
+    assert ffi.sizeof("ffpm_pool_header") == lib.FFPM_POOL_HEADER_SIZE == 512
+    assert ffi.sizeof("ffpm_slot") % 8 == 0  # every slot's 64-bit counters stay aligned
     for name in header.functions:
         assert hasattr(lib, name), name
     from fastfpm import scoreboard

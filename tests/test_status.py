@@ -51,7 +51,8 @@ def slot(index: int, stage: int = 2, **more: Any) -> SlotSnapshot:
                   started_wall=1_700_000_010, request_start_ns=9_000_000_000, request_start_wall_us=0,
                   last_request_ns=2_500_000, idle_since_ns=0, content_length=-1, status=200,
                   keepalive=False, method="GET", request_uri="/x?a=1&b=<2>", query_string="a=1&b=<2>",
-                  script_filename="/srv/app")
+                  script_filename="/srv/app", last_request_utime_us=300, last_request_stime_us=9,
+                  last_request_memory=48 << 20)
     values.update(more)
     return SlotSnapshot(**values)
 
@@ -102,8 +103,11 @@ def test_full_text_has_a_block_per_process_with_durations_as_php_fpm_measures_th
     assert running["request URI"].strip() == "/x?a=1&b=<2>"
     assert running["content length"].strip() == "0"
     assert running["user"].strip() == "-"
-    assert running["last request cpu"].strip() == "0.00"
+    assert running["last request cpu"].strip() == "0.00"       # php-fpm: 0 inside a request
+    assert running["last request memory"].strip() == "0"
     assert running["resident memory"].strip() == "8192"
+    assert idle["last request cpu"].strip() == "12.36"         # 309 µs of CPU in 2500 µs
+    assert idle["last request memory"].strip() == str(48 << 20)
 
 
 def test_control_characters_cannot_forge_lines_or_break_markup():
@@ -123,7 +127,8 @@ def test_json_keeps_php_fpm_spelling_types_and_escapes():
     assert b'"request uri":"\\/x?a=1&b=<2>"' in body      # '/' escaped, as php-fpm's
     assert b'"slow requests":5,"requests":20,' in body     # fastfpm's fields after php-fpm's
     assert b', "processes":[{"pid":1000,' in body
-    assert b'"last request cpu":0.00,' in body
+    assert b'"last request cpu":0.00,' in body                      # the Running one
+    assert b'"last request cpu":12.36,"last request memory":50331648,' in body  # the Idle one
     page = json.loads(body)
     assert list(page)[:14] == PHPFPM_POOL_FIELDS
     assert page["start time"] == 1_700_000_000
@@ -164,6 +169,29 @@ def test_openmetrics_is_valid_and_keeps_php_fpm_family_names():
     assert families["fastfpm_requests"].samples[0].labels == {"pool": "www"}
     by_state = {s.labels["state"]: s.value for s in families["fastfpm_processes"].samples}
     assert (by_state["Idle"], by_state["Running"]) == (1, 1)
+
+
+def test_openmetrics_has_the_duration_histogram_and_the_workers_peak_memory():
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    buckets = tuple(zip((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf")),
+                        (7, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1), strict=True))
+    page = view(counters=counters(requests=11, duration_buckets=buckets, duration_sum_ns=31_500_000_000),
+                slots=[slot(0, last_request_memory=30 << 20), slot(1, stage=5, last_request_memory=40 << 20)])
+    body = status.render("openmetrics", page).decode()
+    assert 'fastfpm_request_duration_seconds_bucket{pool="www",le="1.0"} 10\n' in body  # canonical 1.0
+    families = {family.name: family for family in text_string_to_metric_families(body)}  # strict
+    histogram = families["fastfpm_request_duration_seconds"]
+    assert histogram.type == "histogram"
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.samples}
+    assert all(s.labels["pool"] == "www" for s in histogram.samples)
+    # cumulative, as OpenMetrics buckets are; _count is the +Inf bucket, the pool's requests
+    bucket = "fastfpm_request_duration_seconds_bucket"
+    assert [samples[bucket, le] for le in ("0.005", "0.01", "0.5", "+Inf")] == [7, 8, 10, 11]
+    assert samples["fastfpm_request_duration_seconds_count", None] == 11
+    assert samples["fastfpm_request_duration_seconds_sum", None] == 31.5
+    peak = families["fastfpm_worker_peak_memory_bytes"]
+    assert (peak.type, peak.samples[0].labels, peak.samples[0].value) == ("gauge", {"pool": "www"}, 40 << 20)
 
 
 def test_openmetrics_counts_the_serving_worker_idle():
@@ -512,3 +540,85 @@ def test_reloads_are_counted_on_the_status_page(configured):
     wait_until(lambda: (pids := set(server.worker_pids())) and len(pids) == 2 and not pids & old,
                15, message="a new generation only")
     assert json.loads(fetch(server.address, "/status", "json").body)["reloads"] == 1
+
+
+WORK_POOL = """
+[www]
+listen = {dir}/fpm.sock
+app = tests.apps.work:app
+pm = static
+pm.max_children = 2
+pm.status_path = /status
+"""
+
+
+def last_request_row(address: str, query: str) -> Any:
+    """The ?json&full row of a worker whose last request was GET /?query, and Idle since.
+
+    Both workers serve that request at once (the second connection goes to the worker the first
+    left idle), then one status request is served by either: the other's row shows the figures
+    (a worker's own row is Running, its figures 0, as php-fpm's). Tried again while that worker
+    is still Finishing, which it may be when its answer has already arrived.
+    """
+    def attempt() -> Any:
+        pids: list[bytes] = []
+        threads = [threading.Thread(target=lambda: pids.append(fetch(address, "/", query).body))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(set(pids)) == 2, pids  # one each
+        page = json.loads(fetch(address, "/status", "json&full").body)
+        rows = [r for r in page["processes"] if r["state"] == "Idle" and r["request uri"] == "/?" + query]
+        return rows and rows[0]
+
+    return wait_until(attempt, 30, message=f"a worker idle after GET /?{query}")
+
+
+def test_last_request_cpu_and_memory_on_the_status_page(configured):
+    server = configured(WORK_POOL)
+    server.settled_workers()
+    burn = last_request_row(server.address, "do=burn&seconds=0.2")
+    assert type(burn["last request cpu"]) is float and type(burn["last request memory"]) is int
+    # 0.2 s of CPU at least: percent x duration (µs) says so, whatever the load did to the duration
+    assert burn["last request cpu"] * burn["request duration"] / 100 >= 190_000
+    assert 0 < burn["last request cpu"] <= 101
+    sleep = last_request_row(server.address, "do=sleep&seconds=0.3")
+    assert sleep["request duration"] >= 300_000
+    assert sleep["last request cpu"] < 15
+    alloc = last_request_row(server.address, "do=alloc&mb=50")
+    assert alloc["last request memory"] >= 50 << 20 > sleep["last request memory"]
+    text = fetch(server.address, "/status", "full").text
+    assert re.search(r"^last request cpu:     \d+\.\d\d$", text, re.M)
+    assert re.search(r"^last request memory:  [1-9]\d*$", text, re.M)
+
+
+def test_the_duration_histogram_on_the_openmetrics_page(configured):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    server = configured(WORK_POOL)
+    server.settled_workers()
+    for query in ("", "do=sleep&seconds=0.3", "", "do=sleep&seconds=0.3", ""):
+        fetch(server.address, "/", query)
+
+    def page() -> dict[str, Any]:
+        body = fetch(server.address, "/status", "openmetrics").text
+        return {f.name: f for f in text_string_to_metric_families(body)}  # the strict parser
+
+    families = page()
+    histogram = families["fastfpm_request_duration_seconds"]
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.samples}
+    requests = families["fastfpm_requests"].samples[0].value
+    count = samples["fastfpm_request_duration_seconds_count", None]
+    # Every finished request is counted once (this page's own is not finished yet): the five
+    # above, and the status requests settled_workers() and nothing else made (all fast).
+    assert count == requests >= 5
+    assert samples["fastfpm_request_duration_seconds_bucket", "+Inf"] == count
+    # the two sleeps, and only they, took more than 0.25 s
+    assert count - samples["fastfpm_request_duration_seconds_bucket", "0.25"] == 2
+    assert samples["fastfpm_request_duration_seconds_bucket", "1.0"] == count
+    assert samples["fastfpm_request_duration_seconds_sum", None] >= 0.6
+    # The next page counts the one before it.
+    again = page()
+    assert again["fastfpm_requests"].samples[0].value == requests + 1
