@@ -40,6 +40,9 @@ pm.status_path = /status
 ping.path = /ping
 """
 
+# The parameters of each upstream `server` line, as docs/scaling.md gives them.
+SERVER_PARAMS = "max_fails=3 fail_timeout=10s"
+
 # The settings docs/scaling.md recommends in front of several fastfpm hosts, plus what the tests
 # read: the access log says, per request, each host tried, its status and the bytes sent to it.
 UPSTREAM_CONF = """\
@@ -143,7 +146,7 @@ class UpstreamNginx(Nginx):
     """
 
     def __init__(self, binary: str, workdir: Path, servers: Sequence[str],
-                 server_params: str = "max_fails=3 fail_timeout=10s") -> None:
+                 server_params: str = SERVER_PARAMS) -> None:
         super().__init__(binary, workdir, ", ".join(servers))
         self.servers = list(servers)
         self.server_params = server_params

@@ -1,4 +1,5 @@
-"""Past one machine (issue 11): two fastfpm hosts behind one nginx upstream, one killed, one reloaded.
+"""Past one machine (issue 11): two fastfpm hosts behind one nginx upstream, one killed, one reloaded;
+and the configurations docs/scaling.md shows, checked by the tools that read them.
 
 The hosts listen on 127.0.0.2 and 127.0.0.3, same port, as two machines would; nginx balances them
 with the settings docs/scaling.md recommends (tests/fleet.py). The load is a few clients on kept-
@@ -17,15 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
+from fastfpm import config
 from tests.fcgi_helpers import get
-from tests.fleet import HTTPLoad, Logged, Result, kill_host, start_fleet
-from tests.servers import Launcher, wait_until
-
-pytestmark = pytest.mark.nginx
+from tests.fleet import SERVER_PARAMS, UPSTREAM_CONF, HTTPLoad, Logged, Result, kill_host, start_fleet
+from tests.servers import REPO_ROOT, Launcher, nginx_binary, run_cli, wait_until
 
 ROUTER = "tests.apps.router:app"
 WORKERS = 4
@@ -63,6 +67,7 @@ def describe(results: list[Result], logged: dict[str, Logged]) -> str:
     return "\n".join(f"{r} -> {logged.get(r.load_id)}" for r in results)
 
 
+@pytest.mark.nginx
 @KEEPALIVE
 def test_a_host_killed_under_load_fails_only_the_posts_in_flight_on_it(launcher: Launcher,
                                                                        keepalive: bool) -> None:
@@ -105,6 +110,7 @@ def test_a_host_killed_under_load_fails_only_the_posts_in_flight_on_it(launcher:
     assert {answered_by(r) for r in later} <= set(survivor.worker_pids())
 
 
+@pytest.mark.nginx
 @KEEPALIVE
 def test_a_host_reloaded_under_load_fails_nothing(launcher: Launcher, keepalive: bool) -> None:
     fleet = start_fleet(launcher, ROUTER, WORKERS)
@@ -139,3 +145,129 @@ def test_a_host_reloaded_under_load_fails_nothing(launcher: Launcher, keepalive:
     assert pids_after & new
     assert not pids_after & old
     assert {r.method for r in results if r.sent_in >= done and answered_by(r) in new} == {"GET", "POST"}
+
+
+# --- docs/scaling.md's configurations ------------------------------------------------------------
+
+DOC = REPO_ROOT / "docs" / "scaling.md"
+
+# What `nginx -t` needs around a block of http-level directives, every path in the test's directory.
+NGINX_T = """\
+pid {prefix}/nginx.pid;
+events {{
+}}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body_temp;
+    fastcgi_temp_path {prefix}/fastcgi_temp;
+    proxy_temp_path {prefix}/proxy_temp;
+    uwsgi_temp_path {prefix}/uwsgi_temp;
+    scgi_temp_path {prefix}/scgi_temp;
+{block}
+}}
+"""
+
+
+def doc_blocks(language: str) -> list[str]:
+    """The fenced code blocks of docs/scaling.md in language, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(), re.S | re.M)
+
+
+def doc_pools(tmp_path: Path) -> list[config.Config]:
+    """The two pool files the page shows (a host's, the Kubernetes pod's), loaded as serve would."""
+    loaded = []
+    for i, block in enumerate(doc_blocks("ini")):
+        path = tmp_path / f"pool{i}.conf"
+        path.write_text(block)
+        loaded.append(config.load(path))
+    assert len(loaded) == 2
+    return loaded
+
+
+@pytest.mark.nginx
+def test_the_documented_nginx_configurations_pass_nginx_t(tmp_path: Path) -> None:
+    """Every directive the page shows is one nginx knows, with arguments it accepts."""
+    binary = nginx_binary()
+    blocks = doc_blocks("nginx")
+    assert len(blocks) == 2
+    shutil.copy("/etc/nginx/fastcgi_params", tmp_path)  # `include fastcgi_params` is relative to the file
+    for i, block in enumerate(blocks):
+        conf = tmp_path / f"doc{i}.conf"
+        conf.write_text(NGINX_T.format(prefix=tmp_path, block=block))
+        checked = subprocess.run([binary, "-t", "-p", str(tmp_path), "-c", str(conf), "-e",
+                                  str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, f"block {i}:\n{block}\n{checked.stderr}"
+        assert "[warn]" not in checked.stderr, checked.stderr
+
+
+def test_the_failover_tests_run_the_documented_upstream_settings() -> None:
+    """The nginx in front of the tests' hosts (tests/fleet.py) is configured as the page says."""
+    block = doc_blocks("nginx")[0]
+    # Addresses, ports and the read timeout are the test's own; everything else must match.
+    own = ("listen ", "include ", "fastcgi_pass ", "fastcgi_read_timeout ", "upstream ", "server ",
+           "location ")
+    settings = [line.strip() for line in block.splitlines()
+                if line.strip() and line.strip() != "}" and not line.strip().startswith(own)]
+    assert "least_conn;" in settings and "fastcgi_keep_conn on;" in settings
+    assert [s for s in settings if s not in UPSTREAM_CONF] == []
+    params = {line.split(None, 2)[2].rstrip(";") for line in block.splitlines()
+              if line.strip().startswith("server 10.")}
+    assert params == {SERVER_PARAMS}
+
+
+def test_the_documented_pool_files_pass_fastfpm_check(tmp_path: Path) -> None:
+    doc_pools(tmp_path)
+    for path in sorted(tmp_path.glob("pool*.conf")):
+        checked = run_cli("check", "-c", str(path), "-R")
+        assert checked.returncode == 0, checked.stderr
+        assert "WARNING" not in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+
+
+def test_the_timeouts_on_the_page_nest(tmp_path: Path) -> None:
+    """nginx waits longer than fastfpm lets a request run, and a graceful stop longer than that."""
+    for pool in doc_pools(tmp_path):
+        longest = pool.pools[0].request_terminate_timeout
+        assert pool.global_.process_control_timeout > longest > 0
+        for block in doc_blocks("nginx"):
+            for seconds in re.findall(r"fastcgi_read_timeout (\d+)s;", block):
+                assert int(seconds) > longest
+
+
+def test_the_kubernetes_example_drains_nginx_before_stopping_fastfpm(tmp_path: Path) -> None:
+    pool = doc_pools(tmp_path)[1]
+    www = pool.pools[0]
+    deployment, service = yaml.safe_load_all(doc_blocks("yaml")[0])
+    pod = deployment["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    fpm, web = containers["fastfpm"], containers["nginx"]
+
+    def hook(container: dict) -> str:
+        return container["lifecycle"]["preStop"]["exec"]["command"][-1]
+
+    def slept(command: str) -> int:
+        return int(re.match(r"sleep (\d+);", command).group(1))
+
+    # nginx stops taking requests after its sleep and finishes what it holds (at most the longest
+    # request); fastfpm's graceful stop (SIGQUIT to PID 1, then waiting for it) comes after that,
+    # and all of it inside the grace period, fastfpm's own drain included.
+    assert "nginx -s quit" in hook(web)
+    assert "kill -QUIT 1" in hook(fpm) and "while kill -0 1" in hook(fpm)
+    assert slept(hook(fpm)) >= slept(hook(web)) + www.request_terminate_timeout
+    assert pod["terminationGracePeriodSeconds"] > slept(hook(fpm)) + pool.global_.process_control_timeout
+    assert fpm["command"][-2:] == ["-c", "/etc/fastfpm/fastfpm.conf"]
+
+    # Readiness on the pool's ping: straight to its socket, and through nginx's probe port.
+    probe = fpm["readinessProbe"]["exec"]["command"]
+    assert probe[:6] == ["python", "-m", "fastfpm", "request", www.listen, www.ping_path]
+    ports = {p["name"]: p["containerPort"] for p in web["ports"]}
+    assert web["readinessProbe"]["httpGet"] == {"path": www.ping_path, "port": "probes"}
+    assert f"listen {ports['probes']};" in doc_blocks("nginx")[1]
+    # The Service exposes the application, never the probe port with the status page.
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+
+    scrape = yaml.safe_load(doc_blocks("yaml")[1])["scrape_configs"][0]
+    assert scrape["metrics_path"] == www.pm_status_path
+    assert "openmetrics" in scrape["params"]
+    assert {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "probes",
+            "action": "keep"} in scrape["relabel_configs"]
