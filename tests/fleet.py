@@ -105,7 +105,8 @@ http {{
 @dataclass(frozen=True)
 class Attempt:
     """One host nginx tried for a request: its address, the status nginx got (502 when the
-    connection failed) and the bytes nginx had sent it (0: the request never reached it)."""
+    connection failed or was closed without an answer, "-" when the client went away first) and
+    the bytes nginx had sent it (0: the request never reached it)."""
 
     address: str
     status: str
@@ -124,7 +125,7 @@ class Logged:
     def lost_on(self, address: str) -> bool:
         """True when the request reached address and got no answer there: it was in flight on a
         host that died (nginx then passed it on, or failed it)."""
-        return any(a.address == address and a.bytes_sent > 0 and not a.status.startswith(("2", "3", "4"))
+        return any(a.address == address and a.bytes_sent > 0 and a.status in ("502", "504")
                    for a in self.attempts)
 
 
