@@ -88,6 +88,16 @@ cdef class Connection:
         self.fresh = False
         self.aborted = False
 
+    cdef void hold_output(self) noexcept:
+        """Hold back what is sent from here on until end_output() (TCP_CORK). A unix socket has
+        no such option: the call fails there and changes nothing."""
+        cdef int one = 1
+        setsockopt(self.fd, IPPROTO_TCP, TCP_CORK, &one, sizeof(one))
+
+    cdef void end_output(self) noexcept:
+        """Send the FIN now: on TCP in one segment with what hold_output() held back."""
+        shutdown(self.fd, SHUT_WR)
+
     cdef void close_socket(self) noexcept:
         if self.fd >= 0:
             close(self.fd)

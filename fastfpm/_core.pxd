@@ -185,11 +185,22 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_NOSIGNAL
         MSG_DONTWAIT
         SOCK_CLOEXEC
+        SHUT_WR
+    int shutdown(int fd, int how)
+    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     ssize_t recv(int fd, void *buf, size_t len, int flags)
     ssize_t send(int fd, const void *buf, size_t len, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
 
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_CORK
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:

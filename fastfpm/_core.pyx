@@ -166,6 +166,10 @@ cdef class Worker:
     cdef inline bint may_serve_more(self) noexcept:
         return self.max_requests == 0 or self.served < self.max_requests
 
+    cdef inline bint last_request(self) noexcept:
+        """Whether the request being served is this worker's last (stopping, or max_requests)."""
+        return self.stopping or (self.max_requests != 0 and self.served + 1 >= self.max_requests)
+
     def serve(self):
         """Accept and serve connections until stopping is set or max_requests is reached.
 
@@ -190,9 +194,31 @@ cdef class Worker:
                     self.loop.keep(conn)
                 else:
                     self.loop.discard(conn)
+            self.serve_waiting()
         finally:
             self.loop.discard_kept()
         return "stopping" if self.stopping else "max_requests"
+
+    cdef int serve_waiting(self) except -1:
+        """On the way out (a graceful stop, a reload, max_requests): serve the requests already
+        sent on kept connections before they are closed.
+
+        nginx sends a request on whichever idle kept connection it holds, and the connection
+        belongs to the worker that accepted it: while that worker serves another request, the new
+        one waits in the connection's buffer. Closed unread, the connection is reset, and nginx
+        fails a POST sent on it rather than send it twice (a GET it retries). One request per
+        connection, each connection then closed; what arrives after this look is the keep-alive
+        race every server has, which nginx's keepalive_timeout below idle_timeout keeps rare.
+        """
+        cdef Connection conn
+        while True:
+            conn = self.loop.pending_kept()
+            if conn is None:
+                return 0
+            try:
+                self.serve_connection(<FcgiConnection>conn)
+            finally:
+                self.loop.discard(conn)
 
     cdef int serve_connection(self, FcgiConnection c) except -1:
         """Serve the requests that have arrived on c; c.keep_conn says whether to keep it after."""
@@ -209,8 +235,11 @@ cdef class Worker:
             if not c.keep_conn or self.stopping:
                 if c.rend > c.rstart:
                     c.refuse_queued()
+                if c.keep_conn:
+                    c.end_output()  # see finish_request
                 return 0
             if not self.may_serve_more():
+                c.end_output()
                 return 0
             if c.rend == c.rstart:
                 return 0  # nothing more buffered: back to the idle set until the next request
@@ -309,6 +338,14 @@ cdef class Worker:
             # no clean next-request boundary, so it ends after END_REQUEST.
             c.keep_conn = False
         self.slot.finishing(self.response.status_code)
+        if c.keep_conn and self.last_request():
+            # The connection closes after this answer although the web server asked to keep it:
+            # END_REQUEST and the FIN leave together (serve_connection sends the FIN), so nginx
+            # sees the end with the answer and does not put the connection back in its pool.
+            # Closed a moment after the answer instead, nginx has often sent its next request
+            # on it already (it reuses the connection it freed last), and fails that request
+            # if it is a POST (it does not send a non-idempotent request twice).
+            c.hold_output()
         try:
             self.response.finish()
         except ConnectionLost as exc:

@@ -54,6 +54,24 @@ cdef class ConnectionLoop:
         while self.kept:
             self.discard(self.kept.pop())
 
+    cdef Connection pending_kept(self):
+        """A kept connection with bytes already waiting on it (a request, or the peer's close),
+        taken out of the idle set; None when none has any. Never waits: for a worker on its way
+        out, which serves what was sent to it before it closes the rest (Worker.serve)."""
+        cdef Connection conn
+        cdef Py_ssize_t i
+        cdef pollfd p
+        for i in range(len(self.kept)):
+            conn = self.kept[i]
+            p.fd = conn.fd
+            p.events = POLLIN
+            p.revents = 0
+            if poll(&p, 1, 0) > 0:
+                del self.kept[i]
+                conn.fresh = False
+                return conn
+        return None
+
     cdef int keep(self, Connection conn) except -1:
         """Hold a kept-alive connection idle until its next request or its idle timeout."""
         cdef Connection oldest

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -34,11 +34,28 @@ NGINX_MISSING = "nginx is not installed (apt-get install nginx); the end-to-end 
 RUNNING: list[FastFPMServer | Nginx] = []
 
 
-def free_port() -> int:
-    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
+def free_port(*hosts: str) -> int:
+    """An ephemeral TCP port that was free a moment ago on every one of hosts (127.0.0.1 by default).
+
+    Several loopback addresses (127.0.0.2, 127.0.0.3: Linux routes all of 127/8 to lo) stand for
+    several machines listening on the same port, as a fleet of hosts does.
+    """
+    hosts = hosts or ("127.0.0.1",)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((hosts[0], 0))
+            port = sock.getsockname()[1]
+        if all(_port_free(host, port) for host in hosts[1:]):
+            return port
+
+
+def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
@@ -108,10 +125,12 @@ def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> in
 
 
 class FastFPMServer:
-    """`python -m fastfpm serve APP` as a subprocess, listening on a unix socket or a TCP port."""
+    """`python -m fastfpm serve APP` as a subprocess, listening on a unix socket or a TCP port
+    (host:port; an ephemeral port on 127.0.0.1 unless given)."""
 
     def __init__(self, app: str, workdir: Path, transport: str = "unix", max_children: int = 2,
-                 extra_args: Iterable[str] = (), ready_timeout: float = 15.0) -> None:
+                 extra_args: Iterable[str] = (), ready_timeout: float = 15.0,
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
         if transport not in ("unix", "tcp"):
             raise ValueError(f"transport must be 'unix' or 'tcp', not {transport!r}")
         self.app = app
@@ -123,14 +142,15 @@ class FastFPMServer:
         self.log_path = workdir / "fastfpm.log"
         if "--error-log" in self.extra_args:  # fastfpm writes its log there; stdout/stderr too
             self.log_path = Path(self.extra_args[self.extra_args.index("--error-log") + 1])
+        self.host = host
         if transport == "unix":
             self.socket_path: Path | None = workdir / "fpm.sock"
             self.port: int | None = None
             self.address = str(self.socket_path)
         else:
             self.socket_path = None
-            self.port = free_port()
-            self.address = f"127.0.0.1:{self.port}"
+            self.port = port or free_port(host)
+            self.address = f"{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -232,7 +252,7 @@ class FastFPMServer:
             target: Any = str(self.socket_path)
         else:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            target = ("127.0.0.1", self.port)
+            target = (self.host, self.port)
         sock.settimeout(timeout)
         sock.connect(target)
         return sock
@@ -255,11 +275,14 @@ class FastFPMServer:
 
 
 class ConfiguredServer(FastFPMServer):
-    """`serve -c FILE`, with or without -R (the harness always passes it)."""
+    """`serve -c FILE`, with or without -R (the harness always passes it). The file sets the listen
+    address; transport, host and port say which one `{listen}` in the text stands for."""
 
     def __init__(self, workdir: Path, conf: Path, allow_root: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> None:
-        super().__init__("", workdir, extra_args=["-c", str(conf), *extra_args])
+                 extra_args: tuple[str, ...] = (), transport: str = "unix",
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
+        super().__init__("", workdir, transport, extra_args=["-c", str(conf), *extra_args],
+                         host=host, port=port)
         self.conf = conf
         self.allow_root = allow_root
 
@@ -271,8 +294,8 @@ class ConfiguredServer(FastFPMServer):
         return command
 
     def rewrite(self, body: str) -> None:
-        """Replace the configuration file ({dir} is the server's directory)."""
-        self.conf.write_text(body.replace("{dir}", str(self.workdir)))
+        """Replace the configuration file ({dir} is the server's directory, {listen} its address)."""
+        self.conf.write_text(body.replace("{dir}", str(self.workdir)).replace("{listen}", self.address))
 
 
 def server_busy(server) -> bool:
@@ -491,12 +514,25 @@ class Stack:
         return self.nginx.port
 
 
+ServerT = TypeVar("ServerT", bound="FastFPMServer | Nginx")
+
+
 class Launcher:
     """Starts servers in fresh temporary directories and stops them all in close()."""
 
     def __init__(self, make_dir: Callable[[str], Path]) -> None:
         self._make_dir = make_dir
         self._started: list[FastFPMServer | Nginx] = []
+
+    def directory(self, name: str) -> Path:
+        """A fresh temporary directory for a server of one's own making."""
+        return self._make_dir(name)
+
+    def start(self, server: ServerT) -> ServerT:
+        """Start a server made by the caller (stopped in close(), nginx first as always)."""
+        self._started.append(server)
+        server.start()
+        return server
 
     def fastfpm(self, app: str, transport: str = "unix", max_children: int = 2,
                 extra_args: Iterable[str] = ()) -> FastFPMServer:

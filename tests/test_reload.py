@@ -7,6 +7,7 @@ The configuration file is rewritten between signals.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pwd
 import signal
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fcgi_helpers import get
+from fastfpm import protocol as p
+from fastfpm.client import build_params
+from tests.fcgi_helpers import closed_by_peer, get, read_records, request_bytes
 from tests.servers import (
     REPO_ROOT,
     ConfiguredServer,
@@ -70,6 +73,67 @@ def test_reload_lets_a_request_in_flight_finish(launcher: Launcher) -> None:
     thread.join(10)
     assert results and results[0].status == 200
     assert get(server.address, "/env").status == 200
+
+
+def sleeping_in_the_app(pid: int) -> bool:
+    """True while the process sleeps in time.sleep() (clock_nanosleep, nanosleep or select on
+    x86-64), not in accept() or epoll_wait() as an idle worker does."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] in ("230", "35", "23")
+    except FileNotFoundError:  # gone
+        return False
+
+
+@pytest.mark.parametrize("ending", ["reload", "graceful stop", "max_requests"])
+def test_a_worker_on_its_way_out_serves_the_request_waiting_on_its_kept_connection(
+        launcher: Launcher, ending: str) -> None:
+    # nginx sends a request on any idle kept connection it holds, and a kept connection belongs to
+    # the worker that accepted it: while that worker serves another request, the new one waits in
+    # the connection's buffer. A worker told to go (its generation replaced, a graceful stop, its
+    # max_requests reached) must serve it before closing the connection: closed unread, the
+    # connection is reset, and nginx fails a POST sent on it rather than send it twice.
+    extra = ["--max-requests", "2"] if ending == "max_requests" else []
+    server = launcher.fastfpm(ROUTER, max_children=1, extra_args=extra)
+    (worker,) = server.worker_pids()
+    post = build_params("POST", "/env", "", {"Content-Type": "text/plain"}, 5, {})
+    with server.connect() as kept, server.connect() as busy:
+        kept.sendall(request_bytes(1, build_params("GET", "/env", "", {}, None, {}), flags=p.KEEP_CONN))
+        assert read_records(kept)[-1].type == p.END_REQUEST  # request 1; kept is now idle, held
+        busy.sendall(request_bytes(1, build_params("GET", "/slow", "seconds=3", {}, None, {})))
+        wait_until(lambda: sleeping_in_the_app(worker), 5, message="the slow request to run")
+        kept.sendall(request_bytes(2, post, b"hello", flags=p.KEEP_CONN))  # waits: the worker is busy
+        mark = server.log_size()
+        if ending == "reload":
+            server.signal(signal.SIGUSR2)
+            server.wait_for_log("reloaded: generation 2", mark, timeout=10)
+        elif ending == "graceful stop":
+            server.signal(signal.SIGQUIT)
+        # Still in the slow request (read again: a signal interrupts the sleep for a moment).
+        wait_until(lambda: sleeping_in_the_app(worker), 1, message="the slow request, still running")
+        assert read_records(busy)[-1].type == p.END_REQUEST
+        records = read_records(kept)
+        assert records and records[-1].type == p.END_REQUEST, records
+        assert p.parse_end_request(records[-1].content) == (0, p.REQUEST_COMPLETE)
+        head, _, body = b"".join(r.content for r in records if r.type == p.STDOUT).partition(b"\r\n\r\n")
+        assert b"Status: 200 OK" in head
+        assert json.loads(body)["body_length"] == 5
+        assert closed_by_peer(kept)  # and then the worker lets go of it
+    wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 10, message="the worker to exit")
+
+
+def test_the_last_answer_on_a_kept_connection_comes_with_the_end_of_the_connection(
+        launcher: Launcher) -> None:
+    # A worker that closes a kept connection after its last request (here max_requests = 1)
+    # sends the FIN in the same segment as END_REQUEST: the web server sees the connection end
+    # with the answer, and nginx does not put it back in its pool, where its next request (a
+    # POST, which it does not resend) would find it closed.
+    server = launcher.fastfpm(ROUTER, transport="tcp", max_children=1, extra_args=["--max-requests", "1"])
+    with server.connect() as sock:
+        sock.sendall(request_bytes(1, build_params("GET", "/env", "", {}, None, {}), flags=p.KEEP_CONN))
+        assert read_records(sock)[-1].type == p.END_REQUEST
+        sock.setblocking(False)
+        assert sock.recv(1) == b""  # already at its end: no BlockingIOError
 
 
 def test_reload_with_a_broken_config_keeps_serving(launcher: Launcher, tmp_path: Path) -> None:
