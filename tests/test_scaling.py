@@ -28,7 +28,7 @@ import yaml
 
 from fastfpm import config
 from tests.fcgi_helpers import get
-from tests.fleet import SERVER_PARAMS, UPSTREAM_CONF, HTTPLoad, Logged, Result, kill_host, start_fleet
+from tests.fleet import SERVER_PARAMS, UPSTREAM_CONF, Fleet, HTTPLoad, Logged, Result, kill_host, start_fleet
 from tests.servers import REPO_ROOT, Launcher, nginx_binary, run_cli, wait_until
 
 ROUTER = "tests.apps.router:app"
@@ -62,6 +62,24 @@ def answered_by(result: Result) -> int:
     return int(match.group(1))
 
 
+def logged_by_nginx(fleet: Fleet, results: list[Result]) -> dict[str, Logged]:
+    """nginx's access-log entry of every request the load sent, keyed by its id.
+
+    nginx writes a request's line in its log phase, after the response has gone to the client,
+    so the last answers can be in before their lines are: wait for every id to show.
+    """
+    wanted = {r.load_id for r in results}
+    entries: dict[str, Logged] = {}
+
+    def all_logged() -> bool:
+        entries.clear()
+        entries.update((e.load_id, e) for e in fleet.nginx.access_log_entries())
+        return wanted <= set(entries)
+
+    wait_until(all_logged, 10, message="nginx to log every request the load sent")
+    return entries
+
+
 def describe(results: list[Result], logged: dict[str, Logged]) -> str:
     """The requests and what nginx did with them, for a failing assertion's message."""
     return "\n".join(f"{r} -> {logged.get(r.load_id)}" for r in results)
@@ -83,7 +101,7 @@ def test_a_host_killed_under_load_fails_only_the_posts_in_flight_on_it(launcher:
         load.wait_for(AFTER, gone)
     finally:
         results = load.stop()
-    logged = {entry.load_id: entry for entry in fleet.nginx.access_log_entries()}
+    logged = logged_by_nginx(fleet, results)
     assert set(logged) == {r.load_id for r in results}
 
     # In flight on the dead host: nginx had sent it the request and got no answer. There were
@@ -131,7 +149,7 @@ def test_a_host_reloaded_under_load_fails_nothing(launcher: Launcher, keepalive:
         load.wait_for(AFTER, done)
     finally:
         results = load.stop()
-    logged = {entry.load_id: entry for entry in fleet.nginx.access_log_entries()}
+    logged = logged_by_nginx(fleet, results)
 
     failed = [r for r in results if r.status != 200]
     assert failed == [], describe(failed, logged)
