@@ -123,7 +123,8 @@ cdef class Worker:
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
                  int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
-                 dict routes=None, AccessLog access_log=None, protocol_log=None):
+                 dict routes=None, AccessLog access_log=None, protocol_log=None,
+                 bint keep_http_proxy=False):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
@@ -132,6 +133,7 @@ cdef class Worker:
         routes maps request paths to WSGI apps served instead of app (the status page, ping): the
         path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
         protocol_log (default: log) takes the line of a connection closed on malformed input.
+        keep_http_proxy: leave HTTP_PROXY (the Proxy header, httpoxy) in the environ.
         """
         self.app = app
         self.routes = [(path.encode("latin-1"), route_app) for path, route_app in (routes or {}).items()]
@@ -148,7 +150,8 @@ cdef class Worker:
         self.slot = SlotWriter()
         if scoreboard is not None:
             self.slot.attach(scoreboard, slot_index)
-        self.request = EnvironBuilder(environ_template, PathPolicy(mount), max_params_size)
+        self.request = EnvironBuilder(environ_template, PathPolicy(mount), max_params_size,
+                                      keep_http_proxy)
         self.response = FcgiResponse()
         self.loop = ConnectionLoop()
         self.loop.listen_fd = listen_fd
