@@ -2,7 +2,7 @@
 
 One master, one worker (so a kept connection that serves on after a 413 is the very worker that
 refused), limit 1 KiB. The app (tests.apps.body_limit) counts its calls in a file; the access log
-writes `%s %m %r`. Each test uses its own request path, so the counts are its own.
+writes `%s %m %{Content-Type}o %r`. Each test uses its own request path, so the counts are its own.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ listen = {dir}/fpm.sock
 pm.max_children = 1
 client_max_body_size = 1K
 access.log = {dir}/access.log
-access.format = "%s %m %r"
+access.format = "%s %m %{Content-Type}o %r"
 env[CALLS_FILE] = {dir}/calls
 """
 
@@ -130,7 +130,8 @@ def test_content_length_over_the_limit_is_413_and_the_app_is_not_called(master: 
     path = unique_path()
     mark = master.log_size()
     assert_413(post(master, path, b"x" * (LIMIT + 1)))
-    assert access_line(master, path) == f"413 POST {path}"
+    # %o shows the headers of the 413 that went out
+    assert access_line(master, path) == f"413 POST text/plain; charset=utf-8 {path}"
     assert calls(master, path) == 0
     log = master.wait_for_log(f"POST {path}: CONTENT_LENGTH {LIMIT + 1} is over the {LIMIT}-byte limit", mark)
     assert "WARNING" in log and "Traceback" not in log
@@ -142,7 +143,7 @@ def test_bodies_up_to_the_limit_reach_the_app(master: ConfiguredServer, size: in
     body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
     assert_hashed(post(master, path, body), body)
     assert calls(master, path) == 1
-    assert access_line(master, path) == f"200 POST {path}"
+    assert access_line(master, path) == f"200 POST application/json {path}"
 
 
 # --- a streamed body without CONTENT_LENGTH ---------------------------------------------------
@@ -173,7 +174,7 @@ def test_streamed_body_over_the_limit_left_uncaught_is_413(master: ConfiguredSer
     mark = master.log_size()
     assert_413(post(master, path, b"s" * (3 * LIMIT), with_length=False, record_size=500))
     assert calls(master, path) == 1  # called: nothing said up front that the body was too large
-    assert access_line(master, path) == f"413 POST {path}"
+    assert access_line(master, path) == f"413 POST text/plain; charset=utf-8 {path}"
     log = master.wait_for_log(f"POST {path}: request body over the {LIMIT}-byte limit", mark)
     assert "answered 413" in log and "Traceback" not in log
 
