@@ -7,6 +7,9 @@
 cdef enum:
     RBUF_SIZE = 131072      # holds the largest record (8 + 65535 + 255 bytes) twice over
     REFUSED_KEPT = 8        # refused request ids a connection remembers
+    # Of a body over client_max_body_size that came without CONTENT_LENGTH, the most read and
+    # dropped after the answer to keep the connection; past it the connection closes instead.
+    DRAIN_OVER_LIMIT = 1048576
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -37,6 +40,7 @@ cdef class Limits:
     """What the pool's configuration says about connections, shared by all of one worker's."""
     cdef int idle_timeout_ms         # waiting for the start of a request
     cdef int read_timeout_ms         # waiting for the rest of a request, or to send
+    cdef int64_t max_body_size       # client_max_body_size: the largest body an app reads; 0: none
     cdef object log                  # log(level: str, message: str), error paths only
     cdef object protocol_log         # the same, for the line of a connection closed on bad input
     cdef dict get_values             # FCGI_GET_VALUES answers
@@ -59,6 +63,8 @@ cdef class Connection:
     cdef bint fresh           # accepted just now (counted in the slot's accepted_conn)
     cdef bint watched         # in the worker's epoll set
     cdef bint aborted         # the web server gave up on the current request (no 500 then)
+    cdef bint over_limit      # the current request's body passed max_body_size (a 413, not a 500)
+    cdef bint half_closed     # our side is shut down for writing: reading on until the peer closes
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
     cdef uint64_t request_serial   # changes when a request ends: its wsgi.input reads no more
     cdef int64_t content_length    # the current request's CONTENT_LENGTH, -1 when unknown
@@ -87,6 +93,7 @@ cdef class Connection:
         self.peer_len = 0
         self.fresh = False
         self.aborted = False
+        self.half_closed = False
 
     cdef void hold_output(self) noexcept:
         """Hold back what is sent from here on until end_output() (TCP_CORK). A unix socket has
@@ -96,12 +103,19 @@ cdef class Connection:
 
     cdef void end_output(self) noexcept:
         """Send the FIN now: on TCP in one segment with what hold_output() held back."""
-        shutdown(self.fd, SHUT_WR)
+        self.half_close()
 
     cdef void close_socket(self) noexcept:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
+
+    cdef void half_close(self) noexcept:
+        """Shut our side for writing but read on (a lingering close): the peer sees the end of the
+        response at once, and closing later cannot reset one still in flight. Nothing is sent after."""
+        if not self.half_closed and self.fd >= 0:
+            shutdown(self.fd, SHUT_WR)
+            self.half_closed = True
 
     cdef int wait_fd(self, short events, int timeout_ms) except -2:
         """poll() the socket: 1 ready, 0 timed out. Signal handlers run on EINTR."""
@@ -263,7 +277,8 @@ cdef class FcgiConnection(Connection):
     cdef size_t stdin_left    # content bytes left in the current STDIN record
     cdef size_t stdin_pad     # padding bytes left after it
     cdef bint stdin_done      # the empty STDIN record has been read
-    cdef int64_t stdin_total
+    cdef int64_t stdin_total  # content bytes of the STDIN records whose headers were read
+    cdef bint draining        # the response is out: the rest of the body is being dropped
     # Requests refused on this connection (CANT_MPX_CONN, UNKNOWN_ROLE) whose PARAMS and STDIN
     # may still be on their way: dropped unread rather than taken for a protocol error. A ring of
     # the last few; 0 is a free entry (request id 0 is for management records, never refused).
@@ -478,6 +493,8 @@ cdef class FcgiConnection(Connection):
         self.stdin_done = False
         self.stdin_total = 0
         self.aborted = False
+        self.over_limit = False
+        self.draining = False
 
     cdef Py_ssize_t body_next(self, Py_ssize_t want, const uint8_t **ptr, bint to_newline) except -1:
         """Consume up to want body bytes already received (reading more when none are): returns how
@@ -491,7 +508,16 @@ cdef class FcgiConnection(Connection):
             avail = self.rend - self.rstart
             if self.stdin_left or self.stdin_pad or not self.stdin_done:
                 if avail == 0 or (not self.stdin_left and not self.stdin_pad and avail < FCGI_HEADER_LEN):
+                    if self.draining and not self.keep_conn:
+                        # Say the connection ends before waiting for a body nobody reads: nginx
+                        # stops sending once it has the response, then waits for this (as php-fpm).
+                        self.half_close()
                     rc = self.fill(self.limits.read_timeout_ms)
+                    if rc == 0 and self.draining:
+                        # After END_REQUEST the web server may close instead of sending the rest
+                        # of a body (nginx does when it had not sent it all): no error.
+                        self.broken = True
+                        raise RequestAborted("the web server closed the connection")
                     if rc <= 0:
                         self.malformed("the web server closed or stalled while sending the body"
                                        if rc == 0 else "timed out reading the request body")
@@ -533,6 +559,13 @@ cdef class FcgiConnection(Connection):
             raise RequestAborted("malformed record from the web server")
         action = self.rule(&hdr, PHASE_BODY)
         if action == DO_STDIN:
+            if (self.limits.max_body_size and not self.draining
+                    and self.stdin_total + hdr.content_length > self.limits.max_body_size):
+                # Without CONTENT_LENGTH only (Worker refuses one over the limit). The record
+                # stays unread: every read from here on raises.
+                self.over_limit = True
+                raise RequestBodyTooLarge(f"request body over the {self.limits.max_body_size}-byte "
+                                          f"limit (client_max_body_size)")
             self.rstart += FCGI_HEADER_LEN
             self.stdin_left = hdr.content_length
             self.stdin_pad = hdr.padding_length
@@ -598,13 +631,34 @@ cdef class FcgiConnection(Connection):
 
     cdef int drain_body(self) except -1:
         """Read and drop what is left of the body the app did not read, so the next request on a kept
-        connection starts at a record boundary and closing does not reset the peer."""
+        connection starts at a record boundary and closing does not reset the peer.
+
+        A body over max_body_size too, when CONTENT_LENGTH bounds it (nginx still sending it takes
+        a close for a 502); without one, DRAIN_OVER_LIMIT bytes, then the connection is given up
+        (half-closed), DRAIN_OVER_LIMIT more, then closed. docs/operations.md says why.
+        """
         cdef const uint8_t *ptr
+        cdef int64_t limit = self.limits.max_body_size
+        cdef int64_t stop = self.stdin_total + DRAIN_OVER_LIMIT
+        self.draining = True
         try:
             while self.body_next(1 << 30, &ptr, False):
-                pass
-        except RequestAborted:
+                if limit and not self.over_limit and self.stdin_total > limit:
+                    self.over_limit = True  # an unread body without CONTENT_LENGTH, past the limit
+                    stop = self.stdin_total + DRAIN_OVER_LIMIT
+                if self.over_limit and self.content_length < 0 and self.stdin_total > stop:
+                    if not self.keep_conn:
+                        self.broken = True
+                        return 0
+                    self.keep_conn = False  # the next wait half-closes
+                    stop = self.stdin_total + DRAIN_OVER_LIMIT
+        except (RequestAborted, ConnectionLost):
+            # ConnectionLost: a record that needs an answer (a refusal) arrived after the peer left.
             self.broken = True
+        finally:
+            self.draining = False
+            if self.half_closed:
+                self.broken = True  # nothing more can be sent: no refusals, no next request
         return 0
 
 

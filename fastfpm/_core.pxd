@@ -186,12 +186,12 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_DONTWAIT
         SOCK_CLOEXEC
         SHUT_WR
-    int shutdown(int fd, int how)
     int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     ssize_t recv(int fd, void *buf, size_t len, int flags)
     ssize_t send(int fd, const void *buf, size_t len, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    int shutdown(int fd, int how)
 
 
 cdef extern from "<netinet/in.h>" nogil:

@@ -60,6 +60,11 @@ class ConnectionLost(OSError):
     """Writing the response failed: the web server went away (EPIPE, ECONNRESET)."""
 
 
+class RequestBodyTooLarge(OSError):
+    """wsgi.input: the body ran past the pool's client_max_body_size (no CONTENT_LENGTH announced
+    it). An app that lets it propagate gets a 413 answered for it, if no headers went out yet."""
+
+
 class FileWrapper:
     """wsgi.file_wrapper: iterate a file-like object in blocks, close it when the response ends."""
 
@@ -123,7 +128,8 @@ cdef class Worker:
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
                  int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
-                 dict routes=None, AccessLog access_log=None, protocol_log=None):
+                 dict routes=None, AccessLog access_log=None, protocol_log=None,
+                 bint keep_http_proxy=False, int64_t max_body_size=0):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
@@ -132,6 +138,8 @@ cdef class Worker:
         routes maps request paths to WSGI apps served instead of app (the status page, ping): the
         path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
         protocol_log (default: log) takes the line of a connection closed on malformed input.
+        keep_http_proxy: leave HTTP_PROXY (the Proxy header, httpoxy) in the environ.
+        max_body_size: the largest request body the app is given, in bytes (0: no limit).
         """
         self.app = app
         self.routes = [(path.encode("latin-1"), route_app) for path, route_app in (routes or {}).items()]
@@ -141,6 +149,7 @@ cdef class Worker:
         self.limits = Limits()
         self.limits.idle_timeout_ms = <int>(idle_timeout * 1000)
         self.limits.read_timeout_ms = <int>(read_timeout * 1000)
+        self.limits.max_body_size = max_body_size
         self.limits.log = log
         self.limits.protocol_log = protocol_log if protocol_log is not None else log
         limit = str(max_conns).encode()
@@ -148,7 +157,8 @@ cdef class Worker:
         self.slot = SlotWriter()
         if scoreboard is not None:
             self.slot.attach(scoreboard, slot_index)
-        self.request = EnvironBuilder(environ_template, PathPolicy(mount), max_params_size)
+        self.request = EnvironBuilder(environ_template, PathPolicy(mount), max_params_size,
+                                      keep_http_proxy)
         self.response = FcgiResponse()
         self.loop = ConnectionLoop()
         self.loop.listen_fd = listen_fd
@@ -256,7 +266,10 @@ cdef class Worker:
             return 0
         try:
             self.slot.running(self.request, c.content_length, c.keep_conn)
-            failed = self.run_app(c, env, self.app_for_request() if self.routes else self.app)
+            if self.limits.max_body_size and c.content_length > self.limits.max_body_size:
+                failed = self.refuse_body(c, env)
+            else:
+                failed = self.run_app(c, env, self.app_for_request() if self.routes else self.app)
             c.request_serial += 1  # the app's wsgi.input reads nothing more from here on
             if not c.broken:
                 self.finish_request(c, env, failed)
@@ -295,6 +308,14 @@ cdef class Worker:
                 return route_app
         return self.app
 
+    cdef bint refuse_body(self, Connection c, dict env) except? False:
+        """CONTENT_LENGTH is over client_max_body_size: the app is not called, a 413 answers
+        (finish_request); True, as for a failed app."""
+        c.over_limit = True
+        self.log("warning", f"request {describe(env)}: CONTENT_LENGTH {c.content_length} is over the "
+                            f"{self.limits.max_body_size}-byte limit (client_max_body_size); answered 413")
+        return True
+
     cdef bint run_app(self, Connection c, dict env, object app) except? True:
         """Call the app and send its body: True when it failed (a 500 follows if nothing was sent)."""
         cdef bint failed = False
@@ -308,12 +329,17 @@ cdef class Worker:
                 if not c.logged:
                     self.log("warning", f"request {describe(env)} ended early: {exc}")
                 c.broken = True
-        except (Exception, SystemExit):
+        except (Exception, SystemExit) as exc:
             # SystemExit too: an app that calls sys.exit() in a request fails that request, as
             # any other exception does; it does not take the worker (and its kept connections)
             # down with it.
             failed = True
-            if self.response.headers_sent:
+            if c.over_limit and isinstance(exc, RequestBodyTooLarge):
+                # The client's fault, not the app's: one line, no traceback; a 413 if it can be.
+                self.log("warning", f"request {describe(env)}: {exc}; " + (
+                    "aborting the response" if self.response.headers_sent else "answered 413"))
+                c.broken = self.response.headers_sent
+            elif self.response.headers_sent:
                 self.log_exception(f"the application failed after sending headers for "
                                    f"{describe(env)}; aborting the response")
                 c.broken = True
@@ -328,9 +354,10 @@ cdef class Worker:
         return failed
 
     cdef int finish_request(self, Connection c, dict env, bint failed) except -1:
-        """The 500 or the empty head if due, "Finishing", END_REQUEST, then the unread body dropped."""
+        """The 500 (413 for a body over the limit) or the empty head if due, "Finishing",
+        END_REQUEST, then the unread body dropped."""
         if failed and not c.aborted:
-            self.response.replace_with_500()
+            self.response.replace_with_error(413 if c.over_limit else 500)
         elif not failed:
             self.response.ensure_head()
         if c.aborted:

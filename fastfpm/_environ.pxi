@@ -81,6 +81,12 @@ _SPECIAL_KEYS = {
     b"HTTP_CONTENT_TYPE": K_DROP, b"HTTP_CONTENT_LENGTH": K_DROP,
 }
 
+# httpoxy (CVE-2016-5385): a request's `Proxy:` header arrives as HTTP_PROXY (RFC 3875's rule for
+# headers), the name that HTTP client libraries read their outgoing proxy from. Dropped unless the
+# pool keeps it (security.keep_http_proxy), whether the web server made it from the header or a
+# client sent the param itself. Names are case-sensitive: a web server only makes upper-case HTTP_*.
+_HTTPOXY_KEYS = {b"HTTP_PROXY": K_DROP}
+
 
 cdef inline uint64_t key_hash(const uint8_t *p, size_t n) noexcept nogil:
     """A cheap hash of a param name: its length and its first and last 8 bytes, mixed.
@@ -142,6 +148,7 @@ cdef class EnvironBuilder:
     (method, URI, query, script, content length) are remembered by position for the scoreboard.
     """
     cdef dict template               # the constant wsgi.* entries, copied for every request
+    cdef dict special_keys           # param name (bytes) -> kind: _SPECIAL_KEYS, and the httpoxy rule
     cdef PathPolicy paths
     cdef size_t max_params_size
     cdef KeyEntry keys[KEY_CACHE_SIZE]
@@ -173,7 +180,8 @@ cdef class EnvironBuilder:
         free(self.pbuf)
         free(self.scratch)
 
-    def __init__(self, dict environ_template, PathPolicy paths, Py_ssize_t max_params_size):
+    def __init__(self, dict environ_template, PathPolicy paths, Py_ssize_t max_params_size,
+                 bint keep_http_proxy=False):
         # Copying a dict clones its hash table, so a template built with room for a full request's
         # params spares each environ two resizes.
         self.template = _PyDict_NewPresized(ENVIRON_ROOM)
@@ -181,6 +189,11 @@ cdef class EnvironBuilder:
             # One by one: dict.update() into an empty dict would adopt the source's small table.
             self.template[name] = value
         self.paths = paths
+        # A name's kind is looked up once, when it enters the key cache: dropping HTTP_PROXY
+        # costs the hot path nothing beyond the K_DROP test every param already gets.
+        self.special_keys = dict(_SPECIAL_KEYS)
+        if not keep_http_proxy:
+            self.special_keys.update(_HTTPOXY_KEYS)
         self.max_params_size = max_params_size
         self.pcap = max_params_size + 1024
         self.pbuf = <uint8_t *>malloc(self.pcap)
@@ -221,7 +234,7 @@ cdef class EnvironBuilder:
                 # Interned, so it is the very object the environ template and the app's own string
                 # literals use: dict lookups then match on identity without comparing text.
                 key = sys.intern(PyUnicode_DecodeLatin1(<char *>name, n, NULL))
-                e.kind = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>name, n), K_PLAIN)
+                e.kind = self.special_keys.get(PyBytes_FromStringAndSize(<char *>name, n), K_PLAIN)
                 e.hash = h
                 e.length = n
                 memcpy(e.name, name, n)
@@ -281,7 +294,8 @@ cdef class EnvironBuilder:
                 kind = e.kind
             else:
                 key = PyUnicode_DecodeLatin1(<char *>base + pos + noff, nlen, NULL)
-                kind = _SPECIAL_KEYS.get(PyBytes_FromStringAndSize(<char *>base + pos + noff, nlen), K_PLAIN)
+                kind = self.special_keys.get(
+                    PyBytes_FromStringAndSize(<char *>base + pos + noff, nlen), K_PLAIN)
             if kind == K_DROP:
                 pos += rc
                 continue

@@ -8,20 +8,25 @@ cdef enum:
     FLUSH_AT = 262144       # send once this much response is buffered
 cdef size_t NO_RECORD = <size_t>-1
 
-# fastfpm's own 500, declared once: the status and headers Response.answer_500 records (what the
-# access log's %s and %o read) and the CGI head plus body FcgiResponse sends are made from them.
-cdef str STATUS_LINE_500 = "500 Internal Server Error"
-cdef bytes BODY_500 = b"Internal Server Error\n"
-cdef list HEADERS_500 = [("Content-Type", "text/plain; charset=utf-8"),
-                         ("Content-Length", str(len(BODY_500)))]
-cdef bytes STATUS_500 = "".join([f"Status: {STATUS_LINE_500}\r\n",
-                                 *[f"{name}: {value}\r\n" for name, value in HEADERS_500],
-                                 "\r\n"]).encode("latin-1") + BODY_500
+# fastfpm's own answers, each declared once as (status line, headers, CGI head plus body): the
+# status and headers Response.answer_own records (what the access log's %s and %o read) and the
+# bytes FcgiResponse sends are made from the same text.
+cdef tuple own_answer(str status_line, bytes body):
+    cdef list headers = [("Content-Type", "text/plain; charset=utf-8"),
+                         ("Content-Length", str(len(body)))]
+    head = "".join([f"Status: {status_line}\r\n", *[f"{name}: {value}\r\n" for name, value in headers],
+                    "\r\n"])
+    return status_line, headers, head.encode("latin-1") + body
+
+
+cdef tuple ANSWER_500 = own_answer("500 Internal Server Error", b"Internal Server Error\n")
+# A body over client_max_body_size, in nginx's wording (RFC 9110 calls 413 Content Too Large).
+cdef tuple ANSWER_413 = own_answer("413 Request Entity Too Large", b"Request Entity Too Large\n")
 
 
 cdef class Response:
     """One request's WSGI response: status and headers as start_response gave them, and the bytes
-    buffered to send. The framing methods (emit_head, out_body, flush, finish, replace_with_500)
+    buffered to send. The framing methods (emit_head, out_body, flush, finish, replace_with_error)
     are the protocol's."""
     cdef uint8_t *wbuf
     cdef size_t wlen, wcap
@@ -150,12 +155,12 @@ cdef class Response:
                 count += 1
         return 0
 
-    cdef void answer_500(self) noexcept:
-        """The response is now fastfpm's own 500: its status and headers replace what the app had
-        started (never sent), so the access log shows what went out."""
-        self.status = STATUS_LINE_500
-        self.headers = HEADERS_500
-        self.status_code = 500
+    cdef void answer_own(self, int code, tuple answer) noexcept:
+        """The response is now fastfpm's own (ANSWER_500, ANSWER_413): its status and headers
+        replace what the app had started (never sent), so the access log shows what went out."""
+        self.status = answer[0]
+        self.headers = answer[1]
+        self.status_code = code
 
     cdef int ensure_head(self) except -1:
         """An empty body: the head still goes out."""
@@ -177,8 +182,8 @@ cdef class Response:
         """End the response and send what is buffered."""
         raise NotImplementedError
 
-    cdef int replace_with_500(self) except -1:
-        """Drop what is buffered (nothing was sent) and answer 500 instead."""
+    cdef int replace_with_error(self, int code) except -1:
+        """Drop what is buffered (nothing was sent) and answer code (500 or 413) instead."""
         raise NotImplementedError
 
 
@@ -272,8 +277,10 @@ cdef class FcgiResponse(Response):
         self.frame_end()
         return self.flush()
 
-    cdef int replace_with_500(self) except -1:
+    cdef int replace_with_error(self, int code) except -1:
+        cdef tuple answer = ANSWER_413 if code == 413 else ANSWER_500
+        cdef bytes wire = answer[2]
         self.wlen = 0
         self.rec_start = NO_RECORD
-        self.answer_500()
-        return self.out_body(<const uint8_t *>PyBytes_AS_STRING(STATUS_500), PyBytes_GET_SIZE(STATUS_500))
+        self.answer_own(code, answer)
+        return self.out_body(<const uint8_t *>PyBytes_AS_STRING(wire), PyBytes_GET_SIZE(wire))

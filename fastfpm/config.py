@@ -721,6 +721,19 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("max_params_size", P, Size(1024), 65536,
        "Largest total size of one request's FastCGI params (headers and CGI variables).",
        origin="fastfpm", cli="--max-params-size"),
+    _d("client_max_body_size", P, Size(0), 0,
+       "Largest request body the app is given (nginx's name and syntax: 0 means no limit). A larger "
+       "CONTENT_LENGTH is answered 413 without calling the app; a body sent without one makes "
+       "wsgi.input raise past the limit.", origin="fastfpm",
+       note="php-fpm leaves this to PHP's post_max_size, which empties $_POST and still runs the script; "
+            "fastfpm never calls the app (docs/operations.md, Request body limit)."),
+    _d("security.keep_http_proxy", P, Bool(), False,
+       "Keep the HTTP_PROXY param (a request's `Proxy:` header) in the environ; no: it is dropped, "
+       "which closes httpoxy (CVE-2016-5385) for the app and the HTTP libraries it hands the environ to.",
+       origin="fastfpm",
+       note="php-fpm has no such switch: PHP itself (since 5.5.38, 5.6.24 and 7.0.9) replaces "
+            "$_SERVER['HTTP_PROXY'] by the process environment's HTTP_PROXY or removes it. fastfpm only "
+            "removes it: the process environment stays in os.environ, where WSGI apps read it."),
 )
 del G, P
 

@@ -133,6 +133,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
             idle_timeout=pool.idle_timeout, read_timeout=pool.read_timeout,
             max_params_size=pool.max_params_size, mount=pool.mount or "",
+            keep_http_proxy=pool.security_keep_http_proxy, max_body_size=pool.client_max_body_size,
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
                 lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),

@@ -142,6 +142,10 @@ def _line_of(path: Path, text: str) -> int:
     ("request_slowlog_trace_depth = 5\nslowlog = /tmp/slow.log", "request_slowlog_trace_depth", 5),
     ("pm.max_requests_jitter = 50\npm.max_requests = 500", "pm_max_requests_jitter", 50),
     ("read_timeout = 1m", "read_timeout", 60.0),
+    ("client_max_body_size = 0", "client_max_body_size", 0),
+    ("client_max_body_size = 10m", "client_max_body_size", 10485760),
+    ("client_max_body_size = 1000", "client_max_body_size", 1000),
+    ("security.keep_http_proxy = yes", "security_keep_http_proxy", True),
 ])
 def test_pool_value_types(tmp_path, line, attr, expected):
     pool = pool_with(tmp_path, line + "\n")
@@ -180,6 +184,9 @@ def test_global_value_types(tmp_path, line, attr, expected):
     ("clear_env = maybe", "expected yes/no, on/off, true/false or 1/0"),
     ("max_params_size = 12Q", "expected a size such as 65536, 64K or 1M"),
     ("max_params_size = 100", "must be at least 1K"),
+    ("client_max_body_size = 10X", "invalid value '10X' for 'client_max_body_size': expected a size"),
+    ("client_max_body_size = -1", "expected a size such as 65536, 64K or 1M"),
+    ("security.keep_http_proxy = sometimes", "expected yes/no"),
     ("pm = lazy", "expected one of static, dynamic, ondemand"),
     ("listen.mode = 0999", "expected an octal file mode"),
     ("rlimit_core = lots", "expected a number >= 0 or 'unlimited'"),

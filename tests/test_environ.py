@@ -26,12 +26,13 @@ class PoolStub:
     name = "env"
 
 
-def make_worker(mount: str = "") -> Worker:
+def make_worker(mount: str = "", keep_http_proxy: bool = False) -> Worker:
     """A worker bound to a throwaway socket; environ_for never touches it."""
     sock = socket.socket(socket.AF_UNIX)
     log = ErrorLog(None, "alert")
     worker = Worker(sock.fileno(), lambda e, s: [], environ_template=environ_template(PoolStub),
-                    log=log.log, log_exception=log.exception, mount=mount)
+                    log=log.log, log_exception=log.exception, mount=mount,
+                    keep_http_proxy=keep_http_proxy)
     _SOCKETS.append(sock)  # alive as long as the module: the worker holds only its fd
     return worker
 
@@ -121,3 +122,38 @@ def test_malformed_params_and_content_length_are_refused(worker: Worker) -> None
         worker.environ_for(b"\x05\x7fAB")
     with pytest.raises(protocol.ProtocolError):
         environ(worker, CONTENT_LENGTH="12x")
+
+
+def test_http_proxy_is_dropped_by_default(worker: Worker) -> None:
+    """httpoxy: the Proxy header's HTTP_PROXY never reaches the app; look-alike names do."""
+    for _ in range(2):  # the first sight of each name, then the key cache's entries
+        env = environ(worker, HTTP_PROXY="http://evil.test:3128", HTTP_PROXY_AUTHORIZATION="Basic eA==",
+                      http_proxy="http://lower.test", HTTP_X_ONE="1")
+        assert "HTTP_PROXY" not in env
+        assert env["HTTP_PROXY_AUTHORIZATION"] == "Basic eA=="
+        assert env["http_proxy"] == "http://lower.test"  # names are case-sensitive; no server makes it
+        assert env["HTTP_X_ONE"] == "1"
+
+
+def test_http_proxy_sent_twice_is_dropped_both_times(worker: Worker) -> None:
+    params = protocol.encode_pairs([(b"HTTP_PROXY", b"http://a.test"), (b"HTTP_HOST", b"h"),
+                                    (b"HTTP_PROXY", b"http://b.test")])
+    env = worker.environ_for(params)
+    assert "HTTP_PROXY" not in env and env["HTTP_HOST"] == "h"
+
+
+def test_http_proxy_is_dropped_when_the_key_cache_is_full() -> None:
+    """A name first seen after the cache filled up takes the uncached path: the same rule holds."""
+    full = make_worker()
+    names = [f"X{n:05d}" for n in range(4000)]  # names that differ in their first 8 bytes spread
+    for start in range(0, len(names), 1000):
+        environ(full, **dict.fromkeys(names[start:start + 1000], "v"))
+    env = environ(full, HTTP_PROXY="http://evil.test", HTTP_X_AFTER="1")
+    assert "HTTP_PROXY" not in env and env["HTTP_X_AFTER"] == "1"
+
+
+def test_keep_http_proxy_keeps_it() -> None:
+    keeping = make_worker(keep_http_proxy=True)
+    for _ in range(2):
+        env = environ(keeping, HTTP_PROXY="http://proxy.test:3128")
+        assert env["HTTP_PROXY"] == "http://proxy.test:3128"

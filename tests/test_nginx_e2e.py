@@ -258,6 +258,24 @@ def test_upload_read_modes(stack: Stack, mode: str) -> None:
         assert seen["pieces"] == body.count(b"\n") + (not body.endswith(b"\n"))
 
 
+def test_large_body_the_app_does_not_read(stack: Stack, ka_stack: Stack) -> None:
+    """An app that answers without reading a 6 MiB body: the answer arrives, nothing is logged.
+
+    nginx stops sending a body once it has passed the response on, and without keep-alive waits
+    for the connection's end: the worker half-closes before it waits for the rest (as php-fpm
+    does), or both would sit until nginx's fastcgi_read_timeout (the harness's 20 s; a 504).
+    """
+    body = b"u" * (6 * MIB)
+    for port, web in ((stack.port, stack), (ka_stack.nginx.keepalive_port, ka_stack)):
+        mark, web_mark = web.fpm.log_size(), len(nginx_errors(web))
+        for _ in range(3):
+            reply = http_request(port, "POST", "/headers", body=body)
+            assert reply.status == 200, reply.body[:2000]
+        assert http_get(port, "/env/after").status == 200
+        assert error_lines(web.fpm.log_since(mark)) == []
+        assert nginx_errors(web)[web_mark:] == []
+
+
 @functools.cache
 def expected_download(mib: int) -> str:
     """sha256 of the download app's body for `mib` MiB (computed once)."""
