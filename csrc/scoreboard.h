@@ -27,7 +27,7 @@
 /* ---- cffi cdef begin ---- */
 
 #define FFPM_SB_MAGIC 0x4d504646u /* "FFPM" */
-#define FFPM_SB_VERSION 2u
+#define FFPM_SB_VERSION 3u
 
 /* Request stages, php-fpm's names (fpm_request.h) plus the slot's life around them. */
 enum {
@@ -70,7 +70,8 @@ typedef struct {
 
 /* The pool header is also the home of every pool counter php-fpm's status page shows that is not a
  * count of slots by stage (idle, active and total processes are counted from the slots when read).
- * The master writes them, each where it changes; nothing here is on a worker's request path. */
+ * The master writes them, each where it changes; nothing here is on a worker's request path (a
+ * worker touches only the accept lock and, when it closes a slow client, the log limiter). */
 typedef struct {
     uint32_t magic;
     uint32_t version;
@@ -90,7 +91,11 @@ typedef struct {
     /* Workers: held (CLOCK_MONOTONIC ns of taking it, 0 when free) by the one worker making the
      * shared listen socket non-blocking for a moment (see ffpm_accept_lock). */
     int64_t accept_lock_ns;
-    uint8_t reserved[256 - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8];
+    /* Workers: the pool's limiter for lines about connections closed on a deadline (slow or silent
+     * clients), so that an attack cannot flood the log (see ffpm_log_permit). */
+    int64_t deadline_log_ns;        /* CLOCK_MONOTONIC ns of the last such line, 0: none yet */
+    uint64_t deadline_log_suppressed; /* such closes not logged since that line */
+    uint8_t reserved[256 - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8 - 2 * 8];
 } ffpm_pool_header;
 
 /* ---- cffi cdef end ---- */
@@ -110,6 +115,23 @@ static inline int ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t 
         return 0;
     return __atomic_compare_exchange_n(&h->accept_lock_ns, &seen, now_ns, 0, __ATOMIC_ACQUIRE,
                                        __ATOMIC_RELAXED);
+}
+
+/*
+ * A worker closed a connection on a deadline: may it log a line about it now? At most one line per
+ * interval_ns for the whole pool (every worker shares the header). Returns how many such closes
+ * were not logged since the last line (the line says so), or -1: not now, this one is counted.
+ */
+static inline int64_t ffpm_log_permit(ffpm_pool_header *h, int64_t now_ns, int64_t interval_ns)
+{
+    int64_t last = __atomic_load_n(&h->deadline_log_ns, __ATOMIC_RELAXED);
+    if ((last != 0 && now_ns - last < interval_ns)
+        || !__atomic_compare_exchange_n(&h->deadline_log_ns, &last, now_ns, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_RELAXED)) {
+        __atomic_add_fetch(&h->deadline_log_suppressed, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    return (int64_t)__atomic_exchange_n(&h->deadline_log_suppressed, 0, __ATOMIC_ACQ_REL);
 }
 
 static inline void ffpm_accept_unlock(ffpm_pool_header *h) { __atomic_store_n(&h->accept_lock_ns, 0, __ATOMIC_RELEASE); }

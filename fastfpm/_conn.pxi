@@ -7,6 +7,23 @@
 cdef enum:
     RBUF_SIZE = 131072      # holds the largest record (8 + 65535 + 255 bytes) twice over
     REFUSED_KEPT = 8        # refused request ids a connection remembers
+    FILL_AGAIN = -3         # fill_now(): nothing to read yet
+    # How long a new connection's first bytes are waited for before it joins the worker's other
+    # waiting connections. A web server writes right after connecting, but the worker may accept in
+    # between; a connection left waiting in the set could be stranded behind the next request this
+    # worker takes (a long one, while other workers idle). 50 ms covers a client descheduled for a
+    # few scheduler ticks or GIL switch intervals, and costs a silent client's victim 1/100 of
+    # idle_timeout.
+    FIRST_BYTE_GRACE_MS = 50
+
+# What reading a request's head comes to (FcgiConnection.read_request_head), besides 0 (close
+# quietly) and -1 (close, logged).
+cdef enum:
+    HEAD_READY = 1          # the params are in: serve the request
+    HEAD_WAIT = 2           # nothing, or not all of the head, has arrived: wait in the loop's epoll set
+
+# At most one log line per pool per this many seconds about connections closed on a deadline.
+DEADLINE_LOG_INTERVAL_S = 10
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -18,9 +35,29 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef class Limits:
     """What the pool's configuration says about connections, shared by all of one worker's."""
     cdef int idle_timeout_ms         # waiting for the start of a request
-    cdef int read_timeout_ms         # waiting for the rest of a request, or to send
+    cdef int header_timeout_ms       # request_header_timeout: the whole head, from its first bytes
+    cdef int body_timeout_ms         # request_body_timeout: each wait for more of the body
+    cdef int read_timeout_ms         # each wait for the web server to take more of the response
     cdef object log                  # log(level: str, message: str), error paths only
     cdef dict get_values             # FCGI_GET_VALUES answers
+    cdef ffpm_pool_header *header    # the pool's header: the deadline log limiter lives there
+
+    cdef void limited_log(self, str why) noexcept:
+        """Log a connection closed for a slow or silent client (a deadline passed), at most one line
+        per pool per DEADLINE_LOG_INTERVAL_S: one such client costs a line, an attack of thousands
+        a line every few seconds that counts the rest."""
+        cdef int64_t suppressed = ffpm_log_permit(self.header, mono_ns(),
+                                                  <int64_t>DEADLINE_LOG_INTERVAL_S * 1000000000)
+        if suppressed < 0:
+            return
+        try:
+            if suppressed:
+                why += (f"; {suppressed} more connection{'s' if suppressed > 1 else ''} of this pool "
+                        f"closed for slow or silent clients since the last such line (at most one "
+                        f"every {DEADLINE_LOG_INTERVAL_S}s)")
+            self.log("warning", f"closing a FastCGI connection: {why}")
+        except BaseException:
+            pass
 
 
 cdef class Connection:
@@ -41,6 +78,7 @@ cdef class Connection:
     cdef bint watched         # in the worker's epoll set
     cdef bint aborted         # the web server gave up on the current request (no 500 then)
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
+    cdef int64_t head_deadline_ns  # the current request's head must be in by then; 0: not started
     cdef uint64_t request_serial   # changes when a request ends: its wsgi.input reads no more
     cdef int64_t content_length    # the current request's CONTENT_LENGTH, -1 when unknown
     cdef sockaddr_storage peer     # the peer's address, as accept4 gave it (the access log's %R)
@@ -68,6 +106,7 @@ cdef class Connection:
         self.peer_len = 0
         self.fresh = False
         self.aborted = False
+        self.head_deadline_ns = 0
 
     cdef void close_socket(self) noexcept:
         if self.fd >= 0:
@@ -90,8 +129,9 @@ cdef class Connection:
                 raise OSError(errno, "poll() failed")
             PyErr_CheckSignals()
 
-    cdef int fill(self, int timeout_ms) except -2:
-        """Receive more bytes into the buffer: >0 read, 0 the peer closed, -1 timed out or failed."""
+    cdef int fill_now(self) except -2:
+        """Receive what has arrived, without waiting: >0 read, 0 the peer closed, FILL_AGAIN nothing
+        yet, -1 failed or the buffer is full."""
         cdef ssize_t n
         cdef int err
         if self.rstart == self.rend:
@@ -115,9 +155,18 @@ cdef class Connection:
             if err == EINTR:
                 PyErr_CheckSignals()
             elif err == EAGAIN:  # EWOULDBLOCK is the same value on Linux
-                if self.wait_fd(POLLIN, timeout_ms) == 0:
-                    return -1
+                return FILL_AGAIN
             else:
+                return -1
+
+    cdef int fill(self, int timeout_ms) except -2:
+        """Receive more bytes into the buffer: >0 read, 0 the peer closed, -1 timed out or failed."""
+        cdef int got
+        while True:
+            got = self.fill_now()
+            if got != FILL_AGAIN:
+                return got
+            if self.wait_fd(POLLIN, timeout_ms) == 0:
                 return -1
 
     cdef int send_all(self, const uint8_t *data, size_t n) except -1:
@@ -156,6 +205,36 @@ cdef class Connection:
             self.limits.log("warning", f"closing a FastCGI connection: {why}")
         except BaseException:
             pass
+
+    cdef bint start_head_deadline(self) noexcept:
+        """The request's head has begun: its request_header_timeout runs from now (True), unless it
+        already runs (False)."""
+        if self.head_deadline_ns:
+            return False
+        self.head_deadline_ns = mono_ns() + <int64_t>self.limits.header_timeout_ms * 1000000
+        return True
+
+    cdef int fill_head(self) except -2:
+        """fill() for the rest of a request's head, waiting no later than its deadline: >0 read,
+        0 the peer closed, -1 the deadline passed (or receiving failed)."""
+        cdef int64_t left_ns
+        self.start_head_deadline()
+        left_ns = self.head_deadline_ns - mono_ns()
+        return self.fill(<int>(left_ns // 1000000) + 1 if left_ns > 0 else 0)
+
+    cdef void head_timed_out(self) noexcept:
+        """Close after this: the request's head was not in by request_header_timeout (logged, limited)."""
+        self.broken = True
+        self.logged = True
+        self.limits.limited_log(f"the request head did not arrive within request_header_timeout "
+                                f"({self.limits.header_timeout_ms / 1000:g}s)")
+
+    cdef void body_timed_out(self) noexcept:
+        """Close after this: no more of the body for request_body_timeout (logged, limited)."""
+        self.broken = True
+        self.logged = True
+        self.limits.limited_log(f"no more of the request body within request_body_timeout "
+                                f"({self.limits.body_timeout_ms / 1000:g}s)")
 
     cdef void begin_body(self) noexcept:
         """A request's body is about to be read (the protocol resets its body state)."""
@@ -333,9 +412,46 @@ cdef class FcgiConnection(Connection):
 
     # ------------------------------------------------------------------ the request head
 
-    cdef int read_request_head(self, EnvironBuilder params, SlotWriter slot, bint first) except -2:
-        """Read records up to the end of PARAMS into params: 1 a request is ready, 0 close quietly,
-        -1 close (logged). The slot turns "Reading headers" with the request's first bytes."""
+    cdef int gather_head(self) except -2:
+        """Between requests: receive until the head is in (fcgi_head_ready), without waiting.
+        HEAD_READY, HEAD_WAIT (the rest has not arrived: the worker waits for it among its other
+        connections, so a slow or silent client never holds it), 0 closed quietly, -1 closed (logged).
+
+        The head's deadline (request_header_timeout) runs from the first time it is seen
+        incomplete; a head that arrives in one piece, the normal case, never reads the clock.
+        """
+        cdef int got
+        while not fcgi_head_ready(self.rbuf + self.rstart, self.rend - self.rstart):
+            got = self.fill_now()
+            if got > 0:
+                continue
+            if got == FILL_AGAIN:
+                if self.rend == self.rstart:
+                    if self.fresh and not self.watched and self.wait_fd(POLLIN, FIRST_BYTE_GRACE_MS):
+                        continue  # accepted a moment before its first bytes
+                    return HEAD_WAIT  # silent so far: idle_timeout (the loop) bounds the wait
+                if not self.start_head_deadline() and mono_ns() >= self.head_deadline_ns:
+                    self.head_timed_out()
+                    return -1
+                return HEAD_WAIT
+            if got == 0:
+                if self.rend > self.rstart:
+                    self.malformed("the web server closed mid-request")
+                    return -1
+                return 0
+            if self.rend >= RBUF_SIZE:
+                return HEAD_READY  # larger than the buffer: read it as it comes, still by the deadline
+            if self.rend == self.rstart:
+                self.broken = True
+                return 0
+            self.malformed("receiving the request failed")
+            return -1
+        return HEAD_READY
+
+    cdef int read_request_head(self, EnvironBuilder params, SlotWriter slot) except -2:
+        """Read records up to the end of PARAMS into params: HEAD_READY a request is ready, HEAD_WAIT
+        wait for this connection in the loop's epoll set (its head is not all here), 0 close quietly,
+        -1 close (logged). The slot turns "Reading headers" once the head is in the buffer."""
         cdef fcgi_header hdr
         cdef long rc
         cdef int got, action, phase = PHASE_IDLE
@@ -343,32 +459,37 @@ cdef class FcgiConnection(Connection):
         cdef const uint8_t *content
         params.clear_params()
         while True:
+            if phase == PHASE_IDLE:
+                # Nothing of a request consumed yet: wait for the whole head before taking any of it.
+                got = self.gather_head()
+                if got != HEAD_READY:
+                    return got
+                if not started:
+                    started = True
+                    slot.reading(self.fresh)
+                    self.fresh = False
             rc = fcgi_parse_record(self.rbuf + self.rstart, self.rend - self.rstart, &hdr)
             if rc == FCGI_NEED_MORE:
-                got = self.fill(self.limits.read_timeout_ms if started else self.limits.idle_timeout_ms)
+                # Mid-PARAMS: a head larger than the buffer, or one begun after a management record.
+                got = self.fill_head()
                 if got > 0:
-                    if not started:
-                        started = True
-                        slot.reading(first)
                     continue
-                if phase != PHASE_IDLE or self.rend > self.rstart:
-                    self.malformed("the web server closed or stalled mid-request" if got == 0
-                                   else "timed out waiting for the rest of the request")
-                    return -1
-                return 0  # closed or idle between requests: nothing lost
+                if got == 0:
+                    self.malformed("the web server closed or stalled mid-request")
+                else:
+                    self.head_timed_out()
+                return -1
             if rc == FCGI_ERR_VERSION:
                 self.malformed(f"bad FastCGI version {self.rbuf[self.rstart]}")
                 return -1
-            if not started:
-                started = True
-                slot.reading(first)
             content = self.rbuf + self.rstart + FCGI_HEADER_LEN
             self.rstart += rc
             action = self.rule(&hdr, phase)
             if action == DO_PARAMS:
                 if hdr.content_length == 0:
+                    self.head_deadline_ns = 0
                     slot.info()
-                    return 1
+                    return HEAD_READY
                 if not params.add_params(content, hdr.content_length):
                     self.malformed(f"request params over the {params.max_params_size}-byte limit")
                     return -1
@@ -431,10 +552,12 @@ cdef class FcgiConnection(Connection):
             avail = self.rend - self.rstart
             if self.stdin_left or self.stdin_pad or not self.stdin_done:
                 if avail == 0 or (not self.stdin_left and not self.stdin_pad and avail < FCGI_HEADER_LEN):
-                    rc = self.fill(self.limits.read_timeout_ms)
+                    rc = self.fill(self.limits.body_timeout_ms)
                     if rc <= 0:
-                        self.malformed("the web server closed or stalled while sending the body"
-                                       if rc == 0 else "timed out reading the request body")
+                        if rc == 0:
+                            self.malformed("the web server closed while sending the body")
+                        else:
+                            self.body_timed_out()
                         raise RequestAborted("the request body did not arrive")
                     continue
             if self.stdin_left:
@@ -486,8 +609,12 @@ cdef class FcgiConnection(Connection):
             return 0
         rc = fcgi_parse_record(self.rbuf + self.rstart, avail, &hdr)
         if rc == FCGI_NEED_MORE:
-            if self.fill(self.limits.read_timeout_ms) <= 0:
-                self.malformed("the web server closed or stalled mid-record")
+            rc = self.fill(self.limits.body_timeout_ms)
+            if rc <= 0:
+                if rc == 0:
+                    self.malformed("the web server closed mid-record")
+                else:
+                    self.body_timed_out()
                 raise RequestAborted("the request body did not arrive")
             return 0
         self.rstart += rc

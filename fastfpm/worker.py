@@ -131,7 +131,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         worker = Worker(
             listen_fd, app, environ_template=environ_template(pool, WsgiErrors(log)), log=log.log,
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
-            idle_timeout=pool.idle_timeout, read_timeout=pool.read_timeout,
+            idle_timeout=pool.idle_timeout, header_timeout=pool.request_header_timeout,
+            body_timeout=pool.request_body_timeout, read_timeout=pool.read_timeout,
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(

@@ -191,7 +191,7 @@ def _replace(text: str, old: str, new: str) -> str:
     ("pxd", "        uint64_t slow_requests\n", "        int64_t slow_requests\n",
      "ffpm_pool_header field 11"),
     ("pxd", "        FFPM_STAGE_ENDING\n", "", "constant FFPM_STAGE_ENDING is not declared"),
-    ("pxd", "        uint8_t reserved[96]\n", "        uint8_t reserved[88]\n", "ffpm_pool_header field 16"),
+    ("pxd", "        uint8_t reserved[80]\n", "        uint8_t reserved[72]\n", "ffpm_pool_header field 18"),
     ("pxd", "    void ffpm_accept_unlock(ffpm_pool_header *h)\n",
      "    void ffpm_accept_unlock(ffpm_slot *h)\n", "function ffpm_accept_unlock"),
     ("header", "    uint64_t requests_retired;", "    uint64_t requests_retired;\n    uint64_t extra;",
