@@ -2,7 +2,7 @@
 """How long normal requests wait while silent or trickling connections are held open against a pool.
 
     python benchmarks/slowclients.py --silent 8 --workers 4 --transport unix
-    python benchmarks/slowclients.py --silent 8 --transport tcp --reconnect
+    python benchmarks/slowclients.py --silent 8 --transport tcp --reconnect --requests 100 --interval 0.05
     python benchmarks/slowclients.py --trickle 8 --server-args "--idle-timeout 5"
     python benchmarks/slowclients.py --repo ../baseline --silent 8     # another checkout's fastfpm
 
@@ -10,7 +10,8 @@ A silent connection connects and sends nothing; a trickling one sends a valid Fa
 byte per second. With --reconnect each one that the server closes is opened again at once (an
 attacker who keeps at it). While they are held, --requests normal GETs go one after another
 through the project's client (each on a fresh connection, as nginx sends them), and the time each
-waited is reported. The server is `python -m fastfpm serve` with the built-in demo app.
+waited is reported (--interval spaces them out). The server is `python -m fastfpm serve` with the
+built-in demo app.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--trickle", type=int, default=0, help="connections sending a byte a second")
     parser.add_argument("--reconnect", action="store_true", help="reopen each one the server closes")
     parser.add_argument("--requests", type=int, default=20, help="normal requests, one after another")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between normal requests")
     parser.add_argument("--timeout", type=float, default=30.0, help="a normal request's client timeout")
     parser.add_argument("--server-args", default="", help="more `fastfpm serve` arguments")
     args = parser.parse_args()
@@ -159,13 +161,14 @@ def main() -> None:
                 ok = False
             waits.append(time.monotonic() - started)
             failed += not ok
+            time.sleep(args.interval)
         closed = attackers.closed_by_server if attackers else 0
     finally:
         if attackers:
             attackers.close()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
-    kind = "silent" if args.silent else "trickling" if args.trickle else "no"
+    kind = "silent" if args.silent else "trickling" if args.trickle else "attacking"
     print(f"{args.transport}, {args.workers} workers, {args.silent or args.trickle} {kind} connections"
           f"{' (reconnecting)' if args.reconnect else ''}, server args {args.server_args!r}:")
     print(f"  {args.requests - failed}/{args.requests} answered; wait median "

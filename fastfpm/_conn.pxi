@@ -8,13 +8,6 @@ cdef enum:
     RBUF_SIZE = 131072      # holds the largest record (8 + 65535 + 255 bytes) twice over
     REFUSED_KEPT = 8        # refused request ids a connection remembers
     FILL_AGAIN = -3         # fill_now(): nothing to read yet
-    # How long a new connection's first bytes are waited for before it joins the worker's other
-    # waiting connections. A web server writes right after connecting, but the worker may accept in
-    # between; a connection left waiting in the set could be stranded behind the next request this
-    # worker takes (a long one, while other workers idle). 50 ms covers a client descheduled for a
-    # few scheduler ticks or GIL switch intervals, and costs a silent client's victim 1/100 of
-    # idle_timeout.
-    FIRST_BYTE_GRACE_MS = 50
 
 # What reading a request's head comes to (FcgiConnection.read_request_head), besides 0 (close
 # quietly) and -1 (close, logged).
@@ -35,6 +28,7 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef class Limits:
     """What the pool's configuration says about connections, shared by all of one worker's."""
     cdef int idle_timeout_ms         # waiting for the start of a request
+    cdef int first_byte_grace_ms     # waiting for a new connection's first bytes before it joins the others
     cdef int header_timeout_ms       # request_header_timeout: the whole head, from its first bytes
     cdef int body_timeout_ms         # request_body_timeout: each wait for more of the body
     cdef int read_timeout_ms         # each wait for the web server to take more of the response
@@ -427,7 +421,7 @@ cdef class FcgiConnection(Connection):
                 continue
             if got == FILL_AGAIN:
                 if self.rend == self.rstart:
-                    if self.fresh and not self.watched and self.wait_fd(POLLIN, FIRST_BYTE_GRACE_MS):
+                    if self.fresh and not self.watched and self.wait_fd(POLLIN, self.limits.first_byte_grace_ms):
                         continue  # accepted a moment before its first bytes
                     return HEAD_WAIT  # silent so far: idle_timeout (the loop) bounds the wait
                 if not self.start_head_deadline() and mono_ns() >= self.head_deadline_ns:

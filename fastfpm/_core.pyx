@@ -122,6 +122,7 @@ cdef class Worker:
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
                  double header_timeout=10.0, double body_timeout=60.0, double read_timeout=60.0,
+                 double first_byte_grace=0.05,
                  Py_ssize_t max_params_size=65536, str mount="",
                  int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
                  dict routes=None, AccessLog access_log=None):
@@ -132,6 +133,8 @@ cdef class Worker:
         parent_pid, the loop stops once that process is no longer its parent (the master died).
         routes maps request paths to WSGI apps served instead of app (the status page, ping): the
         path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
+        A new connection with nothing to read yet is waited for first_byte_grace seconds, then
+        waits among the loop's other connections (see fastfpm.worker.first_byte_grace).
         """
         self.app = app
         self.routes = [(path.encode("latin-1"), route_app) for path, route_app in (routes or {}).items()]
@@ -140,6 +143,7 @@ cdef class Worker:
         self.max_requests = max_requests
         self.limits = Limits()
         self.limits.idle_timeout_ms = <int>(idle_timeout * 1000)
+        self.limits.first_byte_grace_ms = <int>(first_byte_grace * 1000)
         self.limits.header_timeout_ms = <int>(header_timeout * 1000)
         self.limits.body_timeout_ms = <int>(body_timeout * 1000)
         self.limits.read_timeout_ms = <int>(read_timeout * 1000)

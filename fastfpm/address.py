@@ -15,6 +15,7 @@ import contextlib
 import errno
 import grp
 import ipaddress
+import math
 import os
 import pwd
 import re
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG",
-           "AllowedClients", "REFUSED_MESSAGE"]
+           "AllowedClients", "REFUSED_MESSAGE", "defer_accept"]
 
 # php-fpm's listen.backlog default on Linux (FPM_BACKLOG_DEFAULT in sapi/fpm/fpm/fpm_sockets.h).
 DEFAULT_BACKLOG = 511
@@ -307,6 +308,20 @@ def create_listen_socket(address: Address | str, *, backlog: int = DEFAULT_BACKL
     if address.is_unix:
         return _create_unix(address, backlog, mode, owner, group)
     return _create_tcp(address, backlog)
+
+
+def defer_accept(sock: socket.socket, seconds: float) -> bool:
+    """On a TCP listen socket, have the kernel hand a connection to accept() only once it has data
+    (TCP_DEFER_ACCEPT, nginx's `listen ... deferred`): a client that connects and stays silent then
+    wakes no worker and counts in no listen queue for up to about `seconds`, after which Linux
+    queues it anyway (the worker's idle_timeout closes it then). True when set; unix sockets have
+    no such option (their silent connections wait among the worker's others, see ConnectionLoop).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    # Whole seconds; Linux turns them into SYN-ACK retransmissions (1, 3, 7, 15 s ...).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, math.ceil(seconds)))
+    return True
 
 
 def connect(address: Address | str, timeout: float | None = 10.0) -> socket.socket:

@@ -19,7 +19,7 @@ try:
     from fastfpm._core import FileWrapper, Worker
 except ModuleNotFoundError as exc:
     raise not_built(exc) from None
-from fastfpm.address import REFUSED_MESSAGE, AllowedClients
+from fastfpm.address import REFUSED_MESSAGE, AllowedClients, parse_address
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker
@@ -133,6 +133,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
             idle_timeout=pool.idle_timeout, header_timeout=pool.request_header_timeout,
             body_timeout=pool.request_body_timeout, read_timeout=pool.read_timeout,
+            first_byte_grace=first_byte_grace(pool),
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
@@ -173,6 +174,22 @@ def set_accept_timeout(listen_fd: int) -> None:
                         struct.pack("ll", 0, int(ACCEPT_TIMEOUT_SECONDS * 1_000_000)))
     finally:
         sock.close()
+
+
+# How long a worker waits for a new connection's first bytes before the connection joins the
+# others it waits on (fastfpm._core's ConnectionLoop). A web server writes right after connecting,
+# but the worker may accept in between; a connection left waiting in the set could be stranded
+# behind the next request the worker takes (a long one, while other workers idle). 50 ms covers a
+# client descheduled for a few scheduler ticks or GIL switch intervals, and costs a silent client's
+# victim a hundredth of idle_timeout.
+FIRST_BYTE_GRACE_SECONDS = 0.05
+
+
+def first_byte_grace(pool: Any) -> float:
+    """FIRST_BYTE_GRACE_SECONDS on a unix socket; 0 on TCP, where the master set TCP_DEFER_ACCEPT
+    (fastfpm.address.defer_accept): accept() returns a connection with data, or one silent for
+    seconds already."""
+    return FIRST_BYTE_GRACE_SECONDS if parse_address(pool.listen).is_unix else 0.0
 
 
 def install_slowlog(pool: Any, scoreboard: Any, slot_index: int, log: ErrorLog) -> None:
