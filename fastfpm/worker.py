@@ -22,7 +22,7 @@ except ModuleNotFoundError as exc:
 from fastfpm.address import REFUSED_MESSAGE, AllowedClients, parse_address
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, WsgiErrors
-from fastfpm.process import SetupError, prepare_worker
+from fastfpm.process import SetupError, prepare_worker, watch_master
 from fastfpm.proctitle import set_worker_title
 from fastfpm.status import routes as status_routes
 
@@ -90,10 +90,11 @@ def redirect_output(pool: Any, stdout_fd: int, stderr_fd: int) -> None:
 
 def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog, *,
                log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None,
-               access_log_fd: int = -1) -> NoReturn:
-    """Serve pool's application on listen_fd until told to stop, then exit the process."""
+               access_log_fd: int = -1, master_pid: int = 0) -> NoReturn:
+    """Serve pool's application on listen_fd until told to stop (or the master, master_pid as it
+    knew itself before the fork, dies), then exit the process."""
     worker: Worker | None = None
-    master_pid = os.getppid()  # taken at once: the master may die while the app imports
+    master_pid = master_pid or os.getppid()
 
     def graceful_stop(signum: int, frame: Any) -> None:
         if worker is not None:
@@ -115,6 +116,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         except SetupError as exc:
             log.alert(str(exc))
             os._exit(EXIT_BOOT_ERROR)
+        if not watch_master(master_pid):  # SIGQUIT from the kernel when the master dies
+            os._exit(0)  # it died already: nobody would supervise this worker
         if pool.slowlog and pool.request_slowlog_timeout:
             install_slowlog(pool, scoreboard, slot_index, log)
         # The working directory is importable, as with gunicorn and `python -m`.
