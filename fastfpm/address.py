@@ -15,7 +15,6 @@ import contextlib
 import errno
 import grp
 import ipaddress
-import math
 import os
 import pwd
 import re
@@ -310,17 +309,23 @@ def create_listen_socket(address: Address | str, *, backlog: int = DEFAULT_BACKL
     return _create_tcp(address, backlog)
 
 
-def defer_accept(sock: socket.socket, seconds: float) -> bool:
+# How long the kernel keeps a silent TCP connection from accept() (TCP_DEFER_ACCEPT). One second is
+# a single SYN-ACK retransmission: a connection still silent then is handed over and waits among the
+# worker's others for idle_timeout, so it lives about idle_timeout + 1 s in all (a longer deferral
+# would stretch that along the retransmission schedule, 1, 3, 7, 15 s: 12 s with idle_timeout 5 s).
+DEFER_ACCEPT_SECONDS = 1
+
+
+def defer_accept(sock: socket.socket) -> bool:
     """On a TCP listen socket, have the kernel hand a connection to accept() only once it has data
-    (TCP_DEFER_ACCEPT, nginx's `listen ... deferred`): a client that connects and stays silent then
-    wakes no worker and counts in no listen queue for up to about `seconds`, after which Linux
-    queues it anyway (the worker's idle_timeout closes it then). True when set; unix sockets have
-    no such option (their silent connections wait among the worker's others, see ConnectionLoop).
+    (TCP_DEFER_ACCEPT, nginx's `listen ... deferred`), or once DEFER_ACCEPT_SECONDS passed: a client
+    that connects and stays silent wakes no worker and counts in no listen queue meanwhile. True
+    when set; unix sockets have no such option (their silent connections wait among the worker's
+    others, see fastfpm._core's ConnectionLoop).
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
-    # Whole seconds; Linux turns them into SYN-ACK retransmissions (1, 3, 7, 15 s ...).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, math.ceil(seconds)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
     return True
 
 

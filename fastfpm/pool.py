@@ -64,9 +64,8 @@ class Pool:
         except BaseException:
             self.close_access_log()
             raise
-        # A silent TCP client is kept from the workers by the kernel (set again by each generation,
-        # since a reload may change idle_timeout; systemd's sockets get it too).
-        defer_accept(self.socket, config.idle_timeout)
+        # A silent TCP client is kept from the workers by the kernel (systemd's sockets get it too).
+        defer_accept(self.socket)
         # Room for two full generations: during a reload the old workers finish while new ones start.
         self.scoreboard = Scoreboard(2 * config.pm_max_children, config.name)
         # pm counts max_children_reached and slow_requests straight into the scoreboard header.
