@@ -68,7 +68,7 @@ cdef class Connection:
     cdef bint keep_conn       # serve another request on it after this one
     cdef bint broken          # malformed input or I/O error: close without further ado
     cdef bint logged          # the reason for closing is already in the log
-    cdef bint fresh           # accepted just now (counted in the slot's accepted_conn)
+    cdef bint fresh           # accepted, no request begun yet (its first counts in accepted_conn)
     cdef bint watched         # in the worker's epoll set
     cdef bint aborted         # the web server gave up on the current request (no 500 then)
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed

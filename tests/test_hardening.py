@@ -236,6 +236,33 @@ def test_workers_finish_the_request_in_hand_and_exit_when_the_master_is_killed(
         load.end()
 
 
+def test_workers_running_as_the_pool_user_also_exit_when_the_master_is_killed(
+        launcher: Launcher, tmp_path: Path) -> None:
+    # setuid() clears the kernel's parent-death signal: it must be asked for after the switch.
+    if os.geteuid() != 0:
+        pytest.skip("switching workers to another user needs the master to run as root")
+    os.chmod(tmp_path, 0o755)
+    conf = tmp_path / "u.conf"
+    conf.write_text(f"""
+[www]
+user = nobody
+listen = {tmp_path}/u.sock
+app = {APP}
+chdir = /tmp
+pm.max_children = {WORKERS}
+""")
+    server = launcher.fastfpm("", max_children=WORKERS, extra_args=["-c", str(conf)])
+    server.address = str(tmp_path / "u.sock")
+    workers = server.settled_workers()
+    load = Load(server, 2 * WORKERS)
+    try:
+        wait_until(lambda: load.ok >= 50, 20, message="the load to be served")
+        server.signal(signal.SIGKILL)
+        wait_until(lambda: all(map(process_gone, workers)), 10, message="every worker gone")
+    finally:
+        load.end()
+
+
 # --- workers die under load --------------------------------------------------------------------
 
 
