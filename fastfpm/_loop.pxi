@@ -268,25 +268,30 @@ cdef class ConnectionLoop:
             return -1
         if earliest <= now:
             self.close_expired(now)
-            return self.kept_timeout_ms() if self.kept else -1
+            # None left: only a look, then back to the bounded wait in accept() (see next_ready).
+            return self.kept_timeout_ms() if self.kept else 0
         return <int>((earliest - now) // 1000000 + 1)
 
     cdef Connection ready_among(self, epoll_event *events, int count):
         """The connection epoll found ready: one accepted before and only now speaking first, then a
         new one, else a kept one with a request."""
         cdef Connection conn
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, fresh = -1
         cdef int j
         cdef bint listen_ready = self.listen_pending
         for j in range(count):
             if events[j].data.fd == self.listen_fd:
                 listen_ready = True
-            elif self.fresh_kept:
+            elif self.fresh_kept and fresh < 0:
                 # A connection accepted before its request arrived (a web server that connects and
                 # writes a moment later) has waited longest of all.
                 i = self.kept_index(events[j].data.fd)
                 if i >= 0 and (<Connection>self.kept[i]).fresh:
-                    return self.take_kept(i)
+                    fresh = i
+        if fresh >= 0:
+            # The listen socket's edge is spent: remember to look at the accept queue next time.
+            self.listen_pending = listen_ready
+            return self.take_kept(fresh)
         # A new connection next: its request has usually waited in the accept queue longer than
         # any on a kept connection, and a worker that always finds a kept request ready would
         # otherwise leave new connections queued (the benchmark saw 80 ms tails from that).
