@@ -54,6 +54,27 @@ int fcgi_parse_begin_request(const uint8_t *content, size_t len, int *role, int 
     return 0;
 }
 
+int fcgi_head_ready(const uint8_t *buf, size_t len)
+{
+    fcgi_header hdr;
+    int role, flags;
+    long rc = fcgi_parse_record(buf, len, &hdr);
+    if (rc == FCGI_NEED_MORE)
+        return 0;
+    if (rc < 0 || hdr.type != FCGI_BEGIN_REQUEST || hdr.request_id == 0
+        || fcgi_parse_begin_request(buf + FCGI_HEADER_LEN, hdr.content_length, &role, &flags) < 0
+        || role != FCGI_RESPONDER)
+        return 1;
+    uint16_t request_id = hdr.request_id;
+    for (size_t pos = (size_t)rc;; pos += (size_t)rc) {
+        rc = fcgi_parse_record(buf + pos, len - pos, &hdr);
+        if (rc == FCGI_NEED_MORE)
+            return 0;
+        if (rc < 0 || hdr.type != FCGI_PARAMS || hdr.request_id != request_id || hdr.content_length == 0)
+            return 1;
+    }
+}
+
 /* Reads a 1- or 4-byte length at buf[*pos]; returns 0 on success, -1 when truncated. */
 static int read_length(const uint8_t *buf, size_t len, size_t *pos, size_t *out)
 {

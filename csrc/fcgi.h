@@ -81,6 +81,15 @@ int fcgi_check_header(const fcgi_header *hdr);
 int fcgi_parse_begin_request(const uint8_t *content, size_t len, int *role, int *flags);
 
 /*
+ * Whether buf[0..len) holds a whole request head, so that reading it will not have to wait:
+ * BEGIN_REQUEST (RESPONDER), then that request's PARAMS records through the empty one. Also 1 when
+ * the first record that breaks that order is complete (a management record, another role, a record
+ * of another request or type, a malformed one): the caller's record rules act on it now. 0 while
+ * the buffer ends inside a head (or holds nothing). Reads only record headers and BEGIN bodies.
+ */
+int fcgi_head_ready(const uint8_t *buf, size_t len);
+
+/*
  * Parse one name/value pair at buf[0..len). Returns the bytes consumed and sets the name and value
  * offsets and lengths (relative to buf), or FCGI_ERR_TRUNCATED when the lengths run past len.
  */

@@ -83,7 +83,8 @@ typedef struct {
 
 /* The pool header is also the home of every pool counter php-fpm's status page shows that is not a
  * count of slots by stage (idle, active and total processes are counted from the slots when read).
- * The master writes them, each where it changes; nothing here is on a worker's request path. */
+ * The master writes them, each where it changes; nothing here is on a worker's request path (a
+ * worker touches only the accept lock and, when it closes a slow client, the log limiter). */
 typedef struct {
     uint32_t magic;
     uint32_t version;
@@ -106,8 +107,12 @@ typedef struct {
     /* The duration histogram of the workers whose slots were freed (folded in as requests_retired). */
     uint64_t duration_sum_ns_retired;
     uint64_t duration_buckets_retired[FFPM_DURATION_BUCKETS];
+    /* Workers: the pool's limiter for lines about connections closed on a deadline (slow or silent
+     * clients), so that an attack cannot flood the log (see ffpm_log_permit). */
+    int64_t deadline_log_ns;        /* CLOCK_MONOTONIC ns of the last such line, 0: none yet */
+    uint64_t deadline_log_suppressed; /* such closes not logged since that line */
     uint8_t reserved[(FFPM_POOL_HEADER_SIZE - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8 - 8
-                      - 8 * FFPM_DURATION_BUCKETS)];
+                      - 8 * FFPM_DURATION_BUCKETS - 2 * 8)];
 } ffpm_pool_header;
 
 /* A pool's totals since it started (ffpm_pool_totals): the retired ones plus every live slot's. */
@@ -172,6 +177,23 @@ static inline int ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t 
         return 0;
     return __atomic_compare_exchange_n(&h->accept_lock_ns, &seen, now_ns, 0, __ATOMIC_ACQUIRE,
                                        __ATOMIC_RELAXED);
+}
+
+/*
+ * A worker closed a connection on a deadline: may it log a line about it now? At most one line per
+ * interval_ns for the whole pool (every worker shares the header). Returns how many such closes
+ * were not logged since the last line (the line says so), or -1: not now, this one is counted.
+ */
+static inline int64_t ffpm_log_permit(ffpm_pool_header *h, int64_t now_ns, int64_t interval_ns)
+{
+    int64_t last = __atomic_load_n(&h->deadline_log_ns, __ATOMIC_RELAXED);
+    if ((last != 0 && now_ns - last < interval_ns)
+        || !__atomic_compare_exchange_n(&h->deadline_log_ns, &last, now_ns, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_RELAXED)) {
+        __atomic_add_fetch(&h->deadline_log_suppressed, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    return (int64_t)__atomic_exchange_n(&h->deadline_log_suppressed, 0, __ATOMIC_ACQ_REL);
 }
 
 static inline void ffpm_accept_unlock(ffpm_pool_header *h) { __atomic_store_n(&h->accept_lock_ns, 0, __ATOMIC_RELEASE); }

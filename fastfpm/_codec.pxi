@@ -138,6 +138,18 @@ def parse_begin_request(content):
     return role, flags
 
 
+def head_ready(buf, Py_ssize_t offset=0):
+    """Whether buf[offset:] holds a whole request head, or a record out of a head's order."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        if offset < 0 or offset > view.len:
+            raise ValueError("offset out of range")
+        return fcgi_head_ready(<const uint8_t *>view.buf + offset, view.len - offset) == 1
+    finally:
+        PyBuffer_Release(&view)
+
+
 def encode_end_request(int request_id, uint32_t app_status=0, int protocol_status=FCGI_REQUEST_COMPLETE):
     """An END_REQUEST record."""
     out = PyBytes_FromStringAndSize(NULL, 16)

@@ -10,6 +10,16 @@ cdef enum:
     # Of a body over client_max_body_size that came without CONTENT_LENGTH, the most read and
     # dropped after the answer to keep the connection; past it the connection closes instead.
     DRAIN_OVER_LIMIT = 1048576
+    FILL_AGAIN = -3         # fill_now(): nothing to read yet
+
+# What reading a request's head comes to (FcgiConnection.read_request_head), besides 0 (close
+# quietly) and -1 (close, logged).
+cdef enum:
+    HEAD_READY = 1          # the params are in: serve the request
+    HEAD_WAIT = 2           # nothing, or not all of the head, has arrived: wait in the loop's epoll set
+
+# At most one log line per pool per this many seconds about connections closed on a deadline.
+DEADLINE_LOG_INTERVAL_S = 10
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -39,11 +49,32 @@ cdef extern from "<arpa/inet.h>" nogil:
 cdef class Limits:
     """What the pool's configuration says about connections, shared by all of one worker's."""
     cdef int idle_timeout_ms         # waiting for the start of a request
-    cdef int read_timeout_ms         # waiting for the rest of a request, or to send
+    cdef int first_byte_grace_ms     # waiting for a new connection's first bytes before it joins the others
+    cdef int header_timeout_ms       # request_header_timeout: the whole head, from its first bytes
+    cdef int body_timeout_ms         # request_body_timeout: each wait for more of the body
+    cdef int read_timeout_ms         # each wait for the web server to take more of the response
     cdef int64_t max_body_size       # client_max_body_size: the largest body an app reads; 0: none
     cdef object log                  # log(level: str, message: str), error paths only
     cdef object protocol_log         # the same, for the line of a connection closed on bad input
     cdef dict get_values             # FCGI_GET_VALUES answers
+    cdef ffpm_pool_header *header    # the pool's header: the deadline log limiter lives there
+
+    cdef void limited_log(self, str why) noexcept:
+        """Log a connection closed for a slow or silent client (a deadline passed), at most one line
+        per pool per DEADLINE_LOG_INTERVAL_S: one such client costs a line, an attack of thousands
+        a line every few seconds that counts the rest."""
+        cdef int64_t suppressed = ffpm_log_permit(self.header, mono_ns(),
+                                                  <int64_t>DEADLINE_LOG_INTERVAL_S * 1000000000)
+        if suppressed < 0:
+            return
+        try:
+            if suppressed:
+                why += (f"; {suppressed} more connection{'s' if suppressed > 1 else ''} of this pool "
+                        f"closed for slow or silent clients since the last such line (at most one "
+                        f"every {DEADLINE_LOG_INTERVAL_S}s)")
+            self.log("warning", f"closing a FastCGI connection: {why}")
+        except BaseException:
+            pass
 
 
 cdef class Connection:
@@ -60,12 +91,13 @@ cdef class Connection:
     cdef bint keep_conn       # serve another request on it after this one
     cdef bint broken          # malformed input or I/O error: close without further ado
     cdef bint logged          # the reason for closing is already in the log
-    cdef bint fresh           # accepted just now (counted in the slot's accepted_conn)
+    cdef bint fresh           # accepted, no request begun yet (its first counts in accepted_conn)
     cdef bint watched         # in the worker's epoll set
     cdef bint aborted         # the web server gave up on the current request (no 500 then)
     cdef bint over_limit      # the current request's body passed max_body_size (a 413, not a 500)
     cdef bint half_closed     # our side is shut down for writing: reading on until the peer closes
     cdef int64_t idle_deadline_ns  # while kept idle: when it is closed
+    cdef int64_t head_deadline_ns  # the current request's head must be in by then; 0: not started
     cdef uint64_t request_serial   # changes when a request ends: its wsgi.input reads no more
     cdef int64_t content_length    # the current request's CONTENT_LENGTH, -1 when unknown
     cdef sockaddr_storage peer     # the peer's address, as accept4 gave it (the access log's %R)
@@ -94,6 +126,7 @@ cdef class Connection:
         self.fresh = False
         self.aborted = False
         self.half_closed = False
+        self.head_deadline_ns = 0
 
     cdef void hold_output(self) noexcept:
         """Hold back what is sent from here on until end_output() (TCP_CORK). A unix socket has
@@ -133,8 +166,9 @@ cdef class Connection:
                 raise OSError(errno, "poll() failed")
             PyErr_CheckSignals()
 
-    cdef int fill(self, int timeout_ms) except -2:
-        """Receive more bytes into the buffer: >0 read, 0 the peer closed, -1 timed out or failed."""
+    cdef int fill_now(self) except -2:
+        """Receive what has arrived, without waiting: >0 read, 0 the peer closed, FILL_AGAIN nothing
+        yet, -1 failed or the buffer is full."""
         cdef ssize_t n
         cdef int err
         if self.rstart == self.rend:
@@ -158,9 +192,18 @@ cdef class Connection:
             if err == EINTR:
                 PyErr_CheckSignals()
             elif err == EAGAIN:  # EWOULDBLOCK is the same value on Linux
-                if self.wait_fd(POLLIN, timeout_ms) == 0:
-                    return -1
+                return FILL_AGAIN
             else:
+                return -1
+
+    cdef int fill(self, int timeout_ms) except -2:
+        """Receive more bytes into the buffer: >0 read, 0 the peer closed, -1 timed out or failed."""
+        cdef int got
+        while True:
+            got = self.fill_now()
+            if got != FILL_AGAIN:
+                return got
+            if self.wait_fd(POLLIN, timeout_ms) == 0:
                 return -1
 
     cdef int send_all(self, const uint8_t *data, size_t n) except -1:
@@ -230,6 +273,36 @@ cdef class Connection:
                                                 f"{peer}: {why}")
         except BaseException:
             pass
+
+    cdef bint start_head_deadline(self) noexcept:
+        """The request's head has begun: its request_header_timeout runs from now (True), unless it
+        already runs (False)."""
+        if self.head_deadline_ns:
+            return False
+        self.head_deadline_ns = mono_ns() + <int64_t>self.limits.header_timeout_ms * 1000000
+        return True
+
+    cdef int fill_head(self) except -2:
+        """fill() for the rest of a request's head, waiting no later than its deadline: >0 read,
+        0 the peer closed, -1 the deadline passed (or receiving failed)."""
+        cdef int64_t left_ns
+        self.start_head_deadline()
+        left_ns = self.head_deadline_ns - mono_ns()
+        return self.fill(<int>(left_ns // 1000000) + 1 if left_ns > 0 else 0)
+
+    cdef void head_timed_out(self) noexcept:
+        """Close after this: the request's head was not in by request_header_timeout (logged, limited)."""
+        self.broken = True
+        self.logged = True
+        self.limits.limited_log(f"the request head did not arrive within request_header_timeout "
+                                f"({self.limits.header_timeout_ms / 1000:g}s)")
+
+    cdef void body_timed_out(self) noexcept:
+        """Close after this: no more of the body for request_body_timeout (logged, limited)."""
+        self.broken = True
+        self.logged = True
+        self.limits.limited_log(f"no more of the request body within request_body_timeout "
+                                f"({self.limits.body_timeout_ms / 1000:g}s)")
 
     cdef void begin_body(self) noexcept:
         """A request's body is about to be read (the protocol resets its body state)."""
@@ -408,9 +481,46 @@ cdef class FcgiConnection(Connection):
 
     # ------------------------------------------------------------------ the request head
 
-    cdef int read_request_head(self, EnvironBuilder params, SlotWriter slot, bint first) except -2:
-        """Read records up to the end of PARAMS into params: 1 a request is ready, 0 close quietly,
-        -1 close (logged). The slot turns "Reading headers" with the request's first bytes."""
+    cdef int gather_head(self) except -2:
+        """Between requests: receive until the head is in (fcgi_head_ready), without waiting.
+        HEAD_READY, HEAD_WAIT (the rest has not arrived: the worker waits for it among its other
+        connections, so a slow or silent client never holds it), 0 closed quietly, -1 closed (logged).
+
+        The head's deadline (request_header_timeout) runs from the first time it is seen
+        incomplete; a head that arrives in one piece, the normal case, never reads the clock.
+        """
+        cdef int got
+        while not fcgi_head_ready(self.rbuf + self.rstart, self.rend - self.rstart):
+            got = self.fill_now()
+            if got > 0:
+                continue
+            if got == FILL_AGAIN:
+                if self.rend == self.rstart:
+                    if self.fresh and not self.watched and self.wait_fd(POLLIN, self.limits.first_byte_grace_ms):
+                        continue  # accepted a moment before its first bytes
+                    return HEAD_WAIT  # silent so far: idle_timeout (the loop) bounds the wait
+                if not self.start_head_deadline() and mono_ns() >= self.head_deadline_ns:
+                    self.head_timed_out()
+                    return -1
+                return HEAD_WAIT
+            if got == 0:
+                if self.rend > self.rstart:
+                    self.malformed("the web server closed mid-request")
+                    return -1
+                return 0
+            if self.rend >= RBUF_SIZE:
+                return HEAD_READY  # larger than the buffer: read it as it comes, still by the deadline
+            if self.rend == self.rstart:
+                self.broken = True
+                return 0
+            self.malformed("receiving the request failed")
+            return -1
+        return HEAD_READY
+
+    cdef int read_request_head(self, EnvironBuilder params, SlotWriter slot) except -2:
+        """Read records up to the end of PARAMS into params: HEAD_READY a request is ready, HEAD_WAIT
+        wait for this connection in the loop's epoll set (its head is not all here), 0 close quietly,
+        -1 close (logged). The slot turns "Reading headers" once the head is in the buffer."""
         cdef fcgi_header hdr
         cdef long rc
         cdef int got, action, phase = PHASE_IDLE
@@ -418,32 +528,37 @@ cdef class FcgiConnection(Connection):
         cdef const uint8_t *content
         params.clear_params()
         while True:
+            if phase == PHASE_IDLE:
+                # Nothing of a request consumed yet: wait for the whole head before taking any of it.
+                got = self.gather_head()
+                if got != HEAD_READY:
+                    return got
+                if not started:
+                    started = True
+                    slot.reading(self.fresh)
+                    self.fresh = False
             rc = fcgi_parse_record(self.rbuf + self.rstart, self.rend - self.rstart, &hdr)
             if rc == FCGI_NEED_MORE:
-                got = self.fill(self.limits.read_timeout_ms if started else self.limits.idle_timeout_ms)
+                # Mid-PARAMS: a head larger than the buffer, or one begun after a management record.
+                got = self.fill_head()
                 if got > 0:
-                    if not started:
-                        started = True
-                        slot.reading(first)
                     continue
-                if phase != PHASE_IDLE or self.rend > self.rstart:
-                    self.malformed("the web server closed or stalled mid-request" if got == 0
-                                   else "timed out waiting for the rest of the request")
-                    return -1
-                return 0  # closed or idle between requests: nothing lost
+                if got == 0:
+                    self.malformed("the web server closed or stalled mid-request")
+                else:
+                    self.head_timed_out()
+                return -1
             if rc == FCGI_ERR_VERSION:
                 self.malformed(f"bad FastCGI version {self.rbuf[self.rstart]}")
                 return -1
-            if not started:
-                started = True
-                slot.reading(first)
             content = self.rbuf + self.rstart + FCGI_HEADER_LEN
             self.rstart += rc
             action = self.rule(&hdr, phase)
             if action == DO_PARAMS:
                 if hdr.content_length == 0:
+                    self.head_deadline_ns = 0
                     slot.info()
-                    return 1
+                    return HEAD_READY
                 if not params.add_params(content, hdr.content_length):
                     self.malformed(f"request params over the {params.max_params_size}-byte limit")
                     return -1
@@ -512,15 +627,17 @@ cdef class FcgiConnection(Connection):
                         # Say the connection ends before waiting for a body nobody reads: nginx
                         # stops sending once it has the response, then waits for this (as php-fpm).
                         self.half_close()
-                    rc = self.fill(self.limits.read_timeout_ms)
+                    rc = self.fill(self.limits.body_timeout_ms)
                     if rc == 0 and self.draining:
                         # After END_REQUEST the web server may close instead of sending the rest
                         # of a body (nginx does when it had not sent it all): no error.
                         self.broken = True
                         raise RequestAborted("the web server closed the connection")
                     if rc <= 0:
-                        self.malformed("the web server closed or stalled while sending the body"
-                                       if rc == 0 else "timed out reading the request body")
+                        if rc == 0:
+                            self.malformed("the web server closed while sending the body")
+                        else:
+                            self.body_timed_out()
                         raise RequestAborted("the request body did not arrive")
                     continue
             if self.stdin_left:
@@ -579,8 +696,12 @@ cdef class FcgiConnection(Connection):
             return 0
         rc = fcgi_parse_record(self.rbuf + self.rstart, avail, &hdr)
         if rc == FCGI_NEED_MORE:
-            if self.fill(self.limits.read_timeout_ms) <= 0:
-                self.malformed("the web server closed or stalled mid-record")
+            rc = self.fill(self.limits.body_timeout_ms)
+            if rc <= 0:
+                if rc == 0:
+                    self.malformed("the web server closed mid-record")
+                else:
+                    self.body_timed_out()
                 raise RequestAborted("the request body did not arrive")
             return 0
         self.rstart += rc

@@ -45,6 +45,7 @@ cdef extern from "fcgi.h" nogil:
     long fcgi_parse_record(const uint8_t *buf, size_t len, fcgi_header *hdr)
     int fcgi_check_header(const fcgi_header *hdr)
     int fcgi_parse_begin_request(const uint8_t *content, size_t len, int *role, int *flags)
+    int fcgi_head_ready(const uint8_t *buf, size_t len)
     long fcgi_parse_pair(const uint8_t *buf, size_t len, size_t *name_off, size_t *name_len,
                          size_t *value_off, size_t *value_len)
     unsigned fcgi_padding(size_t content_length)
@@ -108,7 +109,7 @@ cdef extern from "scoreboard.h" nogil:
         uint64_t duration_sum_ns
         uint64_t duration_buckets[FFPM_DURATION_BUCKETS]
 
-    # The master writes everything here but accept_lock_ns; a worker only takes the accept lock.
+    # The master writes everything here but accept_lock_ns and the deadline log limiter (workers).
     ctypedef struct ffpm_pool_header:
         uint32_t magic
         uint32_t version
@@ -128,7 +129,9 @@ cdef extern from "scoreboard.h" nogil:
         int64_t accept_lock_ns
         uint64_t duration_sum_ns_retired
         uint64_t duration_buckets_retired[FFPM_DURATION_BUCKETS]
-        uint8_t reserved[248]
+        int64_t deadline_log_ns
+        uint64_t deadline_log_suppressed
+        uint8_t reserved[232]
 
     # Read by the master (ffpm_pool_totals); declared here because every struct of the header is.
     ctypedef struct ffpm_totals:
@@ -140,6 +143,7 @@ cdef extern from "scoreboard.h" nogil:
     ffpm_slot *ffpm_slots(void *base)
     bint ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t stale_ns)
     void ffpm_accept_unlock(ffpm_pool_header *h)
+    int64_t ffpm_log_permit(ffpm_pool_header *h, int64_t now_ns, int64_t interval_ns)
     void ffpm_slot_write_begin(ffpm_slot *s)
     void ffpm_slot_write_end(ffpm_slot *s)
     void ffpm_copy_field(char *dst, size_t cap, const char *src, size_t len)

@@ -126,7 +126,9 @@ cdef class Worker:
 
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
-                 double read_timeout=60.0, Py_ssize_t max_params_size=65536, str mount="",
+                 double header_timeout=10.0, double body_timeout=60.0, double read_timeout=60.0,
+                 double first_byte_grace=0.05,
+                 Py_ssize_t max_params_size=65536, str mount="",
                  int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
                  dict routes=None, AccessLog access_log=None, protocol_log=None,
                  bint keep_http_proxy=False, int64_t max_body_size=0):
@@ -140,6 +142,8 @@ cdef class Worker:
         protocol_log (default: log) takes the line of a connection closed on malformed input.
         keep_http_proxy: leave HTTP_PROXY (the Proxy header, httpoxy) in the environ.
         max_body_size: the largest request body the app is given, in bytes (0: no limit).
+        A new connection with nothing to read yet is waited for first_byte_grace seconds, then
+        waits among the loop's other connections (see fastfpm.worker.first_byte_grace).
         """
         self.app = app
         self.routes = [(path.encode("latin-1"), route_app) for path, route_app in (routes or {}).items()]
@@ -148,6 +152,9 @@ cdef class Worker:
         self.max_requests = max_requests
         self.limits = Limits()
         self.limits.idle_timeout_ms = <int>(idle_timeout * 1000)
+        self.limits.first_byte_grace_ms = <int>(first_byte_grace * 1000)
+        self.limits.header_timeout_ms = <int>(header_timeout * 1000)
+        self.limits.body_timeout_ms = <int>(body_timeout * 1000)
         self.limits.read_timeout_ms = <int>(read_timeout * 1000)
         self.limits.max_body_size = max_body_size
         self.limits.log = log
@@ -157,6 +164,7 @@ cdef class Worker:
         self.slot = SlotWriter()
         if scoreboard is not None:
             self.slot.attach(scoreboard, slot_index)
+        self.limits.header = self.slot.header
         self.request = EnvironBuilder(environ_template, PathPolicy(mount), max_params_size,
                                       keep_http_proxy)
         self.response = FcgiResponse()
@@ -184,9 +192,11 @@ cdef class Worker:
         """Accept and serve connections until stopping is set or max_requests is reached.
 
         A connection whose web server asked to keep it (FCGI_KEEP_CONN) goes back to the loop's
-        idle set after its request, where it does not pin this worker (see ConnectionLoop).
+        idle set after its request, and so does one whose request has not (all) arrived yet: neither
+        pins this worker (see ConnectionLoop).
         """
         cdef Connection conn
+        cdef bint wait
         try:
             while not self.stopping and self.may_serve_more():
                 self.slot.idle()
@@ -196,11 +206,11 @@ cdef class Worker:
                 if conn is None:
                     continue
                 try:
-                    self.serve_connection(<FcgiConnection>conn)
+                    wait = self.serve_connection(<FcgiConnection>conn)
                 except BaseException:
                     self.loop.discard(conn)
                     raise
-                if conn.keep_conn and not conn.broken and not self.stopping and self.may_serve_more():
+                if wait and not conn.broken and not self.stopping and self.may_serve_more():
                     self.loop.keep(conn)
                 else:
                     self.loop.discard(conn)
@@ -231,13 +241,16 @@ cdef class Worker:
                 self.loop.discard(conn)
 
     cdef int serve_connection(self, FcgiConnection c) except -1:
-        """Serve the requests that have arrived on c; c.keep_conn says whether to keep it after."""
-        cdef bint first = c.fresh
+        """Serve the requests that have arrived on c: 1 wait for more on it in the loop (kept alive,
+        or its next request not all here yet), 0 close it."""
+        cdef int got
         while True:
-            if c.read_request_head(self.request, self.slot, first) <= 0:
+            got = c.read_request_head(self.request, self.slot)
+            if got == HEAD_WAIT:
+                return 1
+            if got <= 0:
                 c.keep_conn = False
                 return 0
-            first = False
             self.handle_request(c)
             self.served += 1
             if c.broken:
@@ -252,7 +265,7 @@ cdef class Worker:
                 c.end_output()
                 return 0
             if c.rend == c.rstart:
-                return 0  # nothing more buffered: back to the idle set until the next request
+                return 1  # nothing more buffered: back to the idle set until the next request
             # The web server already sent the next request (pipelined): serve it now.
 
     # ------------------------------------------------------------------ a request's stages

@@ -8,10 +8,12 @@ cdef enum:
 
 @cython.final
 cdef class ConnectionLoop:
-    """Where a worker waits: in accept() when it holds no kept connection, else in its epoll set.
+    """Where a worker waits: in accept() when it holds no waiting connection, else in its epoll set.
 
-    A kept connection with no request on it does not pin the worker while others wait (php-fpm's
-    workers stay stuck on theirs until the web server sends something or closes).
+    A connection with no request on it does not pin the worker while others wait: a kept-alive one
+    between requests (php-fpm's workers stay stuck on theirs until the web server sends something or
+    closes), and also a new one that has sent nothing yet, or not all of its request's head (a
+    silent or trickling client), which waits here until its first-byte or head deadline.
     """
     cdef int listen_fd
     cdef object connection_type      # the Connection subclass made for accepted sockets
@@ -21,7 +23,8 @@ cdef class ConnectionLoop:
     cdef int parent_pid              # the master; 0: not checked
     cdef bint orphaned               # the master is gone: the worker stops
     cdef Connection spare            # a closed connection whose buffers the next accept reuses
-    cdef list kept                   # idle kept-alive connections, oldest first
+    cdef list kept                   # connections waiting for a request (head), oldest first
+    cdef int fresh_kept              # how many of them have not sent a whole request yet since accept
     cdef int epfd                    # epoll set: the listen socket and the kept connections
     cdef bint listen_pending         # accepted after an edge: the accept queue may hold more
     cdef int listen_flags            # the listen socket's file status flags, blocking (-1: not read yet)
@@ -50,9 +53,17 @@ cdef class ConnectionLoop:
         self.spare = conn
 
     cdef void discard_kept(self) noexcept:
-        """Close every idle kept connection (the worker is stopping)."""
+        """Close every waiting connection (the worker is stopping)."""
         while self.kept:
             self.discard(self.kept.pop())
+        self.fresh_kept = 0
+
+    cdef Connection take_kept(self, Py_ssize_t i):
+        """Remove kept[i] from the waiting connections and return it."""
+        cdef Connection conn = self.kept.pop(i)
+        if conn.fresh:
+            self.fresh_kept -= 1
+        return conn
 
     cdef Connection pending_kept(self):
         """A kept connection with bytes already waiting on it (a request, or the peer's close),
@@ -73,17 +84,41 @@ cdef class ConnectionLoop:
         return None
 
     cdef int keep(self, Connection conn) except -1:
-        """Hold a kept-alive connection idle until its next request or its idle timeout."""
-        cdef Connection oldest
+        """Hold a connection until its next request (or the rest of its head) arrives, or its deadline.
+
+        The deadline: request_header_timeout from the head's first bytes for a head begun, else
+        idle_timeout from now (a new connection's first byte, or a kept-alive one's next request).
+        """
         if not conn.watched:
             self.watch(conn.fd, EPOLLIN)
             conn.watched = True
-        conn.idle_deadline_ns = mono_ns() + <int64_t>self.limits.idle_timeout_ms * 1000000
+        if conn.head_deadline_ns:
+            conn.idle_deadline_ns = conn.head_deadline_ns
+        else:
+            conn.idle_deadline_ns = mono_ns() + <int64_t>self.limits.idle_timeout_ms * 1000000
         if len(self.kept) >= MAX_KEPT:
-            # The web server's pool is larger than we hold: let go of the longest idle one.
-            oldest = self.kept.pop(0)
-            self.discard(oldest)
+            self.evict_one()
         self.kept.append(conn)
+        if conn.fresh:
+            self.fresh_kept += 1
+        return 0
+
+    cdef int evict_one(self) except -1:
+        """Make room in a full set: close the oldest connection that never sent a whole request (a
+        silent or slow client), else the longest idle kept-alive one (the web server's pool is larger
+        than we hold)."""
+        cdef Py_ssize_t i, victim = 0
+        cdef Connection conn
+        if self.fresh_kept:
+            for i in range(len(self.kept)):
+                if (<Connection>self.kept[i]).fresh:
+                    victim = i
+                    break
+        conn = self.take_kept(victim)
+        if conn.fresh:
+            self.limits.limited_log(f"{MAX_KEPT} connections wait on this worker; the oldest that has "
+                                    f"not sent a whole request yet is let go")
+        self.discard(conn)
         return 0
 
     cdef Connection accept_one(self):
@@ -163,8 +198,9 @@ cdef class ConnectionLoop:
         """Note when the master is gone (reparented): the worker stops, as gunicorn's do.
 
         A master killed with SIGKILL cannot stop its workers; without this they would go on
-        accepting on the inherited socket with nobody to respawn, time out or reap them. Called
-        only when a wait times out, never per request.
+        accepting on the inherited socket with nobody to respawn, time out or reap them. The kernel
+        tells a busy worker at once (PR_SET_PDEATHSIG, see fastfpm.process.watch_master); this is the
+        fallback where that cannot be set. Called only when a wait times out, never per request.
         """
         if self.parent_pid and getppid() != self.parent_pid:
             self.orphaned = True
@@ -211,15 +247,18 @@ cdef class ConnectionLoop:
             if conn is None:
                 self.check_parent()  # the wait ran out (or a race was lost): is the master still there?
             return conn
-        if self.listen_pending:
+        if self.listen_pending and not self.fresh_kept:
             conn = self.accept_now()
             if conn is not None:
                 return conn
             self.listen_pending = False
         # Bounded by the kept connections' deadlines also after a drained accept queue: waiting
         # without a timeout there left idle connections open past idle_timeout, and a dead master
-        # unnoticed, until the next event.
+        # unnoticed, until the next event. With the accept queue not yet drained (and a new
+        # connection waiting for its request, which must not starve behind it) only a look.
         timeout_ms = self.kept_timeout_ms()
+        if self.listen_pending:
+            timeout_ms = 0
         with nogil:
             rc = epoll_wait(self.epfd, events, MAX_KEPT + 1, timeout_ms)
         if rc < 0:
@@ -231,58 +270,82 @@ cdef class ConnectionLoop:
         if conn is not None:
             return conn
         PyErr_CheckSignals()  # as in accept_one: a signal may have come between two waits
-        if rc == 0:
+        if rc == 0 and timeout_ms != 0:
             self.check_parent()
-        self.close_expired()
         return None
 
     cdef int kept_timeout_ms(self) except? -2:
-        """How long epoll may wait: until the first kept connection's idle deadline."""
+        """How long epoll may wait: until the first kept connection's deadline. Those past theirs are
+        closed first, also while the accept queue keeps the worker from waiting at all."""
         cdef Connection conn
-        cdef int timeout_ms = -1
-        cdef int64_t now = mono_ns(), wait_ns
+        cdef int64_t now = mono_ns(), earliest = 0
         for conn in self.kept:
-            wait_ns = conn.idle_deadline_ns - now
-            if wait_ns < 0:
-                wait_ns = 0
-            if timeout_ms < 0 or wait_ns // 1000000 + 1 < timeout_ms:
-                timeout_ms = <int>(wait_ns // 1000000 + 1)
-        return timeout_ms
+            if earliest == 0 or conn.idle_deadline_ns < earliest:
+                earliest = conn.idle_deadline_ns
+        if earliest == 0:
+            return -1
+        if earliest <= now:
+            self.close_expired(now)
+            # None left: only a look, then back to the bounded wait in accept() (see next_ready).
+            return self.kept_timeout_ms() if self.kept else 0
+        return <int>((earliest - now) // 1000000 + 1)
 
     cdef Connection ready_among(self, epoll_event *events, int count):
-        """The connection epoll found ready: a new one first, else a kept one with a request."""
+        """The connection epoll found ready: one accepted before and only now speaking first, then a
+        new one, else a kept one with a request."""
         cdef Connection conn
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, fresh = -1
         cdef int j
-        cdef bint listen_ready = False
-        # A new connection first: its request has usually waited in the accept queue longer than
-        # any on a kept connection, and a worker that always finds a kept request ready would
-        # otherwise leave new connections queued (the benchmark saw 80 ms tails from that).
+        cdef bint listen_ready = self.listen_pending
         for j in range(count):
             if events[j].data.fd == self.listen_fd:
                 listen_ready = True
+            elif self.fresh_kept and fresh < 0:
+                # A connection accepted before its request arrived (a web server that connects and
+                # writes a moment later) has waited longest of all.
+                i = self.kept_index(events[j].data.fd)
+                if i >= 0 and (<Connection>self.kept[i]).fresh:
+                    fresh = i
+        if fresh >= 0:
+            # The listen socket's edge is spent: remember to look at the accept queue next time.
+            self.listen_pending = listen_ready
+            return self.take_kept(fresh)
+        # A new connection next: its request has usually waited in the accept queue longer than
+        # any on a kept connection, and a worker that always finds a kept request ready would
+        # otherwise leave new connections queued (the benchmark saw 80 ms tails from that).
         if listen_ready:
             conn = self.accept_now()
             if conn is not None:
                 self.listen_pending = True  # more may be queued behind it
                 return conn
+            self.listen_pending = False
         for j in range(count):
-            for i in range(len(self.kept)):
-                conn = self.kept[i]
-                if conn.fd == events[j].data.fd:
-                    del self.kept[i]
-                    conn.fresh = False
-                    return conn
+            i = self.kept_index(events[j].data.fd)
+            if i >= 0:
+                return self.take_kept(i)
         return None
 
-    cdef int close_expired(self) except -1:
-        """Close the idle kept connections past their deadline."""
+    cdef Py_ssize_t kept_index(self, int fd) noexcept:
+        """Where the connection on fd is in kept, or -1."""
+        cdef Py_ssize_t i
+        for i in range(len(self.kept)):
+            if (<Connection>self.kept[i]).fd == fd:
+                return i
+        return -1
+
+    cdef int close_expired(self, int64_t now) except -1:
+        """Close the waiting connections past their deadline: a kept-alive one quietly (nginx lets
+        go of idle ones too), a silent or slow new one with a (rate-limited) line."""
         cdef Connection conn
         cdef Py_ssize_t i
-        cdef int64_t now = mono_ns()
         for i in range(len(self.kept) - 1, -1, -1):
             conn = self.kept[i]
             if conn.idle_deadline_ns <= now:
-                del self.kept[i]
+                self.take_kept(i)
+                if conn.head_deadline_ns:
+                    conn.head_timed_out()
+                elif conn.fresh:
+                    self.limits.limited_log(f"nothing arrived within idle_timeout "
+                                            f"({self.limits.idle_timeout_ms / 1000:g}s) of accepting it")
                 self.discard(conn)
         return 0

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG",
-           "AllowedClients", "REFUSED_MESSAGE"]
+           "AllowedClients", "REFUSED_MESSAGE", "defer_accept"]
 
 # php-fpm's listen.backlog default on Linux (FPM_BACKLOG_DEFAULT in sapi/fpm/fpm/fpm_sockets.h).
 DEFAULT_BACKLOG = 511
@@ -307,6 +307,26 @@ def create_listen_socket(address: Address | str, *, backlog: int = DEFAULT_BACKL
     if address.is_unix:
         return _create_unix(address, backlog, mode, owner, group)
     return _create_tcp(address, backlog)
+
+
+# How long the kernel keeps a silent TCP connection from accept() (TCP_DEFER_ACCEPT). One second is
+# a single SYN-ACK retransmission: a connection still silent then is handed over and waits among the
+# worker's others for idle_timeout, so it lives about idle_timeout + 1 s in all (a longer deferral
+# would stretch that along the retransmission schedule, 1, 3, 7, 15 s: 12 s with idle_timeout 5 s).
+DEFER_ACCEPT_SECONDS = 1
+
+
+def defer_accept(sock: socket.socket) -> bool:
+    """On a TCP listen socket, have the kernel hand a connection to accept() only once it has data
+    (TCP_DEFER_ACCEPT, nginx's `listen ... deferred`), or once DEFER_ACCEPT_SECONDS passed: a client
+    that connects and stays silent wakes no worker and counts in no listen queue meanwhile. True
+    when set; unix sockets have no such option (their silent connections wait among the worker's
+    others, see fastfpm._core's ConnectionLoop).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+    return True
 
 
 def connect(address: Address | str, timeout: float | None = 10.0) -> socket.socket:

@@ -53,6 +53,9 @@ PHP_SETTINGS_MESSAGE = ("PHP settings have no meaning for a Python app; put the 
 _NO_ACL = "POSIX ACLs on the socket are not supported; use listen.owner, listen.group and listen.mode."
 NOT_YET = "not supported yet (a later fastfpm release implements it); remove it for now"
 
+# The connection timeouts are waits the worker hands to poll() in milliseconds, as a C int.
+MAX_CONNECTION_TIMEOUT = 86400.0
+
 DEMO_APP = "fastfpm.demo:application"  # the same string as fastfpm.app.DEMO_APP
 
 
@@ -713,11 +716,28 @@ DIRECTIVES: tuple[Directive, ...] = (
        "URL prefix the app is served under: SCRIPT_NAME is the prefix, PATH_INFO the rest.",
        origin="fastfpm", default_doc="none (the root)", cli="--mount"),
     _d("idle_timeout", P, Time(), 5.0,
-       "A connection that sends no request for this long after accept (or between kept-alive requests) "
-       "is closed.", origin="fastfpm", cli="--idle-timeout"),
+       "A connection that sends nothing for this long after accept (or between kept-alive requests) "
+       "is closed. It waits among the worker's other connections, never holding the worker.",
+       origin="fastfpm", cli="--idle-timeout"),
+    _d("request_header_timeout", P, Time(), 10.0,
+       "A request whose head (BEGIN_REQUEST and PARAMS) is not all in this long after its first bytes "
+       "is closed; logged, at most one line per pool every 10 s.",
+       origin="fastfpm", cli="--request-header-timeout",
+       note="nginx's client_header_timeout for FastCGI: one deadline for the whole head, not restarted "
+            "by each byte. A web server writes the head in one go (milliseconds), so 10s is generous; "
+            "php-fpm has no such limit."),
+    _d("request_body_timeout", P, Time(), 60.0,
+       "A request whose body (STDIN) stops arriving for this long, between two pieces, is closed; "
+       "logged as request_header_timeout is.",
+       origin="fastfpm", cli="--request-body-timeout",
+       note="nginx's client_body_timeout: the time between two reads, not for the whole body "
+            "(request_terminate_timeout bounds that). 60s, nginx's own default, so that with "
+            "fastcgi_request_buffering off a client slow enough for nginx is not cut by fastfpm first."),
     _d("read_timeout", P, Time(), 60.0,
-       "A connection that stops sending in the middle of a request for this long is closed.",
-       origin="fastfpm"),
+       "A response the web server stops reading for this long is dropped and the connection closed.",
+       origin="fastfpm",
+       note="It once bounded the wait for the rest of a request too; request_header_timeout and "
+            "request_body_timeout do that now."),
     _d("max_params_size", P, Size(1024), 65536,
        "Largest total size of one request's FastCGI params (headers and CGI variables).",
        origin="fastfpm", cli="--max-params-size"),
@@ -1459,10 +1479,12 @@ def _check_directories(pool: Any, pool_base: str, fail: _Report, warn: _Report) 
 
 def _check_connections(pool: Any, fail: _Report) -> None:
     """fastfpm's connection timeouts, and env[...] set in code (a file's are checked as they are read)."""
-    if pool.idle_timeout <= 0:
-        fail("idle_timeout", "idle_timeout must be greater than 0")
-    if pool.read_timeout <= 0:
-        fail("read_timeout", "read_timeout must be greater than 0")
+    for name in ("idle_timeout", "read_timeout", "request_header_timeout", "request_body_timeout"):
+        value = getattr(pool, name)
+        if value <= 0:
+            fail(name, f"{name} must be greater than 0")
+        elif value > MAX_CONNECTION_TIMEOUT:
+            fail(name, f"{name} cannot be longer than {Time().format(MAX_CONNECTION_TIMEOUT)}")
     for key, value in list(pool.env.items()):
         if not isinstance(key, str) or not key or "=" in key or not isinstance(value, str):
             fail(f"env[{key}]", f"env[{key}]: names and values must be strings, names without '='")

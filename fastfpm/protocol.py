@@ -14,6 +14,7 @@ __all__ = [
     "ProtocolError", "Record", "parse_record", "check_header", "parse_pairs", "encode_pairs", "encode_record",
     "encode_stream", "encode_begin_request", "parse_begin_request", "encode_end_request",
     "parse_end_request", "encode_unknown_type", "encode_get_values", "encode_get_values_result",
+    "head_ready",
 ]
 
 # Record layout (spec section 3.3): version, type, requestId (2 bytes), contentLength (2 bytes),
@@ -223,6 +224,34 @@ def parse_begin_request(content: bytes) -> tuple[int, int]:
     if len(body) != 8:
         raise ProtocolError(f"BEGIN_REQUEST body of {len(body)} bytes, expected 8")
     return (body[0] << 8) | body[1], body[2]
+
+
+def head_ready(buf: bytes | bytearray | memoryview, offset: int = 0) -> bool:
+    """Whether buf[offset:] holds a whole request head: BEGIN_REQUEST (RESPONDER), then its PARAMS
+    through the empty one; also True once the first record out of that order is complete (its
+    handling cannot wait), False while the bytes end inside a head. A worker reads a head only once
+    it is all there, so a client sending it slowly never holds the worker."""
+    try:
+        record = parse_record(buf, offset)
+    except ProtocolError:
+        return True
+    if record is None:
+        return False
+    if record.type != BEGIN_REQUEST or record.request_id == NULL_REQUEST_ID or len(record.content) != 8:
+        return True
+    if parse_begin_request(record.content)[0] != RESPONDER:
+        return True
+    request_id, offset = record.request_id, offset + record.size
+    while True:
+        try:
+            record = parse_record(buf, offset)
+        except ProtocolError:
+            return True
+        if record is None:
+            return False
+        if record.type != PARAMS or record.request_id != request_id or not record.content:
+            return True
+        offset += record.size
 
 
 def encode_end_request(request_id: int, app_status: int = 0,

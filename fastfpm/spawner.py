@@ -36,13 +36,15 @@ class DirectSpawner:
         keep_in_child = {pool.socket.fileno(), pool.access_log_fd, *(w for _, w in pipes)}
         # Block signals across fork so none reaches the child before it has reset its handlers.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+        master_pid = os.getpid()  # the child's getppid() would already be init's if we died meanwhile
         try:
             pid = os.fork()
             if pid == 0:
                 self.close_in_child(keep_in_child)
                 run_worker(pool.config, pool.socket.fileno(), pool.scoreboard.mapping, slot,
                            log, log_fd=pipes[0][1], stdout_fd=pipes[1][1], stderr_fd=pipes[2][1],
-                           identity=pool.identity, access_log_fd=pool.access_log_fd)
+                           identity=pool.identity, access_log_fd=pool.access_log_fd,
+                           master_pid=master_pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         read_ends = {}

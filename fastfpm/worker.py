@@ -19,10 +19,10 @@ try:
     from fastfpm._core import FileWrapper, Worker
 except ModuleNotFoundError as exc:
     raise not_built(exc) from None
-from fastfpm.address import REFUSED_MESSAGE, AllowedClients
+from fastfpm.address import REFUSED_MESSAGE, AllowedClients, parse_address
 from fastfpm.app import AppLoadError, load_app
 from fastfpm.log import ErrorLog, Throttle, WsgiErrors
-from fastfpm.process import SetupError, prepare_worker
+from fastfpm.process import SetupError, prepare_worker, watch_master
 from fastfpm.proctitle import set_worker_title
 from fastfpm.status import routes as status_routes
 
@@ -90,10 +90,11 @@ def redirect_output(pool: Any, stdout_fd: int, stderr_fd: int) -> None:
 
 def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog, *,
                log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None,
-               access_log_fd: int = -1) -> NoReturn:
-    """Serve pool's application on listen_fd until told to stop, then exit the process."""
+               access_log_fd: int = -1, master_pid: int = 0) -> NoReturn:
+    """Serve pool's application on listen_fd until told to stop (or the master, master_pid as it
+    knew itself before the fork, dies), then exit the process."""
     worker: Worker | None = None
-    master_pid = os.getppid()  # taken at once: the master may die while the app imports
+    master_pid = master_pid or os.getppid()
 
     def graceful_stop(signum: int, frame: Any) -> None:
         if worker is not None:
@@ -115,6 +116,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         except SetupError as exc:
             log.alert(str(exc))
             os._exit(EXIT_BOOT_ERROR)
+        if not watch_master(master_pid):  # SIGQUIT from the kernel when the master dies
+            os._exit(0)  # it died already: nobody would supervise this worker
         if pool.slowlog and pool.request_slowlog_timeout:
             install_slowlog(pool, scoreboard, slot_index, log)
         # The working directory is importable, as with gunicorn and `python -m`.
@@ -131,7 +134,9 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         worker = Worker(
             listen_fd, app, environ_template=environ_template(pool, WsgiErrors(log)), log=log.log,
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
-            idle_timeout=pool.idle_timeout, read_timeout=pool.read_timeout,
+            idle_timeout=pool.idle_timeout, header_timeout=pool.request_header_timeout,
+            body_timeout=pool.request_body_timeout, read_timeout=pool.read_timeout,
+            first_byte_grace=first_byte_grace(pool),
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             keep_http_proxy=pool.security_keep_http_proxy, max_body_size=pool.client_max_body_size,
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
@@ -174,6 +179,22 @@ def set_accept_timeout(listen_fd: int) -> None:
                         struct.pack("ll", 0, int(ACCEPT_TIMEOUT_SECONDS * 1_000_000)))
     finally:
         sock.close()
+
+
+# How long a worker waits for a new connection's first bytes before the connection joins the
+# others it waits on (fastfpm._core's ConnectionLoop). A web server writes right after connecting,
+# but the worker may accept in between; a connection left waiting in the set could be stranded
+# behind the next request the worker takes (a long one, while other workers idle). 50 ms covers a
+# client descheduled for a few scheduler ticks or GIL switch intervals, and costs a silent client's
+# victim a hundredth of idle_timeout.
+FIRST_BYTE_GRACE_SECONDS = 0.05
+
+
+def first_byte_grace(pool: Any) -> float:
+    """FIRST_BYTE_GRACE_SECONDS on a unix socket; 0 on TCP, where the master set TCP_DEFER_ACCEPT
+    (fastfpm.address.defer_accept): accept() returns a connection with data, or one silent for
+    seconds already."""
+    return FIRST_BYTE_GRACE_SECONDS if parse_address(pool.listen).is_unix else 0.0
 
 
 def install_slowlog(pool: Any, scoreboard: Any, slot_index: int, log: ErrorLog) -> None:

@@ -90,6 +90,17 @@ def child_pids(parent: int) -> list[int]:
     return sorted(found)
 
 
+def process_gone(pid: int) -> bool:
+    """True once pid has exited: no such process, or a zombie nobody reaped yet (an orphan's
+    new parent in a container may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rfind(b")") + 2:].split()[0] in (b"Z", b"X")
+
+
 def peak_rss_kib(pid: int) -> int:
     """VmHWM (peak resident set size) of a process, in KiB."""
     with open(f"/proc/{pid}/status") as f:

@@ -146,6 +146,8 @@ def _line_of(path: Path, text: str) -> int:
     ("client_max_body_size = 10m", "client_max_body_size", 10485760),
     ("client_max_body_size = 1000", "client_max_body_size", 1000),
     ("security.keep_http_proxy = yes", "security_keep_http_proxy", True),
+    ("request_header_timeout = 3s", "request_header_timeout", 3.0),
+    ("request_body_timeout = 0.5", "request_body_timeout", 0.5),
 ])
 def test_pool_value_types(tmp_path, line, attr, expected):
     pool = pool_with(tmp_path, line + "\n")
@@ -640,11 +642,20 @@ def test_no_pool_at_all(tmp_path):
     ("slowlog = /no/such/dir/slow.log", 4, "the directory of slowlog /no/such/dir/slow.log does not exist"),
     ("chdir = /no/such/dir", 4, "the chdir directory /no/such/dir does not exist"),
     ("prefix = /no/such/dir", 4, "the prefix /no/such/dir does not exist"),
+    ("request_header_timeout = 0", 4, "request_header_timeout must be greater than 0"),
+    ("request_body_timeout = 0s", 4, "request_body_timeout must be greater than 0"),
+    ("request_body_timeout = 2d", 4, "request_body_timeout cannot be longer than 86400s"),
+    ("idle_timeout = 25d", 4, "idle_timeout cannot be longer than 86400s"),
 ])
 def test_pool_contradictions(tmp_path, lines, line, fragment):
     error = one_error(tmp_path, POOL + lines + "\n")
     assert error.startswith(f"{tmp_path / 'fpm.conf'}:{line}: [pool www] "), error
     assert fragment in error
+
+
+def test_slow_client_deadlines_default_to_what_nginx_in_front_needs(tmp_path):
+    pool = pool_with(tmp_path, "")
+    assert (pool.idle_timeout, pool.request_header_timeout, pool.request_body_timeout) == (5.0, 10.0, 60.0)
 
 
 def test_dynamic_defaults_follow_php_fpm(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fcgi_helpers import get
+from tests.fcgi_helpers import get, read_records, request_bytes
 from tests.servers import (
     FastFPMServer,
     Launcher,
@@ -295,7 +295,9 @@ pm.max_children = 1
 """)
     server = launcher.fastfpm("", extra_args=["-c", str(conf)])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        assert sock.recv(10) == b""  # closed before anything is read
+        # A request is sent: TCP_DEFER_ACCEPT keeps a silent connection from being accepted at all.
+        sock.sendall(request_bytes(1, {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "/"}))
+        assert read_records(sock, timeout=5) == []  # closed, nothing answered
     log = server.wait_for_log("Connection disallowed")
     assert "IP address '127.0.0.1' has been dropped." in log
 

@@ -536,3 +536,43 @@ def test_dual_stack_socket_reports_mapped_peers_that_match_ipv4_entries():
     finally:
         for sock in (accepted, client, server):
             sock.close()
+
+
+# --- watch_master: the kernel's signal when the master dies ------------------------------------
+
+
+def _parent_death_signal() -> int:
+    """prctl(PR_GET_PDEATHSIG) of the calling process."""
+    import ctypes
+
+    sig = ctypes.c_int(-1)
+    assert ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(sig), 0, 0, 0) == 0  # PR_GET_PDEATHSIG
+    return sig.value
+
+
+def test_watch_master_asks_for_sigquit_and_says_whether_the_master_is_there() -> None:
+    import signal
+
+    from fastfpm.process import watch_master
+
+    def child() -> list[Any]:
+        return [watch_master(os.getppid()), _parent_death_signal(), watch_master(os.getppid() + 1)]
+
+    assert in_child(child) == [True, int(signal.SIGQUIT), False]
+
+
+@needs_root
+def test_a_uid_change_clears_the_parent_death_signal_so_it_is_set_after_it() -> None:
+    # The kernel quirk prepare_worker's order works around: setuid() clears PR_SET_PDEATHSIG.
+    from fastfpm.process import watch_master
+
+    def child() -> list[int]:
+        watch_master(os.getppid())
+        before = _parent_death_signal()
+        os.setgid(NOBODY.pw_gid)
+        os.setuid(NOBODY.pw_uid)
+        cleared = _parent_death_signal()
+        watch_master(os.getppid())
+        return [before, cleared, _parent_death_signal()]
+
+    assert in_child(child) == [3, 0, 3]  # SIGQUIT, nothing, SIGQUIT again

@@ -499,3 +499,65 @@ def test_differential_parsers(both):
         body = raw[:rng.choice([7, 8, 9])]
         assert _outcome(py.parse_begin_request, body) == _outcome(c.parse_begin_request, body)
         assert _outcome(py.parse_end_request, body) == _outcome(c.parse_end_request, body)
+
+
+# --- head_ready: is a request's whole head buffered? (a worker reads a head only once it is) -------
+
+
+def _head(request_id=1, role=1, params=b"\x01\x01AB"):
+    """BEGIN_REQUEST, one PARAMS record with content, the empty PARAMS record, then STDIN."""
+    p = protocol
+    return (p.encode_begin_request(request_id, role) + p.encode_record(p.PARAMS, request_id, params)
+            + p.encode_record(p.PARAMS, request_id) + p.encode_record(p.STDIN, request_id))
+
+
+def test_head_ready_only_once_the_empty_params_record_is_in(codec):
+    whole = _head()
+    end_of_head = len(whole) - 8  # everything but the empty STDIN record
+    assert [n for n in range(len(whole) + 1) if codec.head_ready(whole[:n])] == list(
+        range(end_of_head, len(whole) + 1))
+
+
+def test_head_ready_at_an_offset(codec):
+    buf = b"\xff" * 5 + _head()
+    assert codec.head_ready(buf, 5) and not codec.head_ready(buf[:-20], 5)
+    with pytest.raises(ValueError):
+        codec.head_ready(buf, len(buf) + 1)
+
+
+@pytest.mark.parametrize("first", [
+    protocol.encode_get_values([b"FCGI_MAX_CONNS"]),                 # management: answered at once
+    protocol.encode_begin_request(1, protocol.AUTHORIZER),           # a role to refuse at once
+    protocol.encode_record(protocol.PARAMS, 1, b"\x01\x01AB"),       # params before any begin
+    protocol.encode_record(protocol.BEGIN_REQUEST, 1, b"\x00\x01"),  # a malformed begin
+    b"\x02" + protocol.encode_begin_request(1)[1:],                  # a bad version
+], ids=["get values", "authorizer", "params first", "short begin", "bad version"])
+def test_head_ready_when_the_first_record_is_no_request_start(codec, first):
+    assert codec.head_ready(first) and codec.head_ready(first + b"\x01")
+    assert not codec.head_ready(first[:7])
+
+
+@pytest.mark.parametrize("intruder", [
+    protocol.encode_begin_request(1),                               # a second begin for the request
+    protocol.encode_begin_request(2),                               # another request (multiplexing)
+    protocol.encode_record(protocol.PARAMS, 7, b"x"),               # another request's params
+    protocol.encode_record(protocol.ABORT_REQUEST, 1),               # aborted before the params ended
+    protocol.encode_record(protocol.STDIN, 1, b"body"),              # a body before the params ended
+], ids=["second begin", "other request", "other params", "abort", "stdin"])
+def test_head_ready_when_a_record_out_of_order_completes(codec, intruder):
+    begun = protocol.encode_begin_request(1) + protocol.encode_record(protocol.PARAMS, 1, b"\x01\x01AB")
+    assert not codec.head_ready(begun)
+    assert not codec.head_ready(begun + intruder[:-1])
+    assert codec.head_ready(begun + intruder)
+
+
+def test_head_ready_agrees_between_codecs(both):
+    py, c = both
+    rng = random.Random(11)
+    for _ in range(400):
+        params = rng.randbytes(rng.randrange(0, 40))
+        buf = bytearray(_head(rng.randrange(1, 4), rng.choice([1, 1, 1, 2]), params))
+        for _ in range(rng.randrange(0, 3)):
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+        cut = bytes(buf[:rng.randrange(len(buf) + 1)])
+        assert py.head_ready(cut) == c.head_ready(cut), cut

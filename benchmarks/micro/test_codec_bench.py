@@ -91,3 +91,11 @@ def test_encode_end_request(benchmark, codec: ModuleType) -> None:
     """The END_REQUEST record every response ends with."""
     out = benchmark(codec.encode_end_request, 1, 0, protocol.REQUEST_COMPLETE)
     assert out == protocol.encode_end_request(1, 0, protocol.REQUEST_COMPLETE)
+
+
+@pytest.mark.benchmark(group="head_ready: a whole nginx request")
+@pytest.mark.parametrize("codec", IMPLEMENTATIONS)
+def test_head_ready(benchmark, codec: ModuleType) -> None:
+    """The check the worker makes before reading each request's head (BEGIN and PARAMS walked)."""
+    assert benchmark(codec.head_ready, REQUEST) is True
+

@@ -1,7 +1,8 @@
 """Hold each request until the file named by `?gate=PATH` exists (for tests/test_pool_counters.py).
 
-Without `gate` it answers at once. A request never waits more than 30 s, so a failed test cannot
-leave a worker stuck. The reply is `done in PID`.
+Without `gate` it answers at once; `?started=PATH` creates PATH when the request reaches the app.
+A request never waits more than 30 s, so a failed test cannot leave a worker stuck. The reply is
+`done in PID`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from urllib.parse import parse_qs
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """Wait for the gate file, then reply with this worker's pid."""
-    gate = parse_qs(environ.get("QUERY_STRING", "")).get("gate", [""])[0]
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    gate = query.get("gate", [""])[0]
+    if "started" in query:
+        with open(query["started"][0], "w"):
+            pass
     deadline = time.monotonic() + 30
     while gate and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
