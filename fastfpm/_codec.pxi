@@ -110,6 +110,10 @@ def check_header(int record_type, int request_id, int content_length):
     """Raise ProtocolError when a record header breaks a rule that needs no connection state."""
     cdef fcgi_header hdr
     cdef int rc
+    # Casting would check another record (-245 as UNKNOWN_TYPE): out of range is the caller's error.
+    if not (0 <= record_type <= 0xFF and 0 <= request_id <= 0xFFFF and 0 <= content_length <= FCGI_MAX_CONTENT):
+        raise ValueError(f"header fields out of range: type {record_type}, request id {request_id}, "
+                         f"content length {content_length}")
     hdr.version = FCGI_VERSION_1
     hdr.type = <uint8_t>record_type
     hdr.request_id = <uint16_t>request_id

@@ -106,14 +106,23 @@ def _parse_record(view: memoryview, offset: int) -> Record | None:
     return Record(record_type, request_id, bytes(view[start:start + content_length]), size)
 
 
+def _check_header_fields(record_type: int, request_id: int, content_length: int) -> None:
+    # A wrapped value would be checked as another record: -245 as UNKNOWN_TYPE, 65544 as an 8-byte body.
+    if not (0 <= record_type <= 0xFF and 0 <= request_id <= 0xFFFF and 0 <= content_length <= MAX_CONTENT):
+        raise ValueError(f"header fields out of range: type {record_type}, request id {request_id}, "
+                         f"content length {content_length}")
+
+
 def check_header(record_type: int, request_id: int, content_length: int) -> None:
     """Raise ProtocolError when a record header breaks a rule that needs no connection state.
 
     Management records (GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE) carry request id 0 (spec
     section 3.3), and BEGIN_REQUEST and END_REQUEST bodies are exactly 8 bytes (sections 5.1,
     5.5). A record with request id 0 is a management record whatever its type: the reply to an
-    unknown one is UNKNOWN_TYPE, so it is not an error here.
+    unknown one is UNKNOWN_TYPE, so it is not an error here. ValueError for a value no header can
+    carry (outside 0..255, 0..65535): a caller's bug, not the peer's, and never wrapped into range.
     """
+    _check_header_fields(record_type, request_id, content_length)
     if request_id == NULL_REQUEST_ID:
         return
     if record_type in (GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE):

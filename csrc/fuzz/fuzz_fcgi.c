@@ -24,6 +24,37 @@ static void check(int ok, const char *what)
     }
 }
 
+/* Encode a parsed pair again and parse it back: the same name and value, in the minimal form. */
+static void pair_round_trip(const uint8_t *name, size_t nlen, const uint8_t *value, size_t vlen)
+{
+    /* The minimal form is never longer than the one parsed, which fit in one record's content. */
+    static uint8_t out[FCGI_MAX_CONTENT];
+    size_t room = fcgi_pair_size(nlen, vlen);
+    check(room <= sizeof out, "minimal pair no longer than the parsed one");
+    check(fcgi_write_pair(out, name, nlen, value, vlen) == room, "pair size matches fcgi_pair_size");
+    size_t noff, nlen2, voff, vlen2;
+    check(fcgi_parse_pair(out, room, &noff, &nlen2, &voff, &vlen2) == (long)room, "own pair parses whole");
+    check(nlen2 == nlen && vlen2 == vlen && memcmp(out + noff, name, nlen) == 0 &&
+              memcmp(out + voff, value, vlen) == 0, "pair round trip");
+}
+
+/* Re-encode the first 8 content bytes as the END_REQUEST and UNKNOWN_TYPE writers would frame them. */
+static void fixed_bodies(const fcgi_header *hdr, const uint8_t *content)
+{
+    uint8_t out[16];
+    fcgi_header back;
+    uint32_t app_status = ((uint32_t)content[0] << 24) | ((uint32_t)content[1] << 16) |
+                          ((uint32_t)content[2] << 8) | content[3];
+    check(fcgi_write_end_request(out, hdr->request_id, app_status, content[4]) == 16, "END_REQUEST size");
+    check(fcgi_parse_record(out, sizeof out, &back) == 16 && back.type == FCGI_END_REQUEST &&
+              back.request_id == hdr->request_id && fcgi_check_header(&back) == 0 &&
+              memcmp(out + FCGI_HEADER_LEN, content, 5) == 0, "END_REQUEST round trip");
+    check(fcgi_write_unknown_type(out, content[0]) == 16, "UNKNOWN_TYPE size");
+    check(fcgi_parse_record(out, sizeof out, &back) == 16 && back.type == FCGI_UNKNOWN_TYPE &&
+              back.request_id == 0 && fcgi_check_header(&back) == 0 && out[FCGI_HEADER_LEN] == content[0],
+          "UNKNOWN_TYPE round trip");
+}
+
 /* Walk data as a record stream, and each record's content as name/value pairs. */
 static void walk(const uint8_t *data, size_t size)
 {
@@ -47,6 +78,13 @@ static void walk(const uint8_t *data, size_t size)
             check(fcgi_write_begin_request(again, hdr.request_id, role, flags) == 16, "BEGIN_REQUEST size");
             check(memcmp(again + FCGI_HEADER_LEN, content, 3) == 0, "BEGIN_REQUEST round trip");
         }
+        if (hdr.content_length >= 8)
+            fixed_bodies(&hdr, content);
+        fcgi_header alone;
+        check(fcgi_parse_header(data + pos, size - pos, &alone) == FCGI_HEADER_LEN &&
+                  alone.type == hdr.type && alone.request_id == hdr.request_id &&
+                  alone.content_length == hdr.content_length && alone.padding_length == hdr.padding_length,
+              "header parser agrees with the record parser");
         size_t cpos = 0;
         while (cpos < hdr.content_length) {
             size_t noff, nlen, voff, vlen;
@@ -55,6 +93,7 @@ static void walk(const uint8_t *data, size_t size)
                 break;
             check(used > 0 && (size_t)used <= hdr.content_length - cpos, "pair within the content");
             check(noff + nlen <= (size_t)used && voff + vlen <= (size_t)used, "name and value within the pair");
+            pair_round_trip(content + cpos + noff, nlen, content + cpos + voff, vlen);
             cpos += (size_t)used;
         }
         pos += (size_t)rc;
