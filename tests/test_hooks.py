@@ -85,6 +85,21 @@ def test_a_worker_recycled_by_max_requests_runs_its_exit_hook_and_its_successor_
     assert f"child {first} exited with code 0" in server.log_text()
 
 
+def test_a_reload_runs_the_old_workers_exit_hooks_and_the_new_workers_start_hooks(
+        configured: Callable[..., ConfiguredServer]) -> None:
+    server = configured(hooked(children=2))
+    old = set(server.worker_pids())
+    mark = server.log_size()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("reloaded: generation 2", mark, timeout=10)
+    new = wait_until(lambda: (pids := set(server.worker_pids())) and not pids & old and len(pids) == 2
+                     and pids, 10, message="the new generation only")
+    wait_until(lambda: {pid for event, pid in events(server) if event == "exit:www"} == old, 10,
+               message="an exit line from each old worker")
+    assert {pid for event, pid in events(server) if event == "start:www"} == old | new
+    assert {served_by(server) for _ in range(4)} <= {(pid, True) for pid in new}
+
+
 def test_a_raising_exit_hook_is_logged_and_the_worker_still_exits_cleanly(
         configured: Callable[..., ConfiguredServer]) -> None:
     server = configured(hooked(children=1, extra="pm.max_requests = 1"))
