@@ -1,4 +1,7 @@
-"""Finding the WSGI application a pool serves: `MODULE:CALLABLE`, as gunicorn spells it."""
+"""Finding the WSGI application a pool serves: `MODULE:CALLABLE`, as gunicorn spells it.
+
+The worker hooks (on_worker_start, on_worker_exit) are found the same way, by load_callable.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +13,32 @@ DEMO_APP = "fastfpm.demo:application"
 
 
 class AppLoadError(Exception):
-    """The application could not be imported; the message says what to fix."""
+    """The application (or a hook) could not be imported; the message says what to fix."""
 
 
 def load_app(spec: str, python_path: Iterable[str] = ()) -> Callable:
     """Import `module:callable` (`module` alone means `module:application`), with python_path first."""
+    return load_callable(spec, python_path, what="app", default_attr="application")
+
+
+def load_callable(spec: str, python_path: Iterable[str] = (), *, what: str = "app",
+                  default_attr: str = "") -> Callable:
+    """Import `module:callable` with python_path first; `what` names the directive in messages.
+
+    An empty default_attr makes the `:callable` part required (a hook has no conventional name).
+    """
     for directory in reversed(list(python_path)):
         if directory not in sys.path:
             sys.path.insert(0, directory)
     module_name, _, attr = spec.partition(":")
-    attr = attr or "application"
-    if not module_name:
-        raise AppLoadError(f"app {spec!r}: expected MODULE:CALLABLE, for example myapp:application")
+    attr = attr or default_attr
+    if not module_name or not attr:
+        raise AppLoadError(f"{what} {spec!r}: expected MODULE:CALLABLE, for example myapp:application")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise AppLoadError(f"app {spec!r}: no module named {exc.name!r} "
+            raise AppLoadError(f"{what} {spec!r}: no module named {exc.name!r} "
                                f"(sys.path starts with {sys.path[:3]})") from exc
         raise
     obj = module
@@ -34,7 +46,8 @@ def load_app(spec: str, python_path: Iterable[str] = ()) -> Callable:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise AppLoadError(f"app {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+            raise AppLoadError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
-        raise AppLoadError(f"app {spec!r}: {attr!r} is a {type(obj).__name__}, not a WSGI callable")
+        kind = "a WSGI callable" if what == "app" else "a callable"
+        raise AppLoadError(f"{what} {spec!r}: {attr!r} is a {type(obj).__name__}, not {kind}")
     return obj

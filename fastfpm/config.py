@@ -340,6 +340,15 @@ class AppSpec(ValueType):
         return text
 
 
+class HookSpec(AppSpec):
+    """A worker hook: MODULE:CALLABLE, both parts required (a hook has no conventional name)."""
+
+    def parse(self, text: str) -> str:
+        if not re.fullmatch(rf"{self._DOTTED}:{self._DOTTED}", text):
+            raise ValueError("expected MODULE:CALLABLE, for example myapp.hooks:open_pools")
+        return text
+
+
 class PathList(ValueType):
     """Directories separated by ':' (as PYTHONPATH)."""
 
@@ -710,6 +719,18 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("app", P, AppSpec(), DEMO_APP, "The WSGI application the pool serves: MODULE:CALLABLE.",
        origin="fastfpm", required=True,
        note="Required in a pool section; the built-in demo is the default only from the command line."),
+    _d("on_worker_start", P, HookSpec(), None,
+       "Called as CALLABLE(pool_name) in each worker after the app is imported, before its first "
+       "request: open database or HTTP pools here. If it raises, the worker exits as on an app "
+       "import failure (the master stops, a reload rolls back).",
+       origin="fastfpm", default_doc="none",
+       note="php-fpm has no worker hooks; gunicorn's post_worker_init is the model "
+            "(docs/operations.md, Worker hooks)."),
+    _d("on_worker_exit", P, HookSpec(), None,
+       "Called as CALLABLE(pool_name) in a worker whose loop ended normally (graceful stop, reload, "
+       "pm.max_requests, idle exit), not on SIGTERM or SIGKILL. An exception is logged; the worker "
+       "still exits with status 0.",
+       origin="fastfpm", default_doc="none", note="gunicorn's worker_exit, run in the worker."),
     _d("python_path", P, PathList(), list, "Directories put in front of sys.path before the app is imported.",
        origin="fastfpm", default_doc="none"),
     _d("mount", P, Mount(), "",

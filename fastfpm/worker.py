@@ -21,13 +21,15 @@ except ModuleNotFoundError as exc:
     raise not_built(exc) from None
 from fastfpm.address import REFUSED_MESSAGE, AllowedClients, parse_address
 from fastfpm.app import AppLoadError, load_app
+from fastfpm.hooks import WorkerHooks
 from fastfpm.log import ErrorLog, Throttle, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker, watch_master
 from fastfpm.proctitle import set_worker_title
 from fastfpm.status import routes as status_routes
 
-# Exit status of a worker whose application failed to import: the master stops rather than
-# respawning it in a loop (gunicorn does the same with its WORKER_BOOT_ERROR).
+# Exit status of a worker whose application (or a hook) failed to import, or whose on_worker_start
+# raised: the master stops (or rolls a reload back) rather than respawning it in a loop (gunicorn
+# does the same with its WORKER_BOOT_ERROR).
 EXIT_BOOT_ERROR = 3
 
 
@@ -120,16 +122,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             os._exit(0)  # it died already: nobody would supervise this worker
         if pool.slowlog and pool.request_slowlog_timeout:
             install_slowlog(pool, scoreboard, slot_index, log)
-        # The working directory is importable, as with gunicorn and `python -m`.
-        python_path = [*pool.python_path, os.getcwd()]
-        try:
-            app = load_app(pool.app, python_path)
-        except AppLoadError as exc:
-            log.error(str(exc))
-            os._exit(EXIT_BOOT_ERROR)
-        except BaseException:
-            log.exception(f"importing the application {pool.app!r} failed")
-            os._exit(EXIT_BOOT_ERROR)
+        app, hooks = load_or_exit(pool, log)
         set_accept_timeout(listen_fd)
         worker = Worker(
             listen_fd, app, environ_template=environ_template(pool, WsgiErrors(log)), log=log.log,
@@ -147,8 +140,13 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             routes=status_routes(pool, scoreboard, slot_index),
             protocol_log=Throttle(log.log, "connections closed on malformed FastCGI input"),
         )
+        # After the Worker exists, so a SIGQUIT during the hook ends the loop before it starts
+        # and on_worker_exit still runs; before serve(), so the slot stays Starting till it ends.
+        if not hooks.run_start(log):
+            os._exit(EXIT_BOOT_ERROR)
         worker.serve()
         worker.mark_ending()
+        hooks.run_exit(log)
         status = 0
     except BaseException:
         log.exception("the worker failed")
@@ -158,6 +156,22 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def load_or_exit(pool: Any, log: ErrorLog) -> tuple[Any, WorkerHooks]:
+    """The pool's app and hooks, imported with the working directory on sys.path (as with gunicorn
+    and `python -m`); a failure is logged and the worker exits with EXIT_BOOT_ERROR."""
+    python_path = [*pool.python_path, os.getcwd()]
+    what = f"the application {pool.app!r}"
+    try:
+        app = load_app(pool.app, python_path)
+        what = "the worker hooks"
+        return app, WorkerHooks.load(pool, python_path)
+    except AppLoadError as exc:
+        log.error(str(exc))
+    except BaseException:
+        log.exception(f"importing {what} failed")
+    os._exit(EXIT_BOOT_ERROR)
 
 
 # How long a worker's accept() waits before it looks at its stop flag again (a signal that lands

@@ -197,6 +197,11 @@ def test_global_value_types(tmp_path, line, attr, expected):
     ("listen.allowed_clients = 127.0.0.1,localhost", "'localhost' is not an IP address or network"),
     ("mount = app", "a mount prefix starts with '/'"),
     ("app = my-app:application", "expected MODULE:CALLABLE"),
+    ("on_worker_start = myapp.hooks", "invalid value 'myapp.hooks' for 'on_worker_start': expected "
+                                      "MODULE:CALLABLE"),
+    ("on_worker_start = my-app:open", "expected MODULE:CALLABLE"),
+    ("on_worker_exit = myapp:close:now", "invalid value 'myapp:close:now' for 'on_worker_exit'"),
+    ("on_worker_exit = :close", "expected MODULE:CALLABLE"),
     ("listen = 127.0.0.1:99999", "out of range"),
     ("listen = ::1:9000", "write IPv6 addresses in brackets"),
 ])
