@@ -122,6 +122,8 @@ cdef class Worker:
     cdef AccessLog access_log        # None when the pool has no access.log
     cdef public bint stopping
     cdef public uint64_t max_requests
+    cdef public uint64_t max_memory  # pm.max_memory in bytes, against the peak resident set; 0: off
+    cdef public bint over_memory     # the last request left the peak over max_memory: this one ends
     cdef public uint64_t served
 
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
@@ -129,7 +131,8 @@ cdef class Worker:
                  double header_timeout=10.0, double body_timeout=60.0, double read_timeout=60.0,
                  double first_byte_grace=0.05,
                  Py_ssize_t max_params_size=65536, str mount="",
-                 int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
+                 int max_conns=1, uint64_t max_requests=0, uint64_t max_memory=0,
+                 client_filter=None, int parent_pid=0,
                  dict routes=None, AccessLog access_log=None, protocol_log=None,
                  bint keep_http_proxy=False, int64_t max_body_size=0):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
@@ -141,6 +144,8 @@ cdef class Worker:
         path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
         protocol_log (default: log) takes the line of a connection closed on malformed input.
         keep_http_proxy: leave HTTP_PROXY (the Proxy header, httpoxy) in the environ.
+        max_memory: after a request that leaves the worker's peak resident set above this many
+        bytes, the worker serves no more (serve() returns "max_memory"); 0: no limit.
         max_body_size: the largest request body the app is given, in bytes (0: no limit).
         A new connection with nothing to read yet is waited for first_byte_grace seconds, then
         waits among the loop's other connections (see fastfpm.worker.first_byte_grace).
@@ -150,6 +155,7 @@ cdef class Worker:
         self.log = log
         self.log_exception = log_exception
         self.max_requests = max_requests
+        self.max_memory = max_memory
         self.limits = Limits()
         self.limits.idle_timeout_ms = <int>(idle_timeout * 1000)
         self.limits.first_byte_grace_ms = <int>(first_byte_grace * 1000)
@@ -181,12 +187,26 @@ cdef class Worker:
         """Tell the master this worker is on its way out."""
         self.slot.ending()
 
+    @property
+    def peak_memory(self):
+        """The worker's peak resident set in bytes, as the last request's end measured it."""
+        return self.slot.slot.last_request_memory
+
     cdef inline bint may_serve_more(self) noexcept:
-        return self.max_requests == 0 or self.served < self.max_requests
+        return not self.over_memory and (self.max_requests == 0 or self.served < self.max_requests)
 
     cdef inline bint last_request(self) noexcept:
-        """Whether the request being served is this worker's last (stopping, or max_requests)."""
-        return self.stopping or (self.max_requests != 0 and self.served + 1 >= self.max_requests)
+        """Whether the request being served is this worker's last (stopping, max_requests, or the
+        one before was over max_memory)."""
+        return (self.stopping or self.over_memory
+                or (self.max_requests != 0 and self.served + 1 >= self.max_requests))
+
+    cdef inline void count_request(self) noexcept:
+        """One more request served; past pm.max_memory, it was the last. The figure is the peak
+        request_done() just stored (ru_maxrss): no system call of its own."""
+        self.served += 1
+        if self.max_memory != 0 and self.slot.slot.last_request_memory > self.max_memory:
+            self.over_memory = True
 
     def serve(self):
         """Accept and serve connections until stopping is set or max_requests is reached.
@@ -217,10 +237,12 @@ cdef class Worker:
             self.serve_waiting()
         finally:
             self.loop.discard_kept()
-        return "stopping" if self.stopping else "max_requests"
+        if self.stopping:
+            return "stopping"
+        return "max_memory" if self.over_memory else "max_requests"
 
     cdef int serve_waiting(self) except -1:
-        """On the way out (a graceful stop, a reload, max_requests): serve the requests already
+        """On the way out (a graceful stop, a reload, max_requests, max_memory): serve the requests already
         sent on kept connections before they are closed.
 
         nginx sends a request on whichever idle kept connection it holds, and the connection
@@ -244,6 +266,7 @@ cdef class Worker:
         """Serve the requests that have arrived on c: 1 wait for more on it in the loop (kept alive,
         or its next request not all here yet), 0 close it."""
         cdef int got
+        cdef bint knew_last  # whether this request was known to be the last when it started
         while True:
             got = c.read_request_head(self.request, self.slot)
             if got == HEAD_WAIT:
@@ -251,8 +274,9 @@ cdef class Worker:
             if got <= 0:
                 c.keep_conn = False
                 return 0
+            knew_last = self.over_memory
             self.handle_request(c)
-            self.served += 1
+            self.count_request()
             if c.broken:
                 return 0
             if not c.keep_conn or self.stopping:
@@ -262,6 +286,11 @@ cdef class Worker:
                     c.end_output()  # see finish_request
                 return 0
             if not self.may_serve_more():
+                if self.over_memory and not knew_last and c.rend > c.rstart:
+                    # Over max_memory is known only after END_REQUEST went out, so the web server
+                    # may have sent its next request on the connection already. Here it is: serve
+                    # that one (last_request() now sends its FIN with its END_REQUEST), then close.
+                    continue
                 c.end_output()
                 return 0
             if c.rend == c.rstart:
