@@ -101,7 +101,8 @@ def test_a_request_sent_before_the_worker_knew_is_served_then_the_connection_clo
     params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/", "QUERY_STRING": "",
               "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "t", "SERVER_PORT": "80"}
     with server.connect() as sock:
-        sock.sendall(request_bytes(1, params, flags=p.KEEP_CONN) + request_bytes(2, params, flags=p.KEEP_CONN))
+        kept = p.KEEP_CONN
+        sock.sendall(request_bytes(1, params, flags=kept) + request_bytes(2, params, flags=kept))
         records = read_records(sock, count=2)
         ends = {r.request_id: p.parse_end_request(r.content) for r in records if r.type == p.END_REQUEST}
         assert ends == {1: (0, p.REQUEST_COMPLETE), 2: (0, p.REQUEST_COMPLETE)}
