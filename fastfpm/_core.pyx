@@ -190,7 +190,7 @@ cdef class Worker:
     @property
     def peak_memory(self):
         """The worker's peak resident set in bytes, as the last request's end measured it."""
-        return self.slot.slot.last_request_memory
+        return self.slot.peak_memory
 
     cdef inline bint may_serve_more(self) noexcept:
         return not self.over_memory and (self.max_requests == 0 or self.served < self.max_requests)
@@ -201,11 +201,10 @@ cdef class Worker:
         return (self.stopping or self.over_memory
                 or (self.max_requests != 0 and self.served + 1 >= self.max_requests))
 
-    cdef inline void count_request(self) noexcept:
-        """One more request served; past pm.max_memory, it was the last. The figure is the peak
-        request_done() just stored (ru_maxrss): no system call of its own."""
-        self.served += 1
-        if self.max_memory != 0 and self.slot.slot.last_request_memory > self.max_memory:
+    cdef inline void check_memory(self) noexcept:
+        """Past pm.max_memory, the request being served is the last. The figure is the peak the
+        slot measured at the request's end (ru_maxrss): no system call of its own."""
+        if self.max_memory != 0 and self.slot.peak_memory > self.max_memory:
             self.over_memory = True
 
     def serve(self):
@@ -266,7 +265,6 @@ cdef class Worker:
         """Serve the requests that have arrived on c: 1 wait for more on it in the loop (kept alive,
         or its next request not all here yet), 0 close it."""
         cdef int got
-        cdef bint knew_last  # whether this request was known to be the last when it started
         while True:
             got = c.read_request_head(self.request, self.slot)
             if got == HEAD_WAIT:
@@ -274,9 +272,8 @@ cdef class Worker:
             if got <= 0:
                 c.keep_conn = False
                 return 0
-            knew_last = self.over_memory
             self.handle_request(c)
-            self.count_request()
+            self.served += 1
             if c.broken:
                 return 0
             if not c.keep_conn or self.stopping:
@@ -286,11 +283,6 @@ cdef class Worker:
                     c.end_output()  # see finish_request
                 return 0
             if not self.may_serve_more():
-                if self.over_memory and not knew_last and c.rend > c.rstart:
-                    # Over max_memory is known only after END_REQUEST went out, so the web server
-                    # may have sent its next request on the connection already. Here it is: serve
-                    # that one (last_request() now sends its FIN with its END_REQUEST), then close.
-                    continue
                 c.end_output()
                 return 0
             if c.rend == c.rstart:
@@ -320,6 +312,7 @@ cdef class Worker:
         # The request's end, then its line, as php-fpm's fpm_request_end() then fpm_log_write():
         # the line's %d, %C and %M are the figures the slot keeps for the status page.
         self.slot.request_done()
+        self.check_memory()  # also after a request that had no "Finishing" (finish_request's check)
         if self.access_log is not None:
             self.access_log.write_line(self.request, self.response, self.slot, c, env)
         return 0
@@ -407,6 +400,7 @@ cdef class Worker:
             # no clean next-request boundary, so it ends after END_REQUEST.
             c.keep_conn = False
         self.slot.finishing(self.response.status_code)
+        self.check_memory()  # before END_REQUEST, so that its FIN can go with it (below)
         if c.keep_conn and self.last_request():
             # The connection closes after this answer although the web server asked to keep it:
             # END_REQUEST and the FIN leave together (serve_connection sends the FIN), so nginx

@@ -637,8 +637,8 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Adds random(0..jitter) to each worker's pm.max_requests so workers do not all restart at once.",
        origin="fastfpm"),
     _d("pm.max_memory", P, Size(0), 0,
-       "A worker whose peak resident set (RSS) is over this size after a request exits once that "
-       "request is answered and is replaced, as after pm.max_requests; 0: no limit.",
+       "A worker whose peak resident set (RSS) is over this size once a request's application is "
+       "done answers that request, then exits and is replaced, as after pm.max_requests; 0: no limit.",
        origin="fastfpm",
        note="Peak RSS (getrusage's ru_maxrss, which request end reads anyway), not current RSS or "
             "PSS: free, and since a worker starts fresh, the most it ever held, which is what the "

@@ -76,8 +76,11 @@ def test_a_worker_that_frees_its_memory_is_never_replaced(configured) -> None:
 
 
 def test_through_nginx_kept_connections_every_request_gets_its_whole_answer(launcher: Launcher) -> None:
+    # TCP: END_REQUEST and the FIN of the last answer leave in one segment, so nginx never sends a
+    # request on a connection that is closing. (On a unix socket the FIN follows in a second step,
+    # and nginx can lose that race and retry a GET: docs/operations.md, Keep-alive.)
     workdir = launcher.directory("fpm")
-    server = ConfiguredServer(workdir, workdir / "fastfpm.conf")
+    server = ConfiguredServer(workdir, workdir / "fastfpm.conf", transport="tcp")
     server.rewrite(POOL.format(app="app", limit="100M"))
     launcher.start(server)
     web = launcher.nginx(server)
@@ -94,20 +97,20 @@ def test_through_nginx_kept_connections_every_request_gets_its_whole_answer(laun
     assert "[error]" not in web.error_log_text()
 
 
-def test_a_request_sent_before_the_worker_knew_is_served_then_the_connection_closes(configured) -> None:
-    # 1K: every request leaves the worker over the limit. Two requests in one write on a kept
-    # connection: the second is in the worker's buffer when the first's end shows the limit passed.
+def test_a_kept_connection_ends_with_the_answer_that_passed_the_limit(configured) -> None:
+    # 1K: every request leaves the worker over the limit. The limit is checked before END_REQUEST,
+    # so the web server learns with the answer that the connection ends (as after pm.max_requests)
+    # and does not send its next request on it: a second request already sent is not served.
     server = configured(POOL.format(app="steady", limit="1K"))
     params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/", "QUERY_STRING": "",
               "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "t", "SERVER_PORT": "80"}
     with server.connect() as sock:
         kept = p.KEEP_CONN
         sock.sendall(request_bytes(1, params, flags=kept) + request_bytes(2, params, flags=kept))
-        records = read_records(sock, count=2)
+        records = read_records(sock, count=2)  # until the worker closes
         ends = {r.request_id: p.parse_end_request(r.content) for r in records if r.type == p.END_REQUEST}
-        assert ends == {1: (0, p.REQUEST_COMPLETE), 2: (0, p.REQUEST_COMPLETE)}
+        assert ends == {1: (0, p.REQUEST_COMPLETE)}
         assert closed_by_peer(sock)
-    for request_id in (1, 2):
-        stdout = b"".join(r.content for r in records if r.type == p.STDOUT and r.request_id == request_id)
-        assert parse_reply(stdout.split(b"\r\n\r\n", 1)[1])[1] == request_id  # one worker, in order
+    stdout = b"".join(r.content for r in records if r.type == p.STDOUT and r.request_id == 1)
+    assert parse_reply(stdout.split(b"\r\n\r\n", 1)[1])[1] == 1
     assert "is over pm.max_memory 1K: exiting to be replaced" in server.wait_for_log("exited with code 0")
