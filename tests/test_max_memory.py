@@ -10,7 +10,7 @@ from itertools import groupby
 
 from fastfpm import protocol as p
 from tests.apps.leak import PADDING
-from tests.fcgi_helpers import closed_by_peer, get, read_records, request_bytes
+from tests.fcgi_helpers import get, read_records, request_bytes
 from tests.servers import ConfiguredServer, Launcher, http_connection, http_get
 
 POOL = """\
@@ -97,20 +97,26 @@ def test_through_nginx_kept_connections_every_request_gets_its_whole_answer(laun
     assert "[error]" not in web.error_log_text()
 
 
-def test_a_kept_connection_ends_with_the_answer_that_passed_the_limit(configured) -> None:
+def test_a_kept_connection_ends_with_the_answer_that_passed_the_limit(launcher: Launcher) -> None:
     # 1K: every request leaves the worker over the limit. The limit is checked before END_REQUEST,
-    # so the web server learns with the answer that the connection ends (as after pm.max_requests)
-    # and does not send its next request on it: a second request already sent is not served.
-    server = configured(POOL.format(app="steady", limit="1K"))
+    # so on TCP the FIN leaves in the same segment (TCP_CORK until shutdown): once END_REQUEST is
+    # here, so is the end of the connection, and a web server never sends the next request on it.
+    workdir = launcher.directory("fpm")
+    server = ConfiguredServer(workdir, workdir / "fastfpm.conf", transport="tcp")
+    server.rewrite(POOL.format(app="steady", limit="1K"))
+    launcher.start(server)
     params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/", "QUERY_STRING": "",
               "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "t", "SERVER_PORT": "80"}
-    with server.connect() as sock:
-        kept = p.KEEP_CONN
-        sock.sendall(request_bytes(1, params, flags=kept) + request_bytes(2, params, flags=kept))
-        records = read_records(sock, count=2)  # until the worker closes
-        ends = {r.request_id: p.parse_end_request(r.content) for r in records if r.type == p.END_REQUEST}
-        assert ends == {1: (0, p.REQUEST_COMPLETE)}
-        assert closed_by_peer(sock)
-    stdout = b"".join(r.content for r in records if r.type == p.STDOUT and r.request_id == 1)
-    assert parse_reply(stdout.split(b"\r\n\r\n", 1)[1])[1] == 1
+    replies = []
+    for _ in range(3):
+        with server.connect() as sock:
+            sock.sendall(request_bytes(1, params, flags=p.KEEP_CONN))
+            records = read_records(sock)
+            assert p.parse_end_request(records[-1].content) == (0, p.REQUEST_COMPLETE)
+            sock.setblocking(False)
+            assert sock.recv(1) == b"", "END_REQUEST came without the FIN"
+        stdout = b"".join(r.content for r in records if r.type == p.STDOUT)
+        replies.append(parse_reply(stdout.split(b"\r\n\r\n", 1)[1]))
+    assert [served for _, served in replies] == [1, 1, 1]
+    assert len({pid for pid, _ in replies}) == 3  # a fresh worker each time
     assert "is over pm.max_memory 1K: exiting to be replaced" in server.wait_for_log("exited with code 0")
