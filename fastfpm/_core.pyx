@@ -123,7 +123,7 @@ cdef class Worker:
     cdef public bint stopping
     cdef public uint64_t max_requests
     cdef public uint64_t max_memory  # pm.max_memory in bytes, against the peak resident set; 0: off
-    cdef public bint over_memory     # the last request left the peak over max_memory: this one ends
+    cdef public bint over_memory     # a request's end found the peak over max_memory: it was the last
     cdef public uint64_t served
 
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
@@ -196,8 +196,8 @@ cdef class Worker:
         return not self.over_memory and (self.max_requests == 0 or self.served < self.max_requests)
 
     cdef inline bint last_request(self) noexcept:
-        """Whether the request being served is this worker's last (stopping, max_requests, or the
-        one before was over max_memory)."""
+        """Whether the request being served is this worker's last (stopping, max_requests, or its
+        end found the peak over max_memory)."""
         return (self.stopping or self.over_memory
                 or (self.max_requests != 0 and self.served + 1 >= self.max_requests))
 
@@ -208,7 +208,7 @@ cdef class Worker:
             self.over_memory = True
 
     def serve(self):
-        """Accept and serve connections until stopping is set or max_requests is reached.
+        """Accept and serve connections until stopping is set or max_requests or max_memory is reached.
 
         A connection whose web server asked to keep it (FCGI_KEEP_CONN) goes back to the loop's
         idle set after its request, and so does one whose request has not (all) arrived yet: neither
@@ -241,8 +241,8 @@ cdef class Worker:
         return "max_memory" if self.over_memory else "max_requests"
 
     cdef int serve_waiting(self) except -1:
-        """On the way out (a graceful stop, a reload, max_requests, max_memory): serve the requests already
-        sent on kept connections before they are closed.
+        """On the way out (a graceful stop, a reload, max_requests, max_memory): serve the requests
+        already sent on kept connections before they are closed.
 
         nginx sends a request on whichever idle kept connection it holds, and the connection
         belongs to the worker that accepted it: while that worker serves another request, the new
