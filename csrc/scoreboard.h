@@ -71,7 +71,8 @@ typedef struct {
     char query_string[FFPM_QUERY_LEN];
     char script_filename[FFPM_SCRIPT_LEN];
     /* The last finished request's CPU and memory, php-fpm's "last request cpu" / "last request
-     * memory": getrusage(RUSAGE_SELF) at its start ("Reading headers") and at its end. */
+     * memory": getrusage(RUSAGE_SELF) at its start ("Reading headers") and at its end ("Finishing":
+     * the application done, END_REQUEST not yet sent; else when the request ends). */
     int64_t last_request_utime_us;  /* user CPU time, microseconds */
     int64_t last_request_stime_us;  /* system CPU time, microseconds */
     uint64_t last_request_memory;   /* the worker's peak resident set at that end (ru_maxrss), bytes */

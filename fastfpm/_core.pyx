@@ -122,6 +122,8 @@ cdef class Worker:
     cdef AccessLog access_log        # None when the pool has no access.log
     cdef public bint stopping
     cdef public uint64_t max_requests
+    cdef public uint64_t max_memory  # pm.max_memory in bytes, against the peak resident set; 0: off
+    cdef public bint over_memory     # a request's end found the peak over max_memory: it was the last
     cdef public uint64_t served
 
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
@@ -129,7 +131,8 @@ cdef class Worker:
                  double header_timeout=10.0, double body_timeout=60.0, double read_timeout=60.0,
                  double first_byte_grace=0.05,
                  Py_ssize_t max_params_size=65536, str mount="",
-                 int max_conns=1, uint64_t max_requests=0, client_filter=None, int parent_pid=0,
+                 int max_conns=1, uint64_t max_requests=0, uint64_t max_memory=0,
+                 client_filter=None, int parent_pid=0,
                  dict routes=None, AccessLog access_log=None, protocol_log=None,
                  bint keep_http_proxy=False, int64_t max_body_size=0):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
@@ -141,6 +144,8 @@ cdef class Worker:
         path is the whole request path (REQUEST_URI's, percent-decoded), before --mount is cut.
         protocol_log (default: log) takes the line of a connection closed on malformed input.
         keep_http_proxy: leave HTTP_PROXY (the Proxy header, httpoxy) in the environ.
+        max_memory: after a request that leaves the worker's peak resident set above this many
+        bytes, the worker serves no more (serve() returns "max_memory"); 0: no limit.
         max_body_size: the largest request body the app is given, in bytes (0: no limit).
         A new connection with nothing to read yet is waited for first_byte_grace seconds, then
         waits among the loop's other connections (see fastfpm.worker.first_byte_grace).
@@ -150,6 +155,7 @@ cdef class Worker:
         self.log = log
         self.log_exception = log_exception
         self.max_requests = max_requests
+        self.max_memory = max_memory
         self.limits = Limits()
         self.limits.idle_timeout_ms = <int>(idle_timeout * 1000)
         self.limits.first_byte_grace_ms = <int>(first_byte_grace * 1000)
@@ -181,15 +187,28 @@ cdef class Worker:
         """Tell the master this worker is on its way out."""
         self.slot.ending()
 
+    @property
+    def peak_memory(self):
+        """The worker's peak resident set in bytes, as the last request's end measured it."""
+        return self.slot.peak_memory
+
     cdef inline bint may_serve_more(self) noexcept:
-        return self.max_requests == 0 or self.served < self.max_requests
+        return not self.over_memory and (self.max_requests == 0 or self.served < self.max_requests)
 
     cdef inline bint last_request(self) noexcept:
-        """Whether the request being served is this worker's last (stopping, or max_requests)."""
-        return self.stopping or (self.max_requests != 0 and self.served + 1 >= self.max_requests)
+        """Whether the request being served is this worker's last (stopping, max_requests, or its
+        end found the peak over max_memory)."""
+        return (self.stopping or self.over_memory
+                or (self.max_requests != 0 and self.served + 1 >= self.max_requests))
+
+    cdef inline void check_memory(self) noexcept:
+        """Past pm.max_memory, the request being served is the last. The figure is the peak the
+        slot measured at the request's end (ru_maxrss): no system call of its own."""
+        if self.max_memory != 0 and self.slot.peak_memory > self.max_memory:
+            self.over_memory = True
 
     def serve(self):
-        """Accept and serve connections until stopping is set or max_requests is reached.
+        """Accept and serve connections until stopping is set or max_requests or max_memory is reached.
 
         A connection whose web server asked to keep it (FCGI_KEEP_CONN) goes back to the loop's
         idle set after its request, and so does one whose request has not (all) arrived yet: neither
@@ -217,11 +236,13 @@ cdef class Worker:
             self.serve_waiting()
         finally:
             self.loop.discard_kept()
-        return "stopping" if self.stopping else "max_requests"
+        if self.stopping:
+            return "stopping"
+        return "max_memory" if self.over_memory else "max_requests"
 
     cdef int serve_waiting(self) except -1:
-        """On the way out (a graceful stop, a reload, max_requests): serve the requests already
-        sent on kept connections before they are closed.
+        """On the way out (a graceful stop, a reload, max_requests, max_memory): serve the requests
+        already sent on kept connections before they are closed.
 
         nginx sends a request on whichever idle kept connection it holds, and the connection
         belongs to the worker that accepted it: while that worker serves another request, the new
@@ -291,6 +312,7 @@ cdef class Worker:
         # The request's end, then its line, as php-fpm's fpm_request_end() then fpm_log_write():
         # the line's %d, %C and %M are the figures the slot keeps for the status page.
         self.slot.request_done()
+        self.check_memory()  # also after a request that had no "Finishing" (finish_request's check)
         if self.access_log is not None:
             self.access_log.write_line(self.request, self.response, self.slot, c, env)
         return 0
@@ -378,6 +400,7 @@ cdef class Worker:
             # no clean next-request boundary, so it ends after END_REQUEST.
             c.keep_conn = False
         self.slot.finishing(self.response.status_code)
+        self.check_memory()  # before END_REQUEST, so that its FIN can go with it (below)
         if c.keep_conn and self.last_request():
             # The connection closes after this answer although the web server asked to keep it:
             # END_REQUEST and the FIN leave together (serve_connection sends the FIN), so nginx

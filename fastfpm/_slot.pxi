@@ -20,6 +20,10 @@ cdef class SlotWriter:
     cdef ffpm_pool_header dummy_header
     cdef int64_t utime_start_us      # the worker's CPU times when the current request started
     cdef int64_t stime_start_us
+    cdef int64_t utime_end_us        # ... and when its application was done (measure_end)
+    cdef int64_t stime_end_us
+    cdef public uint64_t peak_memory  # the worker's peak resident set then (ru_maxrss), bytes
+    cdef bint measured               # measure_end ran for the current request
 
     def __cinit__(self):
         memset(&self.dummy_slot, 0, sizeof(self.dummy_slot))
@@ -59,6 +63,7 @@ cdef class SlotWriter:
         getrusage(RUSAGE_SELF, &usage)
         self.utime_start_us = timeval_us(usage.ru_utime)
         self.stime_start_us = timeval_us(usage.ru_stime)
+        self.measured = False
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_READING_HEADERS
         if new_connection:
@@ -95,8 +100,21 @@ cdef class SlotWriter:
         request.copy_param(K_SCRIPT_FILENAME, s.script_filename, FFPM_SCRIPT_LEN)
         ffpm_slot_write_end(s)
 
+    cdef inline void measure_end(self) noexcept:
+        """The request's CPU and the worker's peak memory, once per request: at "Finishing", when
+        the application is done but the answer's end (END_REQUEST) not yet sent, so that
+        pm.max_memory can still make it the last answer on its connection (as php-fpm's
+        fpm_request_end comes before the request's shutdown); at request_done otherwise."""
+        cdef rusage usage
+        getrusage(RUSAGE_SELF, &usage)
+        self.utime_end_us = timeval_us(usage.ru_utime)
+        self.stime_end_us = timeval_us(usage.ru_stime)
+        self.peak_memory = <uint64_t>usage.ru_maxrss * 1024  # Linux gives kilobytes
+        self.measured = True
+
     cdef inline void finishing(self, int status) noexcept:
         cdef ffpm_slot *s = self.slot
+        self.measure_end()
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_FINISHING
         s.status = status
@@ -106,15 +124,16 @@ cdef class SlotWriter:
         """The request ended (php-fpm's fpm_request_end): counted, timed, its CPU and the worker's
         peak memory stored, its duration counted in the pool's histogram (this slot's share)."""
         cdef ffpm_slot *s = self.slot
-        cdef rusage usage
-        getrusage(RUSAGE_SELF, &usage)
+        if not self.measured:
+            self.measure_end()  # no "Finishing" (malformed params, a broken connection)
+        self.measured = False
         cdef int64_t duration = mono_ns() - s.request_start_ns
         ffpm_slot_write_begin(s)
         s.requests += 1
         s.last_request_ns = duration
-        s.last_request_utime_us = timeval_us(usage.ru_utime) - self.utime_start_us
-        s.last_request_stime_us = timeval_us(usage.ru_stime) - self.stime_start_us
-        s.last_request_memory = <uint64_t>usage.ru_maxrss * 1024  # Linux gives kilobytes
+        s.last_request_utime_us = self.utime_end_us - self.utime_start_us
+        s.last_request_stime_us = self.stime_end_us - self.stime_start_us
+        s.last_request_memory = self.peak_memory
         s.duration_sum_ns += <uint64_t>duration
         s.duration_buckets[ffpm_duration_bucket(duration)] += 1
         ffpm_slot_write_end(s)

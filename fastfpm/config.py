@@ -645,6 +645,14 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("pm.max_requests_jitter", P, Int(0), 0,
        "Adds random(0..jitter) to each worker's pm.max_requests so workers do not all restart at once.",
        origin="fastfpm"),
+    _d("pm.max_memory", P, Size(0), 0,
+       "A worker whose peak resident set (RSS) is over this size once a request's application is "
+       "done answers that request, then exits and is replaced, as after pm.max_requests; 0: no limit.",
+       origin="fastfpm",
+       note="Peak RSS (getrusage's ru_maxrss, which request end reads anyway), not current RSS or "
+            "PSS: free, and since a worker starts fresh, the most it ever held, which is what the "
+            "limit bounds. It counts pages shared with the master, and never goes down: a request "
+            "that briefly needed more ends its worker too (docs/operations.md, Memory recycling)."),
     _d("pm.status_path", P, UrlPath(), None,
        "Request path the workers answer with php-fpm's status page (text, ?json, ?xml, ?html, "
        "?openmetrics; ?full adds a row per worker). Unset: no status page.",

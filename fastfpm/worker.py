@@ -21,6 +21,7 @@ except ModuleNotFoundError as exc:
     raise not_built(exc) from None
 from fastfpm.address import REFUSED_MESSAGE, AllowedClients, parse_address
 from fastfpm.app import AppLoadError, load_app
+from fastfpm.config import Size
 from fastfpm.hooks import WorkerHooks
 from fastfpm.log import ErrorLog, Throttle, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker, watch_master
@@ -133,6 +134,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             keep_http_proxy=pool.security_keep_http_proxy, max_body_size=pool.client_max_body_size,
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
+            max_memory=getattr(pool, "pm_max_memory", 0),
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
                 lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),
             parent_pid=master_pid, access_log=accesslog.for_worker(pool, access_log_fd),
@@ -144,7 +146,8 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
         # and on_worker_exit still runs; before serve(), so the slot stays Starting till it ends.
         if not hooks.run_start(log):
             os._exit(EXIT_BOOT_ERROR)
-        worker.serve()
+        if worker.serve() == "max_memory":
+            log.notice(over_memory_message(worker.peak_memory, worker.max_memory))
         worker.mark_ending()
         hooks.run_exit(log)
         status = 0
@@ -223,6 +226,13 @@ def install_slowlog(pool: Any, scoreboard: Any, slot_index: int, log: ErrorLog) 
 
     install(pool.name, pool.slowlog, pool.request_slowlog_trace_depth, describe_request,
             on_error=log.error)
+
+
+def over_memory_message(peak: int, limit: int) -> str:
+    """The line a worker leaves when pm.max_memory ends it; the master's exit line follows, at the
+    same notice level as php-fpm's for a pm.max_requests recycling."""
+    return (f"peak memory {peak / 1024 ** 2:.1f}M ({peak} bytes) is over pm.max_memory "
+            f"{Size().format(limit)}: exiting to be replaced")
 
 
 def max_requests(pool: Any) -> int:

@@ -148,6 +148,9 @@ def _line_of(path: Path, text: str) -> int:
     ("security.keep_http_proxy = yes", "security_keep_http_proxy", True),
     ("request_header_timeout = 3s", "request_header_timeout", 3.0),
     ("request_body_timeout = 0.5", "request_body_timeout", 0.5),
+    ("pm.max_memory = 256M", "pm_max_memory", 256 << 20),
+    ("pm.max_memory = 1g", "pm_max_memory", 1 << 30),
+    ("pm.max_memory = 0", "pm_max_memory", 0),
 ])
 def test_pool_value_types(tmp_path, line, attr, expected):
     pool = pool_with(tmp_path, line + "\n")
@@ -189,6 +192,9 @@ def test_global_value_types(tmp_path, line, attr, expected):
     ("client_max_body_size = 10X", "invalid value '10X' for 'client_max_body_size': expected a size"),
     ("client_max_body_size = -1", "expected a size such as 65536, 64K or 1M"),
     ("security.keep_http_proxy = sometimes", "expected yes/no"),
+    ("pm.max_memory = 256MB!", "invalid value '256MB!' for 'pm.max_memory': expected a size"),
+    ("pm.max_memory = -100M", "expected a size such as 65536, 64K or 1M"),
+    ("pm.max_memory = lots", "expected a size"),
     ("pm = lazy", "expected one of static, dynamic, ondemand"),
     ("listen.mode = 0999", "expected an octal file mode"),
     ("rlimit_core = lots", "expected a number >= 0 or 'unlimited'"),
@@ -256,7 +262,7 @@ def test_every_directive_is_documented_and_named_consistently():
         pm.max_spawn_rate pm.process_idle_timeout pm.max_requests request_terminate_timeout
         request_slowlog_timeout request_slowlog_trace_depth slowlog rlimit_files rlimit_core chdir
         catch_workers_output decorate_workers_output clear_env env app python_path mount
-        pm.max_requests_jitter idle_timeout max_params_size""".split()
+        pm.max_requests_jitter pm.max_memory idle_timeout max_params_size""".split()
     supported = {d.name for d in cfg.DIRECTIVES if d.section == "pool" and d.status == "supported"}
     assert set(pools) <= supported
 
