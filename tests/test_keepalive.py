@@ -1,0 +1,188 @@
+"""TCP keepalive on a pool's accepted connections (listen.keepalive*), seen in a real worker.
+
+The options are set once on the master's listen socket and the kernel copies them to every
+connection accept() returns, so these tests look at the worker's own end of a connection: the
+worker's fd is duplicated into the test with pidfd_getfd(2) and its socket options read back,
+and /proc/net/tcp shows the keepalive timer running on it. A peer that vanishes without a FIN is
+made with TCP_REPAIR (a socket in repair mode closes silently, as a host that lost power does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from fastfpm import protocol as p
+from fastfpm.client import build_params
+from tests.fcgi_helpers import read_records, request_bytes
+from tests.servers import ConfiguredServer, free_port, wait_until
+
+_SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (syscall table since 5.6)
+_TCP_REPAIR = 19  # linux/tcp.h; Python's socket module does not name it
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_TIMER_KEEPALIVE = 2  # /proc/net/tcp "tr" column: 1 retransmit, 2 keepalive (sk_timer), 4 zero window
+
+APP = "fastfpm.demo:application"
+
+
+def pool_section(name: str, port: int, keepalive: str) -> str:
+    """A one-worker pool on 127.0.0.1:port whose kept connections stay a minute (idle_timeout), so
+    only keepalive can end one."""
+    return textwrap.dedent(f"""\
+        [{name}]
+        listen = 127.0.0.1:{port}
+        app = {APP}
+        pm = static
+        pm.max_children = 1
+        idle_timeout = 60s
+        """) + textwrap.dedent(keepalive)
+
+
+@pytest.fixture
+def start(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """start(config text) -> a running ConfiguredServer (stopped at the end)."""
+    started: list[ConfiguredServer] = []
+
+    def run(body: str) -> ConfiguredServer:
+        workdir = tmp_path_factory.mktemp("fpm")
+        server = ConfiguredServer(workdir, workdir / "fastfpm.conf", transport="tcp")
+        server.rewrite(body)
+        started.append(server)
+        return server.start()
+
+    yield run
+    for server in started:
+        server.stop()
+
+
+def kept_connection(port: int) -> socket.socket:
+    """A connection to the pool on port that has had one request answered with KEEP_CONN: the worker
+    holds it, idle, among its kept connections."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(request_bytes(1, build_params("GET", "/"), flags=p.KEEP_CONN))
+    records = read_records(client)
+    assert records and records[-1].type == p.END_REQUEST, records
+    return client
+
+
+def worker_end(worker_pids: list[int], client: socket.socket) -> tuple[int, int, socket.socket]:
+    """(pid, socket inode, a duplicate) of the worker's end of client's connection: the worker's
+    fds are duplicated one by one (pidfd_getfd) until one's peer is the client."""
+    wanted = client.getsockname()
+    for pid in worker_pids:
+        pidfd = os.pidfd_open(pid)
+        try:
+            for name in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{name}")
+                except FileNotFoundError:
+                    continue
+                if not link.startswith("socket:"):
+                    continue
+                fd = _LIBC.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+                if fd < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"pidfd_getfd on {pid}'s fd {name}: {os.strerror(err)}")
+                sock = socket.socket(fileno=fd)
+                try:
+                    if sock.family == socket.AF_INET and sock.getpeername() == wanted:
+                        return pid, int(link[len("socket:["):-1]), sock
+                except OSError:  # a listen socket, a unix socket's unnamed peer: not ours
+                    pass
+                sock.close()
+        finally:
+            os.close(pidfd)
+    raise AssertionError(f"no worker of {worker_pids} holds the connection from {wanted}")
+
+
+def holds(pid: int, inode: int) -> bool:
+    """Whether process pid still has the socket with this inode open."""
+    target = f"socket:[{inode}]"
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == target:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def tcp_timer(inode: int) -> tuple[int, int]:
+    """(timer kind, ticks until it fires, in USER_HZ) of the TCP socket with this inode (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[9]) == inode:
+                kind, _, when = fields[5].partition(":")
+                return int(kind, 16), int(when, 16)
+    raise AssertionError(f"socket {inode} is not in /proc/net/tcp")
+
+
+def keepalive_of(sock: socket.socket) -> tuple[int, int, int, int]:
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+
+
+def vanish(client: socket.socket) -> None:
+    """Close client without a FIN or RST: in repair mode the kernel forgets the socket silently."""
+    client.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 1)
+    client.close()
+
+
+def test_a_workers_accepted_connection_carries_the_pools_keepalive(start):
+    port = free_port()
+    server = start(pool_section("www", port, """\
+        listen.keepalive_idle = 45s
+        listen.keepalive_interval = 7
+        listen.keepalive_count = 5
+        """))
+    with kept_connection(port) as client:
+        pid, inode, end = worker_end(server.worker_pids(), client)
+        with end:
+            assert keepalive_of(end) == (1, 45, 7, 5)
+        # What `ss -tio` shows as timer:(keepalive,...): armed, due within keepalive_idle.
+        kind, ticks = tcp_timer(inode)
+        assert kind == _TIMER_KEEPALIVE
+        assert 0 < ticks <= 45 * os.sysconf("SC_CLK_TCK")
+
+
+def test_keepalive_no_leaves_the_workers_connections_unprobed(start):
+    port = free_port()
+    server = start(pool_section("www", port, "listen.keepalive = no\n"))
+    with kept_connection(port) as client:
+        _, inode, end = worker_end(server.worker_pids(), client)
+        with end:
+            assert keepalive_of(end)[0] == 0
+        assert tcp_timer(inode)[0] != _TIMER_KEEPALIVE
+
+
+def test_a_vanished_web_server_is_dropped_by_keepalive_and_held_without_it(start):
+    """Two pools, the same silent loss of their web server: the pool with keepalive (1s:1s:2) probes,
+    loopback answers the probe with a reset (no socket there any more) and the worker closes the
+    connection; the pool with listen.keepalive = no still holds its connection after that."""
+    probed, plain = free_port(), free_port()
+    server = start(pool_section("probed", probed, """\
+        listen.keepalive_idle = 1
+        listen.keepalive_interval = 1
+        listen.keepalive_count = 2
+        """) + pool_section("plain", plain, "listen.keepalive = no\n"))
+    workers = server.worker_pids()  # every initial worker accepts once the master says ready
+    clients = [kept_connection(probed), kept_connection(plain)]
+    ends = [worker_end(workers, client) for client in clients]
+    for _, _, duplicate in ends:
+        duplicate.close()  # only the worker's own descriptor may keep the socket alive
+    (probed_pid, probed_inode, _), (plain_pid, plain_inode, _) = ends
+    for client in clients:
+        vanish(client)
+    wait_until(lambda: not holds(probed_pid, probed_inode), 15,
+               message="the keepalive pool's worker to drop its connection")
+    assert holds(plain_pid, plain_inode)
+    assert tcp_timer(plain_inode)[0] != _TIMER_KEEPALIVE
