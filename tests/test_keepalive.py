@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fastfpm import protocol as p
 from fastfpm.client import build_params
 from tests.fcgi_helpers import read_records, request_bytes
-from tests.servers import ConfiguredServer, free_port, wait_until
+from tests.servers import (
+    ConfiguredServer,
+    child_pids,
+    free_port,
+    read_until_ready,
+    serve_socket_activated,
+    wait_until,
+    write_config,
+)
 
 _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (syscall table since 5.6)
 _TCP_REPAIR = 19  # linux/tcp.h; Python's socket module does not name it
@@ -186,3 +196,33 @@ def test_a_vanished_web_server_is_dropped_by_keepalive_and_held_without_it(start
                message="the keepalive pool's worker to drop its connection")
     assert holds(plain_pid, plain_inode)
     assert tcp_timer(plain_inode)[0] != _TIMER_KEEPALIVE
+
+
+def test_a_socket_systemd_passes_gets_the_pools_keepalive(tmp_path: Path) -> None:
+    """Socket activation: the pool's values are set on systemd's socket (they override a .socket
+    unit's KeepAlive= settings), so its accepted connections carry them as well."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    conf = write_config(tmp_path / "a.conf", pool_section("www", port, """\
+        listen.keepalive_idle = 33
+        listen.keepalive_interval = 3
+        listen.keepalive_count = 4
+        """))
+    proc = serve_socket_activated(conf, listener)
+    try:
+        # The test keeps its copy open, as systemd does: one socket in the kernel, seen from both.
+        assert b"using the socket systemd passed" in read_until_ready(proc)
+        assert keepalive_of(listener) == (1, 33, 3, 4)
+        with kept_connection(port) as client:
+            _, _, end = worker_end(child_pids(proc.pid), client)
+            with end:
+                assert keepalive_of(end) == (1, 33, 3, 4)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
