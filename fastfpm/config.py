@@ -1415,6 +1415,11 @@ def _check_prefix(pool: Any, base: str, fail: _Report) -> str:
     return pool.prefix or base
 
 
+# The directives of TCP keepalive (fastfpm.address.tcp_keepalive), which unix sockets do not have.
+_KEEPALIVE = ("listen.keepalive", "listen.keepalive_idle", "listen.keepalive_interval",
+              "listen.keepalive_count")
+
+
 def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
     """A unix socket's path made absolute; settings for the other kind of socket are warned about."""
     from fastfpm.address import parse_address
@@ -1433,6 +1438,10 @@ def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
         if pool.listen_allowed_clients and "listen.allowed_clients" in pool.source:
             warn("listen.allowed_clients", "listen.allowed_clients only applies to TCP sockets; "
                                            "this pool listens on a unix socket")
+    elif not any(unix):
+        for directive in ("listen.owner", "listen.group", "listen.mode"):
+            if directive in pool.source:
+                warn(directive, f"{directive} only applies to unix sockets; this pool listens on TCP")
     if address.is_unix:
         # A unix socket's peer is on this machine: its end closes when the process dies, so there is
         # nothing to probe. A warning, not an error, so one file can move a pool between kinds.
@@ -1440,14 +1449,6 @@ def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
             if directive in pool.source:
                 warn(directive, f"{directive} only applies to TCP sockets; this pool listens on a "
                                 "unix socket")
-    elif not any(unix):
-        for directive in ("listen.owner", "listen.group", "listen.mode"):
-            if directive in pool.source:
-                warn(directive, f"{directive} only applies to unix sockets; this pool listens on TCP")
-
-
-_KEEPALIVE = ("listen.keepalive", "listen.keepalive_idle", "listen.keepalive_interval",
-              "listen.keepalive_count")
 
 
 def _check_accounts(pool: Any, warn: _Report) -> None:
