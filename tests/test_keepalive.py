@@ -4,17 +4,22 @@ The options are set once on the master's listen socket and the kernel copies the
 connection accept() returns, so these tests look at the worker's own end of a connection: the
 worker's fd is duplicated into the test with pidfd_getfd(2) and its socket options read back,
 and /proc/net/tcp shows the keepalive timer running on it. A peer that vanishes without a FIN is
-made with TCP_REPAIR (a socket in repair mode closes silently, as a host that lost power does).
+made with TCP_REPAIR (a socket in repair mode closes silently, and loopback answers the probe with
+a reset, as a host that rebooted does), and one that never answers (a host powered off) by taking
+the loopback interface down inside a network namespace of the test's own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
+import subprocess
 import textwrap
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +40,7 @@ from tests.servers import (
 _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (syscall table since 5.6)
 _TCP_REPAIR = 19  # linux/tcp.h; Python's socket module does not name it
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000  # sched.h; os.unshare arrives in Python 3.12
 _TIMER_KEEPALIVE = 2  # /proc/net/tcp "tr" column: 1 retransmit, 2 keepalive (sk_timer), 4 zero window
 
 APP = "fastfpm.demo:application"
@@ -226,3 +232,67 @@ def test_a_socket_systemd_passes_gets_the_pools_keepalive(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def in_own_network(scenario: Callable[[], dict]) -> dict:
+    """scenario() run in a forked child inside a new network namespace (its own loopback, up), so it
+    can take that loopback down without touching anyone else's; its result comes back as JSON.
+    Skips when namespaces cannot be made here (no CAP_SYS_ADMIN, a seccomp filter)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            if _LIBC.unshare(_CLONE_NEWNET) != 0:
+                result: dict = {"skip": f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}"}
+            else:
+                subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+                result = scenario()
+            os.write(write_end, json.dumps(result).encode())
+            status = 0
+        except BaseException:
+            traceback.print_exc()  # os._exit below would lose it
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the scenario in its own namespace failed"
+    result = json.loads(data)
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result
+
+
+def powered_off_peer(workdir: Path) -> dict:
+    """Two pools (keepalive 1s:1s:2 and none) each holding a kept connection, then loopback down:
+    nothing answers any more, as when the web server's host loses power. Which still holds its own?"""
+    probed, plain = free_port(), free_port()
+    server = ConfiguredServer(workdir, workdir / "fastfpm.conf", transport="tcp")
+    server.rewrite(pool_section("probed", probed, """\
+        listen.keepalive_idle = 1
+        listen.keepalive_interval = 1
+        listen.keepalive_count = 2
+        """) + pool_section("plain", plain, "listen.keepalive = no\n"))
+    server.start()
+    try:
+        clients = [kept_connection(probed), kept_connection(plain)]
+        ends = []
+        for client in clients:
+            pid, inode, duplicate = worker_end(server.worker_pids(), client)
+            duplicate.close()
+            ends.append((pid, inode))
+        subprocess.run(["ip", "link", "set", "lo", "down"], check=True)
+        # Unanswered probes: after count of them the kernel fails the socket with ETIMEDOUT.
+        wait_until(lambda: not holds(*ends[0]), 15, message="the keepalive pool's worker to drop it")
+        return {"probed_held": holds(*ends[0]), "plain_held": holds(*ends[1]),
+                "client_still_thinks_open": clients[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+    finally:
+        server.stop()
+
+
+def test_a_powered_off_web_server_is_given_up_after_the_unanswered_probes(tmp_path: Path) -> None:
+    result = in_own_network(lambda: powered_off_peer(tmp_path))
+    assert result == {"probed_held": False, "plain_held": True, "client_still_thinks_open": True}
