@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG",
-           "AllowedClients", "REFUSED_MESSAGE", "defer_accept"]
+           "AllowedClients", "REFUSED_MESSAGE", "defer_accept", "tcp_keepalive", "MAX_KEEPALIVE_SECONDS",
+           "MAX_KEEPALIVE_COUNT"]
 
 # php-fpm's listen.backlog default on Linux (FPM_BACKLOG_DEFAULT in sapi/fpm/fpm/fpm_sockets.h).
 DEFAULT_BACKLOG = 511
@@ -326,6 +327,32 @@ def defer_accept(sock: socket.socket) -> bool:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+    return True
+
+
+# The kernel's limits (include/net/tcp.h): TCP_KEEPIDLE and TCP_KEEPINTVL take 1..MAX_TCP_KEEPIDLE
+# (32767) seconds, TCP_KEEPCNT 1..MAX_TCP_KEEPCNT (127) probes; setsockopt refuses others with EINVAL.
+MAX_KEEPALIVE_SECONDS = 32767
+MAX_KEEPALIVE_COUNT = 127
+
+
+def tcp_keepalive(sock: socket.socket, enabled: bool, idle: int, interval: int, count: int) -> bool:
+    """On a TCP listen socket, turn TCP keepalive on (probes after idle seconds of silence, every
+    interval seconds, the connection dropped after count unanswered ones) or off; True when set.
+
+    Linux copies SO_KEEPALIVE and the three TCP_KEEP* values from a listening socket to every socket
+    accept() returns (and starts the keepalive timer on it), so setting them here once costs the
+    workers' accept path nothing. Set again on a socket a reload or systemd hands over, so the pool's
+    values win; connections accepted before keep the values they were accepted with. Unix sockets
+    have no keepalive: False, nothing set.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    if enabled:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if enabled else 0)
     return True
 
 

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastfpm.address import MAX_KEEPALIVE_COUNT, MAX_KEEPALIVE_SECONDS
+
 __all__ = [
     "ConfigError", "Config", "GlobalConfig", "PoolConfig", "Directive", "DIRECTIVES",
     "load", "from_cli", "apply_options", "check", "dump", "render_markdown", "default_max_children",
@@ -190,6 +192,29 @@ class Time(ValueType):
         if value == 0:
             return "0"
         return f"{int(value)}s" if value == int(value) else f"{value:g}s"
+
+
+class Seconds(Time):
+    """A time in whole seconds within bounds (Time's syntax: 75, 75s, 2m), for kernel options that
+    take integer seconds (TCP_KEEPIDLE, TCP_KEEPINTVL): a fraction would be cut silently, so refuse it."""
+
+    def __init__(self, minimum: int, maximum: int) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"whole seconds, {self.minimum}s to {self.maximum}s (s, m, h; plain number = seconds)"
+
+    def parse(self, text: str) -> float:
+        return self.check_value(super().parse(text))
+
+    def check_value(self, value: Any) -> float:
+        seconds = super().check_value(value)
+        if seconds != int(seconds):
+            raise ValueError(f"must be whole seconds, not {seconds:g}s")
+        if not self.minimum <= seconds <= self.maximum:
+            raise ValueError(f"must be from {self.minimum}s to {self.maximum}s")
+        return seconds
 
 
 class Bool(ValueType):
@@ -610,6 +635,23 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Client addresses a TCP socket accepts, comma-separated; others are closed and logged. Empty: any.",
        note="fastfpm also takes networks (10.0.0.0/8). php-fpm ignores it on unix sockets; fastfpm warns.",
        default_doc="any"),
+    _d("listen.keepalive", P, Bool(), True,
+       "TCP keepalive on accepted connections, so one whose web server vanished without a FIN (a host "
+       "powered off, a network cut) is found and closed instead of held forever. Ignored on unix sockets.",
+       origin="fastfpm",
+       note="php-fpm sets no keepalive (the kernel's default is off). nginx's `listen ... so_keepalive=` "
+            "is the same switch; the three values below are its idle:intvl:cnt, default 60s:10s:6."),
+    _d("listen.keepalive_idle", P, Seconds(1, MAX_KEEPALIVE_SECONDS), 60.0,
+       "Silence on a connection before the first keepalive probe (TCP_KEEPIDLE).", origin="fastfpm",
+       note="Linux's default is 2 hours. 60s stays under the idle cut-off of NAT gateways and load "
+            "balancers (4 to 6 minutes in common clouds), so the probes also keep such a path open."),
+    _d("listen.keepalive_interval", P, Seconds(1, MAX_KEEPALIVE_SECONDS), 10.0,
+       "Time between unanswered keepalive probes (TCP_KEEPINTVL).", origin="fastfpm",
+       note="Linux's default is 75s."),
+    _d("listen.keepalive_count", P, Int(1, MAX_KEEPALIVE_COUNT), 6,
+       "Unanswered probes after which the connection is dropped (TCP_KEEPCNT): a silent peer is given "
+       "up after idle + count * interval, 2 minutes with the defaults.", origin="fastfpm",
+       note="Linux's default is 9. Six probes ride out a lost packet or a short network hiccup."),
     _unsupported("listen.acl_users", P, _NO_ACL),
     _unsupported("listen.acl_groups", P, _NO_ACL),
     _unsupported("listen.setfib", P, "A FreeBSD routing-table option; fastfpm runs on Linux. Remove it."),
@@ -1402,6 +1444,11 @@ def _check_prefix(pool: Any, base: str, fail: _Report) -> str:
     return pool.prefix or base
 
 
+# The directives of TCP keepalive (fastfpm.address.tcp_keepalive), which unix sockets do not have.
+_KEEPALIVE = ("listen.keepalive", "listen.keepalive_idle", "listen.keepalive_interval",
+              "listen.keepalive_count")
+
+
 def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
     """A unix socket's path made absolute; settings for the other kind of socket are warned about."""
     from fastfpm.address import parse_address
@@ -1424,6 +1471,13 @@ def _check_listen(pool: Any, pool_base: str, warn: _Report) -> None:
         for directive in ("listen.owner", "listen.group", "listen.mode"):
             if directive in pool.source:
                 warn(directive, f"{directive} only applies to unix sockets; this pool listens on TCP")
+    if address.is_unix:
+        # A unix socket's peer is on this machine: its end closes when the process dies, so there is
+        # nothing to probe. A warning, not an error, so one file can move a pool between kinds.
+        for directive in _KEEPALIVE:
+            if directive in pool.source:
+                warn(directive, f"{directive} only applies to TCP sockets; this pool listens on a "
+                                "unix socket")
 
 
 def _check_accounts(pool: Any, warn: _Report) -> None:

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastfpm import accesslog, pm
-from fastfpm.address import accept_queue_length, create_listen_socket, defer_accept, parse_address
+from fastfpm.address import (
+    accept_queue_length,
+    create_listen_socket,
+    defer_accept,
+    parse_address,
+    tcp_keepalive,
+)
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
 from fastfpm.slowlog import SLOWLOG_MODE
@@ -66,6 +72,9 @@ class Pool:
             raise
         # A silent TCP client is kept from the workers by the kernel (systemd's sockets get it too).
         defer_accept(self.socket)
+        # Accepted connections inherit it: a web server gone without a FIN is found and dropped.
+        tcp_keepalive(self.socket, config.listen_keepalive, int(config.listen_keepalive_idle),
+                      int(config.listen_keepalive_interval), config.listen_keepalive_count)
         # Room for two full generations: during a reload the old workers finish while new ones start.
         self.scoreboard = Scoreboard(2 * config.pm_max_children, config.name)
         # pm counts max_children_reached and slow_requests straight into the scoreboard header.

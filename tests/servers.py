@@ -339,6 +339,31 @@ def serve_as_systemd(args: list[str], env: dict[str, str], **popen: object) -> s
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)  # type: ignore[arg-type]
 
 
+def serve_socket_activated(conf: Path, listener: socket.socket) -> subprocess.Popen[bytes]:
+    """`fastfpm serve -c conf` as systemd starts it for a .socket unit: listener passed as fd 3 with
+    LISTEN_PID and LISTEN_FDS=1; stderr (the log) piped for read_until_ready."""
+    fd = listener.fileno()
+
+    def as_fd_3() -> None:
+        os.dup2(fd, 3)  # systemd passes sockets from fd 3 (SD_LISTEN_FDS_START)
+
+    # LISTEN_PID must be the server's own pid: the shell exports its $$, then exec keeps it.
+    command = f"LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m fastfpm serve -c {conf} -R"
+    return subprocess.Popen(["sh", "-c", command], cwd=REPO_ROOT, preexec_fn=as_fd_3, pass_fds=(fd, 3),
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def read_until_ready(proc: subprocess.Popen[bytes]) -> bytes:
+    """The log a master writes to its piped stderr, up to and including READY_LINE."""
+    log = b""
+    while READY_LINE.encode() not in log:
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        assert line, log.decode()
+        log += line
+    return log
+
+
 @contextlib.contextmanager
 def notified_master(conf: Path, notify_path: Path, env: dict[str, str] | None = None
                     ) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:

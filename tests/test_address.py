@@ -339,3 +339,72 @@ def test_accept_queue_length_counts_waiting_connections(tmp_path, where):
         finally:
             for client in clients:
                 client.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# TCP keepalive (listen.keepalive*): set on the listen socket, carried by the kernel to accepted ones
+
+
+def keepalive_of(sock: socket.socket) -> tuple[int, int, int, int]:
+    """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) of a socket."""
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+
+
+def accept_one(server: socket.socket) -> socket.socket:
+    """A connection to server, accepted: the server's end (the client's end is closed)."""
+    host, port = server.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=5):
+        accepted, _ = server.accept()
+    return accepted
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("[::1]", marks=needs_ipv6)])
+def test_keepalive_set_on_the_listen_socket_is_what_accepted_sockets_get(host):
+    with create_listen_socket(f"{host}:0") as server:
+        assert address_module.tcp_keepalive(server, True, 45, 7, 5) is True
+        assert keepalive_of(server) == (1, 45, 7, 5)
+        with accept_one(server) as accepted:
+            # Nothing was set on accepted: Linux copied all four at accept time.
+            assert keepalive_of(accepted) == (1, 45, 7, 5)
+
+
+def test_keepalive_turned_off_on_a_reused_listen_socket_reaches_new_connections():
+    """A reload hands the pool's socket over and sets the options again: `no` must undo `yes`."""
+    with create_listen_socket("127.0.0.1:0") as server:
+        address_module.tcp_keepalive(server, True, 45, 7, 5)
+        with accept_one(server) as before:
+            address_module.tcp_keepalive(server, False, 45, 7, 5)
+            with accept_one(server) as after:
+                assert keepalive_of(after)[0] == 0
+            # A connection accepted earlier keeps what it was accepted with.
+            assert keepalive_of(before) == (1, 45, 7, 5)
+
+
+def test_without_keepalive_accepted_sockets_have_none():
+    """What the option changes: a plain listen socket's connections are never probed (php-fpm's)."""
+    with create_listen_socket("127.0.0.1:0") as server, accept_one(server) as accepted:
+        assert keepalive_of(accepted)[0] == 0
+
+
+def test_keepalive_is_not_set_on_unix_sockets(tmp_path):
+    with create_listen_socket(str(tmp_path / "k.sock")) as server:
+        assert address_module.tcp_keepalive(server, True, 45, 7, 5) is False
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_keepalive_limits_are_the_kernels():
+    """The config's bounds (fastfpm.config) are exactly what setsockopt takes."""
+    limits = (address_module.MAX_KEEPALIVE_SECONDS, address_module.MAX_KEEPALIVE_SECONDS,
+              address_module.MAX_KEEPALIVE_COUNT)
+    with create_listen_socket("127.0.0.1:0") as server:
+        address_module.tcp_keepalive(server, True, *limits)
+        assert keepalive_of(server)[1:] == limits
+        with pytest.raises(OSError) as info:
+            address_module.tcp_keepalive(server, True, limits[0] + 1, 1, 1)
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as info:
+            address_module.tcp_keepalive(server, True, 1, 1, limits[2] + 1)
+        assert info.value.errno == errno.EINVAL

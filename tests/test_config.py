@@ -151,6 +151,11 @@ def _line_of(path: Path, text: str) -> int:
     ("pm.max_memory = 256M", "pm_max_memory", 256 << 20),
     ("pm.max_memory = 1g", "pm_max_memory", 1 << 30),
     ("pm.max_memory = 0", "pm_max_memory", 0),
+    ("listen.keepalive = off", "listen_keepalive", False),
+    ("listen.keepalive_idle = 2m", "listen_keepalive_idle", 120.0),
+    ("listen.keepalive_idle = 32767", "listen_keepalive_idle", 32767.0),
+    ("listen.keepalive_interval = 1s", "listen_keepalive_interval", 1.0),
+    ("listen.keepalive_count = 127", "listen_keepalive_count", 127),
 ])
 def test_pool_value_types(tmp_path, line, attr, expected):
     pool = pool_with(tmp_path, line + "\n")
@@ -210,6 +215,14 @@ def test_global_value_types(tmp_path, line, attr, expected):
     ("on_worker_exit = :close", "expected MODULE:CALLABLE"),
     ("listen = 127.0.0.1:99999", "out of range"),
     ("listen = ::1:9000", "write IPv6 addresses in brackets"),
+    ("listen.keepalive = sometimes", "invalid value 'sometimes' for 'listen.keepalive': expected yes/no"),
+    ("listen.keepalive_idle = 1.5s", "'listen.keepalive_idle': must be whole seconds, not 1.5s"),
+    ("listen.keepalive_idle = 0", "'listen.keepalive_idle': must be from 1s to 32767s"),
+    ("listen.keepalive_idle = 10h", "'listen.keepalive_idle': must be from 1s to 32767s"),
+    ("listen.keepalive_interval = soon", "'listen.keepalive_interval': expected a time such as 30"),
+    ("listen.keepalive_interval = 0", "'listen.keepalive_interval': must be from 1s to 32767s"),
+    ("listen.keepalive_count = 0", "'listen.keepalive_count': must be at least 1"),
+    ("listen.keepalive_count = 128", "'listen.keepalive_count': must be at most 127"),
 ])
 def test_bad_values_are_reported_with_file_and_line(tmp_path, line, fragment):
     error = one_error(tmp_path, POOL + line + "\n")
@@ -770,6 +783,27 @@ def test_allowed_clients_on_unix_socket_warns(tmp_path):
     config = load_text(tmp_path, "[www]\nlisten = /tmp/x.sock\napp = a:b\n"
                                  "listen.allowed_clients = 127.0.0.1\n")
     assert "only applies to TCP sockets" in config.warnings[0]
+
+
+def test_keepalive_defaults_find_a_silent_peer_in_two_minutes(tmp_path):
+    """On by default, 60s:10s:6 (nginx's so_keepalive=60s:10s:6): idle + count * interval = 120 s."""
+    pool = pool_with(tmp_path, "")
+    assert pool.listen_keepalive is True
+    idle, interval, count = (pool.listen_keepalive_idle, pool.listen_keepalive_interval,
+                             pool.listen_keepalive_count)
+    assert (idle, interval, count) == (60, 10, 6)
+    assert idle + count * interval == 120
+
+
+def test_keepalive_on_unix_socket_warns_once_per_directive_set(tmp_path):
+    config = load_text(tmp_path, "[www]\nlisten = /tmp/x.sock\napp = a:b\n"
+                                 "listen.keepalive_idle = 30\nlisten.keepalive_count = 3\n")
+    where = str(tmp_path / "fpm.conf")
+    tail = "only applies to TCP sockets; this pool listens on a unix socket"
+    assert config.warnings == [f"{where}:4: [pool www] listen.keepalive_idle {tail}",
+                               f"{where}:5: [pool www] listen.keepalive_count {tail}"]
+    # Left at their defaults, they say nothing: a unix pool is not told about an option it never set.
+    assert load_text(tmp_path, "[www]\nlisten = /tmp/x.sock\napp = a:b\n").warnings == []
 
 
 def test_numeric_user_needs_no_lookup(tmp_path):

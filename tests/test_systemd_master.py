@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.fcgi_helpers import get
-from tests.servers import REPO_ROOT, notified_master, write_config
+from tests.servers import notified_master, read_until_ready, serve_socket_activated, write_config
 
 ROUTER = "tests.apps.router:app"
 
@@ -100,23 +98,10 @@ listen = {path}
 app = {ROUTER}
 pm.max_children = 1
 """)
-    fd = listener.fileno()
-
-    def as_fd_3() -> None:
-        os.dup2(fd, 3)  # systemd passes sockets from fd 3 (SD_LISTEN_FDS_START)
-
-    # LISTEN_PID must be the server's own pid: the shell exports its $$, then exec keeps it.
-    command = (f"LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m fastfpm serve -c {conf} -R")
-    proc = subprocess.Popen(["sh", "-c", command], cwd=REPO_ROOT, preexec_fn=as_fd_3, pass_fds=(fd, 3),
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = serve_socket_activated(conf, listener)
     try:
         listener.close()  # from here only fastfpm holds the socket
-        log = b""
-        while b"ready to handle connections" not in log:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            assert line, log.decode()
-            log += line
+        log = read_until_ready(proc)
         assert b"using the socket systemd passed" in log
         assert get(str(path), "/env").status == 200
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
