@@ -342,6 +342,52 @@ cdef enum RecordAction:
     BAD_OUT_OF_PLACE   # the current request's record of a type not allowed in this phase
 
 
+cdef str rule_error(int action, const fcgi_header *hdr, int phase):
+    """The log line's reason for a BAD_* action of FcgiConnection.rule."""
+    if action == BAD_HEADER:
+        if fcgi_check_header(hdr) == FCGI_ERR_LENGTH:
+            return (f"record type {hdr.type} for request id {hdr.request_id} with a "
+                    f"{hdr.content_length}-byte body")
+        return f"management record type {hdr.type} with request id {hdr.request_id}"
+    if action == BAD_SECOND_BEGIN:
+        return f"a second BEGIN_REQUEST for request id {hdr.request_id}"
+    if action == BAD_UNKNOWN_ID:
+        return f"record type {hdr.type} for unknown request id {hdr.request_id}"
+    if phase == PHASE_PARAMS:
+        return f"record type {hdr.type} before the end of PARAMS"
+    return f"record type {hdr.type} for request id {hdr.request_id} in the body"
+
+
+# Requests refused on a connection (CANT_MPX_CONN, UNKNOWN_ROLE) whose PARAMS and STDIN may still be
+# on their way: dropped unread rather than taken for a protocol error. A ring of the last few ids;
+# 0 is a free entry (request id 0 is for management records, never refused).
+cdef struct RefusedIds:
+    uint16_t ids[REFUSED_KEPT]
+    unsigned next
+
+
+cdef inline bint refused_has(const RefusedIds *r, int request_id) noexcept:
+    cdef int i
+    for i in range(REFUSED_KEPT):
+        if r.ids[i] == request_id:
+            return True
+    return False
+
+
+cdef inline void refused_forget(RefusedIds *r, int request_id) noexcept:
+    """A new BEGIN_REQUEST reuses the id: its records are a new request's from here on."""
+    cdef int i
+    for i in range(REFUSED_KEPT):
+        if r.ids[i] == request_id:
+            r.ids[i] = 0
+
+
+cdef inline void refused_add(RefusedIds *r, int request_id) noexcept:
+    refused_forget(r, request_id)
+    r.ids[r.next % REFUSED_KEPT] = <uint16_t>request_id
+    r.next += 1
+
+
 @cython.final
 cdef class FcgiConnection(Connection):
     """A FastCGI connection: one request at a time (FCGI_MPXS_CONNS=0), read by the record rules."""
@@ -352,17 +398,12 @@ cdef class FcgiConnection(Connection):
     cdef bint stdin_done      # the empty STDIN record has been read
     cdef int64_t stdin_total  # content bytes of the STDIN records whose headers were read
     cdef bint draining        # the response is out: the rest of the body is being dropped
-    # Requests refused on this connection (CANT_MPX_CONN, UNKNOWN_ROLE) whose PARAMS and STDIN
-    # may still be on their way: dropped unread rather than taken for a protocol error. A ring of
-    # the last few; 0 is a free entry (request id 0 is for management records, never refused).
-    cdef uint16_t refused[REFUSED_KEPT]
-    cdef unsigned refused_next
+    cdef RefusedIds refused   # requests refused here whose records may still arrive
 
     cdef void reset(self, int fd) noexcept:
         Connection.reset(self, fd)
         self.request_id = 0
-        memset(self.refused, 0, sizeof(self.refused))
-        self.refused_next = 0
+        memset(&self.refused, 0, sizeof(self.refused))
 
     # ------------------------------------------------------------------ the record rules
 
@@ -382,7 +423,7 @@ cdef class FcgiConnection(Connection):
             if phase == PHASE_IDLE:
                 return DO_BEGIN
             return BAD_SECOND_BEGIN if current else DO_REFUSE_MPX
-        if not current and self.is_refused(hdr.request_id):
+        if not current and refused_has(&self.refused, hdr.request_id):
             return DO_SKIP
         if hdr.type == FCGI_ABORT_REQUEST:
             if phase == PHASE_IDLE:
@@ -399,43 +440,12 @@ cdef class FcgiConnection(Connection):
             return DO_STDIN
         return BAD_OUT_OF_PLACE
 
-    cdef str rule_error(self, int action, const fcgi_header *hdr, int phase):
-        """The log line's reason for a BAD_* action."""
-        if action == BAD_HEADER:
-            if fcgi_check_header(hdr) == FCGI_ERR_LENGTH:
-                return (f"record type {hdr.type} for request id {hdr.request_id} with a "
-                        f"{hdr.content_length}-byte body")
-            return f"management record type {hdr.type} with request id {hdr.request_id}"
-        if action == BAD_SECOND_BEGIN:
-            return f"a second BEGIN_REQUEST for request id {hdr.request_id}"
-        if action == BAD_UNKNOWN_ID:
-            return f"record type {hdr.type} for unknown request id {hdr.request_id}"
-        if phase == PHASE_PARAMS:
-            return f"record type {hdr.type} before the end of PARAMS"
-        return f"record type {hdr.type} for request id {hdr.request_id} in the body"
-
-    cdef inline bint is_refused(self, int request_id) noexcept:
-        cdef int i
-        for i in range(REFUSED_KEPT):
-            if self.refused[i] == request_id:
-                return True
-        return False
-
-    cdef void forget_refused(self, int request_id) noexcept:
-        """A new BEGIN_REQUEST reuses the id: its records are a new request's from here on."""
-        cdef int i
-        for i in range(REFUSED_KEPT):
-            if self.refused[i] == request_id:
-                self.refused[i] = 0
-
     cdef int refuse(self, int request_id, int protocol_status) except -1:
         """End a request we will not serve (END_REQUEST with protocol_status) and drop its records."""
         cdef uint8_t reply[16]
-        self.forget_refused(request_id)
         fcgi_write_end_request(reply, request_id, 0, protocol_status)
         self.send_all(reply, 16)
-        self.refused[self.refused_next % REFUSED_KEPT] = <uint16_t>request_id
-        self.refused_next += 1
+        refused_add(&self.refused, request_id)
         return 0
 
     cdef int refuse_queued(self) except -1:
@@ -452,7 +462,8 @@ cdef class FcgiConnection(Connection):
             if rc <= 0:
                 return 0
             self.rstart += rc
-            if self.rule(&hdr, PHASE_AFTER) == DO_REFUSE_MPX and not self.is_refused(hdr.request_id):
+            if (self.rule(&hdr, PHASE_AFTER) == DO_REFUSE_MPX
+                    and not refused_has(&self.refused, hdr.request_id)):
                 self.refuse(hdr.request_id, FCGI_CANT_MPX_CONN)
         return 0
 
@@ -580,13 +591,13 @@ cdef class FcgiConnection(Connection):
             elif action == DO_REFUSE_MPX:
                 self.refuse(hdr.request_id, FCGI_CANT_MPX_CONN)
             elif action != DO_SKIP:
-                self.malformed(self.rule_error(action, &hdr, phase))
+                self.malformed(rule_error(action, &hdr, phase))
                 return -1
 
     cdef bint begin_request(self, const fcgi_header *hdr, const uint8_t *content) except -1:
         """A BEGIN_REQUEST: True when it starts a request; a role other than RESPONDER is refused."""
         cdef int role, flags
-        self.forget_refused(hdr.request_id)
+        refused_forget(&self.refused, hdr.request_id)
         fcgi_parse_begin_request(content, hdr.content_length, &role, &flags)
         self.keep_conn = (flags & FCGI_KEEP_CONN) != 0
         if role != FCGI_RESPONDER:
@@ -714,7 +725,7 @@ cdef class FcgiConnection(Connection):
         elif action == DO_REFUSE_MPX:
             self.refuse(hdr.request_id, FCGI_CANT_MPX_CONN)
         elif action != DO_SKIP:
-            self.malformed(self.rule_error(action, &hdr, PHASE_BODY))
+            self.malformed(rule_error(action, &hdr, PHASE_BODY))
             raise RequestAborted("malformed record from the web server")
         return 0
 
