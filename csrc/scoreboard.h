@@ -49,6 +49,7 @@ enum {
 #define FFPM_URI_LEN 256
 #define FFPM_QUERY_LEN 256
 #define FFPM_SCRIPT_LEN 256
+#define FFPM_USER_LEN 64
 #define FFPM_POOL_NAME_LEN 64
 
 typedef struct {
@@ -80,6 +81,7 @@ typedef struct {
      * durations above bound i-1 and at most bound i (not cumulative; the last is +Inf). */
     uint64_t duration_sum_ns;
     uint64_t duration_buckets[FFPM_DURATION_BUCKETS];
+    char remote_user[FFPM_USER_LEN]; /* REMOTE_USER of the current or last request, "" when none */
 } ffpm_slot;
 
 /* The pool header is also the home of every pool counter php-fpm's status page shows that is not a

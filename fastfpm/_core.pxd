@@ -82,6 +82,7 @@ cdef extern from "scoreboard.h" nogil:
         FFPM_URI_LEN
         FFPM_QUERY_LEN
         FFPM_SCRIPT_LEN
+        FFPM_USER_LEN
         FFPM_POOL_NAME_LEN
 
     ctypedef struct ffpm_slot:
@@ -108,6 +109,7 @@ cdef extern from "scoreboard.h" nogil:
         uint64_t last_request_memory
         uint64_t duration_sum_ns
         uint64_t duration_buckets[FFPM_DURATION_BUCKETS]
+        char remote_user[FFPM_USER_LEN]
 
     # The master writes everything here but accept_lock_ns and the deadline log limiter (workers).
     ctypedef struct ffpm_pool_header:

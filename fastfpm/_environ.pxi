@@ -52,6 +52,7 @@ cdef enum:
     K_REQUEST_METHOD
     K_QUERY_STRING
     K_SCRIPT_FILENAME
+    K_REMOTE_USER
     K_DROP
     K_COUNT
 
@@ -76,6 +77,7 @@ _SPECIAL_KEYS = {
     b"SCRIPT_NAME": K_SCRIPT_NAME, b"PATH_INFO": K_PATH_INFO, b"HTTPS": K_HTTPS,
     b"REQUEST_SCHEME": K_REQUEST_SCHEME, b"REQUEST_METHOD": K_REQUEST_METHOD,
     b"QUERY_STRING": K_QUERY_STRING, b"SCRIPT_FILENAME": K_SCRIPT_FILENAME,
+    b"REMOTE_USER": K_REMOTE_USER,  # the status page's "user" (nginx: $remote_user)
     # nginx passes every request header as HTTP_*, Content-Type and Content-Length included, but
     # CGI (RFC 3875 4.1.18) and PEP 3333 carry those two only as CONTENT_TYPE/CONTENT_LENGTH.
     b"HTTP_CONTENT_TYPE": K_DROP, b"HTTP_CONTENT_LENGTH": K_DROP,

@@ -78,6 +78,7 @@ cdef class SlotWriter:
         s.request_uri[0] = 0
         s.query_string[0] = 0
         s.script_filename[0] = 0
+        s.remote_user[0] = 0
         ffpm_slot_write_end(s)
 
     cdef inline void info(self) noexcept:
@@ -98,6 +99,7 @@ cdef class SlotWriter:
         request.copy_param(K_REQUEST_URI, s.request_uri, FFPM_URI_LEN)
         request.copy_param(K_QUERY_STRING, s.query_string, FFPM_QUERY_LEN)
         request.copy_param(K_SCRIPT_FILENAME, s.script_filename, FFPM_SCRIPT_LEN)
+        request.copy_param(K_REMOTE_USER, s.remote_user, FFPM_USER_LEN)
         ffpm_slot_write_end(s)
 
     cdef inline void measure_end(self) noexcept:

@@ -62,6 +62,7 @@ class SlotSnapshot:
     last_request_utime_us: int = 0   # the last finished request's user CPU time
     last_request_stime_us: int = 0   # and its system CPU time
     last_request_memory: int = 0     # the worker's peak resident bytes at that request's end
+    remote_user: str = ""            # REMOTE_USER of the current or last request, "" when none
 
     @property
     def last_request_cpu(self) -> float:
@@ -125,7 +126,7 @@ def _decode(index: int, copy: Any) -> SlotSnapshot:
         method=_text(copy.method), request_uri=_text(copy.request_uri),
         query_string=_text(copy.query_string), script_filename=_text(copy.script_filename),
         last_request_utime_us=copy.last_request_utime_us, last_request_stime_us=copy.last_request_stime_us,
-        last_request_memory=copy.last_request_memory,
+        last_request_memory=copy.last_request_memory, remote_user=_text(copy.remote_user),
     )
 
 

@@ -15,7 +15,9 @@ Differences from php-fpm, each on purpose: no X-Powered-By header; OpenMetrics c
 the `_total` suffix on their samples (php-fpm's output fails a strict OpenMetrics parser); a HEAD
 request gets the Content-Type its GET would (php-fpm sends PHP's default text/html); control
 characters in request URIs and scripts are shown as "." outside JSON, so a request cannot forge a
-line or break the XML. `user` is "-" (the slot does not keep REMOTE_USER).
+line or break the XML. `user` is the request's REMOTE_USER param (nginx's $remote_user, set by
+auth_basic or auth_request), "-" without one; php-fpm shows the user PHP parsed from a Basic
+Authorization header, which is the same user behind nginx's auth_basic.
 
 `last request cpu` and `last request memory` are shown, as php-fpm shows them, for a worker between
 requests (0 while it is inside one). The CPU is php-fpm's: user + system time of the request
@@ -140,7 +142,7 @@ def process_fields(view: StatusView, slot: Any) -> list[Field]:
         ("start since", "int", max(0, int(view.now) - slot.started_wall)),
         ("requests", "int", slot.requests), ("request duration", "int", duration_us),
         ("request method", "str", slot.method or "-"), ("request uri", "str", uri or "-"),
-        ("content length", "int", max(0, slot.content_length)), ("user", "str", "-"),
+        ("content length", "int", max(0, slot.content_length)), ("user", "str", slot.remote_user or "-"),
         ("script", "str", slot.script_filename or "-"),
         # php-fpm shows the last request's figures only between requests (0 while in one)
         ("last request cpu", "float", 0.0 if slot.busy else slot.last_request_cpu),
@@ -266,6 +268,7 @@ class _EmptySlot:
     script_filename: str = ""
     last_request_cpu: float = 0.0
     last_request_memory: int = 0
+    remote_user: str = ""
 
 
 _NO_SLOT = _EmptySlot()

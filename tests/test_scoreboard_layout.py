@@ -202,8 +202,10 @@ def _replace(text: str, old: str, new: str) -> str:
     # the new fields of issue 10: a slot's CPU/memory figures and histogram, the retired histogram
     ("pxd", "        int64_t last_request_stime_us\n", "        uint64_t last_request_stime_us\n",
      "ffpm_slot field 19"),
-    ("pxd", "        uint64_t duration_buckets[FFPM_DURATION_BUCKETS]\n\n    # The master",
-     "        uint64_t duration_buckets[11]\n\n    # The master", "ffpm_slot field 22"),
+    ("pxd", "        uint64_t duration_buckets[FFPM_DURATION_BUCKETS]\n        char remote_user",
+     "        uint64_t duration_buckets[11]\n        char remote_user", "ffpm_slot field 22"),
+    ("pxd", "        char remote_user[FFPM_USER_LEN]\n", "        char remote_user[FFPM_URI_LEN]\n",
+     "ffpm_slot field 23"),
     ("header", "    uint64_t duration_sum_ns_retired;", "", "ffpm_pool_header field 16"),
     ("header", "    uint64_t requests;\n    uint64_t duration_sum_ns;", "    uint64_t requests;",
      "ffpm_totals field 2"),

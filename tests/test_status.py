@@ -594,6 +594,33 @@ def test_last_request_cpu_and_memory_on_the_status_page(configured):
     assert re.search(r"^last request memory:  [1-9]\d*$", text, re.M)
 
 
+def test_user_is_the_requests_remote_user(configured):
+    """php-fpm's per-process "user": the REMOTE_USER nginx passes ($remote_user), "-" without one."""
+    server = configured(WORK_POOL)
+    server.settled_workers()
+
+    def both_workers(extra: dict[str, str]) -> None:
+        def one() -> None:
+            with FastCGIClient(server.address, timeout=10) as client:
+                client.request(build_params("GET", "/", "do=sleep&seconds=0.3", {}, None, extra))
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+
+    def users() -> list[str]:
+        page = json.loads(fetch(server.address, "/status", "json&full").body)
+        return sorted(process["user"] for process in page["processes"])
+
+    # Both workers serve alice at once; then the one rendering the page shows its own request
+    # (no user) and the other the last request it served.
+    both_workers({"REMOTE_USER": "alice"})
+    wait_until(lambda: users() == ["-", "alice"], 10, message="one worker's row to show alice")
+    both_workers({})
+    wait_until(lambda: users() == ["-", "-"], 10, message="no user once both served a request without one")
+
+
 def test_the_duration_histogram_on_the_openmetrics_page(configured):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
