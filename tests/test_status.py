@@ -588,7 +588,9 @@ def test_last_request_cpu_and_memory_on_the_status_page(configured):
     assert sleep["request duration"] >= 300_000
     assert sleep["last request cpu"] < 15
     alloc = last_request_row(server.address, "do=alloc&mb=50")
-    assert alloc["last request memory"] >= 50 << 20 > sleep["last request memory"]
+    # The peak grew by the 50 MB (compared with the worker's size, not with a fixed figure: under
+    # AddressSanitizer a worker starts at about 60 MB).
+    assert alloc["last request memory"] >= sleep["last request memory"] + (45 << 20)
     text = fetch(server.address, "/status", "full").text
     assert re.search(r"^last request cpu:     \d+\.\d\d$", text, re.M)
     assert re.search(r"^last request memory:  [1-9]\d*$", text, re.M)
