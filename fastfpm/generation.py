@@ -159,7 +159,7 @@ class Generation:
             self.execute(pool, capped.get(pool.name, []))
 
     def spawn_for_pending(self, pool: Pool) -> None:
-        """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
+        """ondemand, dynamic: fork for the connections in the accept queue no idle or starting worker takes.
 
         php-fpm forks one child per readiness event, so a burst of connections is served one new
         child at a time; the queue's length lets fastfpm fork for the whole burst at once.
@@ -184,7 +184,11 @@ class Generation:
                 [p for p in self.pools if could[id(p)] == "recheck"])
 
     def spawn_could_follow(self, pool: Pool) -> str | None:
-        """Whether a connection waiting on this ondemand pool's socket could fork a worker now.
+        """Whether a connection waiting on this ondemand or dynamic pool's socket could fork a worker now.
+
+        dynamic too (issue 12): once its last idle worker is busy the socket is watched, so a burst
+        forks at once (pm.on_connection_pending) instead of at the next ticks. No worker-side cost:
+        the master learns it from the listen socket, not from the request path.
 
         "watch": no worker idle or starting and room to spawn, so the socket is watched. select() is
         level-triggered: a connection left waiting for a busy full pool would wake the loop again at
@@ -193,7 +197,7 @@ class Generation:
         None: nothing to do. Nobody waits on a full pool unseen: maintain_pools looks at its socket
         once a second for the max_children warning. (A stopping master watches no socket.)
         """
-        if pool.config.pm != "ondemand":
+        if pool.config.pm not in ("ondemand", "dynamic"):
             return None
         snapshot = pool.snapshot()
         if snapshot.idle or snapshot.total >= pool.config.pm_max_children:
