@@ -75,6 +75,7 @@ class Generation:
             self.log.warning(f"no pool listens on the socket systemd passed as fd {sock.fileno()}; "
                              "closing it")
             sock.close()
+        self.watch_wakes()
         self.open_listeners([])
 
     def open_pools_after(self, running: Generation, identities: dict[str, Any]) -> None:
@@ -90,7 +91,17 @@ class Generation:
                                    sock=old.socket if old is not None else None,
                                    identity=identities[pool_config.name],
                                    inherited=old is not None and old.inherited))
+        self.watch_wakes()
         self.open_listeners(list(running.listeners.values()))
+
+    def watch_wakes(self) -> None:
+        """Watch each growing pool's wake pipe (fastfpm.wake): waking is enough, as the master's next
+        wait then watches the socket of a pool with no idle worker (spawn_could_follow)."""
+        if self.watcher is None:
+            return
+        for pool in self.pools:
+            if pool.wake is not None:
+                self.watcher.register(pool.wake.read_fd, pool.wake.drain)
 
     def open_listeners(self, running: list[StatusListener]) -> None:
         """Each pool's pm.status_listen: a running listener on the same address is taken over (it
@@ -322,6 +333,8 @@ class Generation:
         generation serves on it; the status listeners likewise."""
         self.close_listeners(keep_shared)
         for pool in self.pools:
+            if self.watcher is not None and pool.wake is not None:
+                self.watcher.unregister(pool.wake.read_fd)  # still open: the number is still ours
             pool.close(keep_socket=keep_shared and id(pool.socket) in self.shared_sockets)
         self.pools = []
 
