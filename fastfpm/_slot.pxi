@@ -65,9 +65,7 @@ cdef class SlotWriter:
         self.utime_start_us = timeval_us(usage.ru_utime)
         self.stime_start_us = timeval_us(usage.ru_stime)
         self.measured = False
-        if s.stage == FFPM_STAGE_IDLE:
-            # The last idle worker turning busy wakes the master (issue 12); no syscall otherwise.
-            ffpm_idle_leave(self.header, 1)
+        cdef bint was_idle = s.stage == FFPM_STAGE_IDLE
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_READING_HEADERS
         if new_connection:
@@ -84,6 +82,10 @@ cdef class SlotWriter:
         s.script_filename[0] = 0
         s.remote_user[0] = 0
         ffpm_slot_write_end(s)
+        if was_idle:
+            # The last idle worker turning busy wakes the master (issue 12); no syscall otherwise.
+            # After the slot's write, so the master it wakes no longer reads this slot as idle.
+            ffpm_idle_leave(self.header, 1)
 
     cdef inline void info(self) noexcept:
         """php-fpm's "Getting request informations": the params are in, the environ is being built."""
