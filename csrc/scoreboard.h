@@ -15,6 +15,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 /*
  * The layout, declared once. The lines between the two markers below are also the master's cffi
@@ -114,8 +115,12 @@ typedef struct {
      * clients), so that an attack cannot flood the log (see ffpm_log_permit). */
     int64_t deadline_log_ns;        /* CLOCK_MONOTONIC ns of the last such line, 0: none yet */
     uint64_t deadline_log_suppressed; /* such closes not logged since that line */
+    /* Workers (atomic inc/dec, see ffpm_idle_enter/ffpm_idle_leave): how many are idle; the one that
+     * takes it to 0 writes a byte to wake_fd so the master can fork at once (issue 12). */
+    int32_t idle_workers;
+    int32_t wake_fd;           /* master: its wake pipe's write end + 1, inherited by fork; 0: none */
     uint8_t reserved[(FFPM_POOL_HEADER_SIZE - 4 * 4 - 8 - 2 * 4 - 7 * 8 - FFPM_POOL_NAME_LEN - 8 - 8
-                      - 8 * FFPM_DURATION_BUCKETS - 2 * 8)];
+                      - 8 * FFPM_DURATION_BUCKETS - 2 * 8 - 2 * 4)];
 } ffpm_pool_header;
 
 /* A pool's totals since it started (ffpm_pool_totals): the retired ones plus every live slot's. */
@@ -201,6 +206,23 @@ static inline int64_t ffpm_log_permit(ffpm_pool_header *h, int64_t now_ns, int64
 
 static inline void ffpm_accept_unlock(ffpm_pool_header *h) { __atomic_store_n(&h->accept_lock_ns, 0, __ATOMIC_RELEASE); }
 
+/* Worker: its slot turned idle (call on the transition only). One atomic add, no system call. */
+static inline void ffpm_idle_enter(ffpm_pool_header *h) { __atomic_add_fetch(&h->idle_workers, 1, __ATOMIC_RELAXED); }
+
+/* Worker (or the master for a reaped slot): an idle slot stops being idle. When wake is set and
+ * no idle worker is left, one byte goes to the master's wake pipe (non-blocking: a full pipe,
+ * EAGAIN, already means "wake up"), so the only system call is on that transition. */
+static inline int ffpm_idle_leave(ffpm_pool_header *h, int wake)
+{
+    int32_t left = __atomic_sub_fetch(&h->idle_workers, 1, __ATOMIC_RELAXED);
+    int32_t fd = __atomic_load_n(&h->wake_fd, __ATOMIC_RELAXED);
+    if (wake && left <= 0 && fd > 0) {
+        ssize_t ignored = write(fd - 1, "!", 1);
+        (void)ignored;
+    }
+    return left;
+}
+
 static inline ffpm_slot *ffpm_slots(void *base) { return (ffpm_slot *)((char *)base + sizeof(ffpm_pool_header)); }
 
 static inline size_t ffpm_scoreboard_size(uint32_t nslots)
@@ -258,6 +280,8 @@ static inline void ffpm_slot_release(ffpm_pool_header *h, ffpm_slot *s)
     for (uint32_t b = 0; b < FFPM_DURATION_BUCKETS; b++)
         h->duration_buckets_retired[b] += __atomic_load_n(&s->duration_buckets[b], __ATOMIC_RELAXED);
     s->pid = 0;
+    if (__atomic_load_n(&s->stage, __ATOMIC_RELAXED) == FFPM_STAGE_IDLE)
+        ffpm_idle_leave(h, 0);  /* died idle (SIGKILL, a crash): no longer counted */
     __atomic_store_n(&s->stage, FFPM_STAGE_FREE, __ATOMIC_RELAXED);
     __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELEASE);
 }

@@ -133,7 +133,9 @@ cdef extern from "scoreboard.h" nogil:
         uint64_t duration_buckets_retired[FFPM_DURATION_BUCKETS]
         int64_t deadline_log_ns
         uint64_t deadline_log_suppressed
-        uint8_t reserved[232]
+        int idle_workers
+        int wake_fd
+        uint8_t reserved[224]
 
     # Read by the master (ffpm_pool_totals); declared here because every struct of the header is.
     ctypedef struct ffpm_totals:
@@ -145,6 +147,8 @@ cdef extern from "scoreboard.h" nogil:
     ffpm_slot *ffpm_slots(void *base)
     bint ffpm_accept_lock(ffpm_pool_header *h, int64_t now_ns, int64_t stale_ns)
     void ffpm_accept_unlock(ffpm_pool_header *h)
+    void ffpm_idle_enter(ffpm_pool_header *h)
+    int ffpm_idle_leave(ffpm_pool_header *h, int wake)
     int64_t ffpm_log_permit(ffpm_pool_header *h, int64_t now_ns, int64_t interval_ns)
     void ffpm_slot_write_begin(ffpm_slot *s)
     void ffpm_slot_write_end(ffpm_slot *s)

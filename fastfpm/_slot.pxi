@@ -51,6 +51,7 @@ cdef class SlotWriter:
         s.stage = FFPM_STAGE_IDLE
         s.idle_since_ns = mono_ns()
         ffpm_slot_write_end(s)
+        ffpm_idle_enter(self.header)
 
     cdef inline void reading(self, bint new_connection) noexcept:
         """A request's first bytes arrived: php-fpm's "Reading headers", the request's clocks start."""
@@ -64,6 +65,7 @@ cdef class SlotWriter:
         self.utime_start_us = timeval_us(usage.ru_utime)
         self.stime_start_us = timeval_us(usage.ru_stime)
         self.measured = False
+        cdef bint was_idle = s.stage == FFPM_STAGE_IDLE
         ffpm_slot_write_begin(s)
         s.stage = FFPM_STAGE_READING_HEADERS
         if new_connection:
@@ -80,6 +82,10 @@ cdef class SlotWriter:
         s.script_filename[0] = 0
         s.remote_user[0] = 0
         ffpm_slot_write_end(s)
+        if was_idle:
+            # The last idle worker turning busy wakes the master (issue 12); no syscall otherwise.
+            # After the slot's write, so the master it wakes no longer reads this slot as idle.
+            ffpm_idle_leave(self.header, 1)
 
     cdef inline void info(self) noexcept:
         """php-fpm's "Getting request informations": the params are in, the environ is being built."""
@@ -142,6 +148,8 @@ cdef class SlotWriter:
 
     cdef void ending(self) noexcept:
         """The worker is on its way out."""
+        if self.slot.stage == FFPM_STAGE_IDLE:
+            ffpm_idle_leave(self.header, 0)  # a stopping worker wakes nobody
         ffpm_slot_write_begin(self.slot)
         self.slot.stage = FFPM_STAGE_ENDING
         ffpm_slot_write_end(self.slot)

@@ -75,6 +75,7 @@ class Generation:
             self.log.warning(f"no pool listens on the socket systemd passed as fd {sock.fileno()}; "
                              "closing it")
             sock.close()
+        self.watch_wakes()
         self.open_listeners([])
 
     def open_pools_after(self, running: Generation, identities: dict[str, Any]) -> None:
@@ -90,7 +91,17 @@ class Generation:
                                    sock=old.socket if old is not None else None,
                                    identity=identities[pool_config.name],
                                    inherited=old is not None and old.inherited))
+        self.watch_wakes()
         self.open_listeners(list(running.listeners.values()))
+
+    def watch_wakes(self) -> None:
+        """Watch each growing pool's wake pipe (fastfpm.wake): waking is enough, as the master's next
+        wait then watches the socket of a pool with no idle worker (spawn_could_follow)."""
+        if self.watcher is None:
+            return
+        for pool in self.pools:
+            if pool.wake is not None:
+                self.watcher.register(pool.wake.read_fd, pool.wake.drain)
 
     def open_listeners(self, running: list[StatusListener]) -> None:
         """Each pool's pm.status_listen: a running listener on the same address is taken over (it
@@ -159,7 +170,7 @@ class Generation:
             self.execute(pool, capped.get(pool.name, []))
 
     def spawn_for_pending(self, pool: Pool) -> None:
-        """ondemand: fork for the connections in the accept queue that no idle or starting worker takes.
+        """ondemand, dynamic: fork for the connections in the accept queue no idle or starting worker takes.
 
         php-fpm forks one child per readiness event, so a burst of connections is served one new
         child at a time; the queue's length lets fastfpm fork for the whole burst at once.
@@ -184,7 +195,11 @@ class Generation:
                 [p for p in self.pools if could[id(p)] == "recheck"])
 
     def spawn_could_follow(self, pool: Pool) -> str | None:
-        """Whether a connection waiting on this ondemand pool's socket could fork a worker now.
+        """Whether a connection waiting on this ondemand or dynamic pool's socket could fork a worker now.
+
+        dynamic too (issue 12): once its last idle worker is busy the socket is watched, so a burst
+        forks at once (pm.on_connection_pending) instead of at the next ticks. No worker-side cost:
+        the master learns it from the listen socket, not from the request path.
 
         "watch": no worker idle or starting and room to spawn, so the socket is watched. select() is
         level-triggered: a connection left waiting for a busy full pool would wake the loop again at
@@ -193,7 +208,7 @@ class Generation:
         None: nothing to do. Nobody waits on a full pool unseen: maintain_pools looks at its socket
         once a second for the max_children warning. (A stopping master watches no socket.)
         """
-        if pool.config.pm != "ondemand":
+        if pool.config.pm not in ("ondemand", "dynamic"):
             return None
         snapshot = pool.snapshot()
         if snapshot.idle or snapshot.total >= pool.config.pm_max_children:
@@ -318,6 +333,8 @@ class Generation:
         generation serves on it; the status listeners likewise."""
         self.close_listeners(keep_shared)
         for pool in self.pools:
+            if self.watcher is not None and pool.wake is not None:
+                self.watcher.unregister(pool.wake.read_fd)  # still open: the number is still ours
             pool.close(keep_socket=keep_shared and id(pool.socket) in self.shared_sockets)
         self.pools = []
 

@@ -11,7 +11,7 @@ What the master calls:
 
     initial_spawn(pool) -> int                                   workers to start with
     decide(snapshot, pool, state, now) -> [Action]               once per MAINTENANCE_INTERVAL
-    on_connection_pending(snapshot, pool, state, pending=1)      ondemand: a connection is waiting
+    on_connection_pending(snapshot, pool, state, pending=1)      ondemand/dynamic: a connection waits
     on_worker_exit(snapshot, pool, killed_by_pm=...) -> [Action] after reaping a worker
     cap_spawns(actions_by_pool, alive_total, process_max, state) process.max over all pools
     overdue(snapshot, pool, now, state) -> [Action]              every check_interval(pools) seconds
@@ -337,15 +337,20 @@ def _ondemand_tick(snapshot: PoolSnapshot, pool: Any, state: PmState, now: float
 
 def on_connection_pending(snapshot: PoolSnapshot, pool: Any, state: PmState,
                           pending: int = 1) -> list[Action]:
-    """ondemand: pending connections wait on the listen socket; spawn for those nobody will take.
+    """ondemand or dynamic: connections wait on the listen socket; spawn for those nobody will take.
 
     pending is the accept-queue length when the master knows it (TCP_INFO on a listening socket),
     else 1 per readiness event. Idle and starting workers count as takers, so a burst forks one
     worker per waiting connection, up to pm.max_children, and no more. php-fpm warns "max_children
     reached" even when an idle worker will take the connection; fastfpm warns only when a
-    connection really has to wait. Other pm modes: no action.
+    connection really has to wait. static: no action.
+
+    dynamic (issue 12): php-fpm's dynamic pool only grows at the once-a-second tick (1, 2, 4 ...
+    per tick), so a burst that takes the last idle worker waits seconds for workers of its own;
+    here the master watches the socket as for ondemand once nobody is idle, and forks at once.
+    The tick still keeps pm.min_spare_servers and owns spawn_rate, which this does not touch.
     """
-    if pool.pm != "ondemand" or pending <= 0:
+    if pool.pm not in ("ondemand", "dynamic") or pending <= 0:
         return []
     need = pending - (snapshot.idle + snapshot.starting)
     if need <= 0:

@@ -24,6 +24,7 @@ from fastfpm.address import (
 from fastfpm.log import ErrorLog
 from fastfpm.scoreboard import STAGE_STARTING, Scoreboard
 from fastfpm.slowlog import SLOWLOG_MODE
+from fastfpm.wake import WakePipe
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Pool:
         self.scoreboard = Scoreboard(2 * config.pm_max_children, config.name)
         # pm counts max_children_reached and slow_requests straight into the scoreboard header.
         self.state = pm.PmState(counters=self.scoreboard.header)
+        # dynamic and ondemand grow at once when the last idle worker turns busy (static never grows).
+        self.wake = WakePipe(self.scoreboard.header) if config.pm != "static" else None
         self.children: dict[int, Child] = {}
         self.initial = pm.initial_spawn(config)
         self.prepare_slowlog()
@@ -126,6 +129,8 @@ class Pool:
 
     def close(self, keep_socket: bool = False) -> None:
         """Release the scoreboard and (unless reused by a reload) the socket and its file."""
+        if self.wake is not None:
+            self.wake.close()
         self.scoreboard.close()
         self.close_access_log()
         if keep_socket:

@@ -34,6 +34,8 @@ class DirectSpawner:
         """
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in PIPE_KINDS]
         keep_in_child = {pool.socket.fileno(), pool.access_log_fd, *(w for _, w in pipes)}
+        if pool.wake is not None:
+            keep_in_child.add(pool.wake.write_fd)  # the header names it: the worker writes it as is
         # Block signals across fork so none reaches the child before it has reset its handlers.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
         master_pid = os.getpid()  # the child's getppid() would already be init's if we died meanwhile

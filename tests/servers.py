@@ -713,11 +713,13 @@ def random_chunks(total: int, digest: Any, chunk_size: int = 1 << 20) -> Iterato
 @contextlib.contextmanager
 def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any,
                        pool_name: str = "test", *, app_for: Callable[[Any, int], Any] | None = None,
-                       routes: dict[str, Callable[..., Any]] | None = None) -> Iterator[tuple[Any, str, int]]:
+                       routes: dict[str, Callable[..., Any]] | None = None,
+                       before_fork: Callable[[Any], Any] | None = None) -> Iterator[tuple[Any, str, int]]:
     """A real worker loop forked from the test, serving app on socket_path from slot 1 of a fresh
     scoreboard: (scoreboard, socket path, pid). A `fastfpm serve` master's scoreboard is an
     anonymous mapping only it and its workers see, so tests of the slot's contents read this one.
-    app_for(mapping, slot index), when given, makes the app from the scoreboard (a status page)."""
+    app_for(mapping, slot index), when given, makes the app from the scoreboard (a status page);
+    before_fork(scoreboard), when given, runs before the fork (what the worker is to inherit)."""
     from fastfpm._core import Worker
     from fastfpm.address import create_listen_socket, parse_address
     from fastfpm.log import ErrorLog
@@ -729,6 +731,8 @@ def forked_slot_worker(socket_path: Path, app: Callable[..., Any], pool: Any,
     board.claim(1, 0)
     if app_for is not None:
         app = app_for(board.mapping, 1)
+    if before_fork is not None:
+        before_fork(board)
     pid = os.fork()
     if pid == 0:  # the worker: serve until killed
         try:

@@ -295,9 +295,21 @@ def test_ondemand_warns_once_when_max_children_is_reached():
     assert state.max_children_reached == 2
 
 
-def test_on_connection_pending_is_for_ondemand_only():
+def test_on_connection_pending_is_not_for_static():
     assert on_connection_pending(snap(), make_pool(), PmState()) == []
-    assert on_connection_pending(snap(), dynamic(), PmState()) == []
+
+
+def test_dynamic_spawns_for_waiting_connections_without_the_tick():
+    # issue 12: the last idle worker turned busy and connections wait: fork for them at once,
+    # within pm.max_children, and leave spawn_rate (the tick's doubling) alone.
+    pool = dynamic(max_children=6)
+    state = PmState()
+    assert on_connection_pending(snap(busy(1)), pool, state, pending=4) == [Spawn(4)]
+    assert on_connection_pending(snap(busy(1), idle(2)), pool, state, pending=1) == []
+    assert on_connection_pending(snap(*busies(4)), pool, state, pending=9) == [Spawn(2)]
+    assert state.spawn_rate == 1
+    assert warnings(on_connection_pending(snap(*busies(6)), pool, state))
+    assert state.max_children_reached == 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,6 +54,24 @@ def test_dynamic_starts_start_servers_spawns_under_load_and_trims_idle(launcher:
     assert "exited with code 0" in log
 
 
+def test_dynamic_grows_for_a_burst_without_waiting_for_the_tick(launcher: Launcher) -> None:
+    # issue 12. The tick alone adds one worker a second here (min_spare 1 - 0 idle), so the fifth
+    # worker would come some four seconds in, after these 2.5 s requests end; the watched listen
+    # queue forks for the waiting connections at once, while the first requests still run.
+    server = launcher.fastfpm(ROUTER, max_children=6, extra_args=[
+        "--pm", "dynamic", "--start-servers", "1", "--min-spare-servers", "1", "--max-spare-servers", "2"])
+    assert len(server.worker_pids()) == 1
+    threads = background_gets(server.address, 5, 2.5)
+    wait_until(lambda: len(server.worker_pids()) >= 5 or not any(t.is_alive() for t in threads), 10,
+               message="the pool to grow or the burst to end")
+    grown = len(server.worker_pids())
+    still_running = sum(t.is_alive() for t in threads)
+    for thread in threads:
+        thread.join(15)
+    assert grown >= 5 and still_running == 5, f"{grown} workers with {still_running} requests running"
+    assert len(server.worker_pids()) <= 6
+
+
 def test_dynamic_warns_once_when_max_children_is_reached(launcher: Launcher) -> None:
     server = launcher.fastfpm(ROUTER, max_children=2, extra_args=[
         "--pm", "dynamic", "--start-servers", "1", "--min-spare-servers", "1", "--max-spare-servers", "1"])

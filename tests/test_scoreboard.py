@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from fastfpm.client import FastCGIClient, build_params
 from fastfpm.scoreboard import STAGE_IDLE, STAGE_STARTING, Scoreboard
+from fastfpm.wake import WakePipe
 from tests.servers import forked_slot_worker, wait_until
 
 
@@ -85,6 +87,41 @@ def test_worker_writes_each_stage_and_the_request(forked_worker, tmp_path: Path)
     assert not done.busy
     assert done.last_request_ns > 0
     assert done.idle_since_ns >= done.request_start_ns
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_the_last_idle_worker_turning_busy_wakes_the_master(tmp_path: Path) -> None:
+    # issue 12: the worker counts itself idle in the pool header (an atomic op) and, taking the
+    # count to 0, writes the wake pipe the master watches; only on that transition.
+    pipes: list[WakePipe] = []
+    with forked_slot_worker(tmp_path / "w.sock", blocking_app, PoolStub, "sb",
+                            before_fork=lambda board: pipes.append(WakePipe(board.header))) as worker:
+        board, address, _ = worker
+        wake = pipes[0]
+        wait_until(lambda: board.read(1).stage == STAGE_IDLE, 10, message="the worker to reach accept()")
+        assert board.header.idle_workers == 1 and not readable(wake.read_fd)
+        go = tmp_path / "go"
+        thread = threading.Thread(target=lambda: FastCGIClient(address, timeout=10).request(
+            build_params("GET", "/", str(go), {}, None, {})))
+        thread.start()
+        wait_until(lambda: board.read(1).busy, 10, message="the request to start")
+        assert board.header.idle_workers == 0
+        assert readable(wake.read_fd)
+        wake.drain()
+        assert not readable(wake.read_fd)
+        go.touch()
+        thread.join(10)
+        wait_until(lambda: board.read(1).stage == STAGE_IDLE and board.read(1).requests == 1, 10,
+                   message="the worker idle again")
+        assert board.header.idle_workers == 1 and not readable(wake.read_fd)
+    # SIGKILLed while idle: freeing its slot takes it out of the count, without a wake-up.
+    board.release(1)
+    assert board.header.idle_workers == 0 and not readable(wake.read_fd)
+    wake.close()
+    assert board.header.wake_fd == 0
 
 
 def test_slot_reads_are_consistent_while_the_worker_writes(forked_worker, tmp_path: Path) -> None:

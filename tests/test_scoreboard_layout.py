@@ -180,7 +180,8 @@ def test_the_header_is_parsed_whole() -> None:
     assert ("uint64_t", "duration_buckets", buckets) in header.structs["ffpm_slot"]
     assert ("uint64_t", "duration_buckets_retired", buckets) in header.structs["ffpm_pool_header"]
     assert ("int64_t", "last_request_utime_us", None) in header.structs["ffpm_slot"]
-    assert fields["reserved"] == ("uint8_t", header.constants["FFPM_POOL_HEADER_SIZE"] - 280)
+    assert fields["idle_workers"] == ("int32_t", None) and fields["wake_fd"] == ("int32_t", None)
+    assert fields["reserved"] == ("uint8_t", header.constants["FFPM_POOL_HEADER_SIZE"] - 288)
     assert header.functions["ffpm_cpu_hundredths"] == ("int64_t", "int64_t", "int64_t")
     assert header.stages["FFPM_STAGE_RUNNING"] == 5 and len(header.stages) == len(stages.STAGE_TABLE)
     assert header.functions["ffpm_accept_lock"] == ("int", "ffpm_pool_header *", "int64_t", "int64_t")
@@ -197,8 +198,8 @@ def _replace(text: str, old: str, new: str) -> str:
     ("pxd", "        uint64_t slow_requests\n", "        int64_t slow_requests\n",
      "ffpm_pool_header field 11"),
     ("pxd", "        FFPM_STAGE_ENDING\n", "", "constant FFPM_STAGE_ENDING is not declared"),
-    ("pxd", "        uint8_t reserved[232]\n", "        uint8_t reserved[224]\n",
-     "ffpm_pool_header field 20"),
+    ("pxd", "        uint8_t reserved[224]\n", "        uint8_t reserved[216]\n",
+     "ffpm_pool_header field 22"),
     # the new fields of issue 10: a slot's CPU/memory figures and histogram, the retired histogram
     ("pxd", "        int64_t last_request_stime_us\n", "        uint64_t last_request_stime_us\n",
      "ffpm_slot field 19"),
