@@ -33,8 +33,8 @@ class WorkerHooks:
         """Import the pool's hooks (after its app, with the same sys.path); AppLoadError if one is
         missing, so a misspelt hook fails the worker as a misspelt app does."""
         path = list(python_path)
-        start_spec = getattr(pool, "on_worker_start", None) or ""
-        exit_spec = getattr(pool, "on_worker_exit", None) or ""
+        start_spec = pool.on_worker_start or ""
+        exit_spec = pool.on_worker_exit or ""
         return cls(
             pool.name,
             load_callable(start_spec, path, what="on_worker_start") if start_spec else None,

@@ -134,7 +134,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             keep_http_proxy=pool.security_keep_http_proxy, max_body_size=pool.client_max_body_size,
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
-            max_memory=getattr(pool, "pm_max_memory", 0),
+            max_memory=pool.pm_max_memory,
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
                 lambda peer: log.error(REFUSED_MESSAGE.format(peer=peer))),
             parent_pid=master_pid, access_log=accesslog.for_worker(pool, access_log_fd),
@@ -240,5 +240,5 @@ def max_requests(pool: Any) -> int:
     do not all restart together (0: never)."""
     if not pool.pm_max_requests:
         return 0
-    jitter = getattr(pool, "pm_max_requests_jitter", 0)
+    jitter = pool.pm_max_requests_jitter
     return pool.pm_max_requests + (random.randint(0, jitter) if jitter else 0)
