@@ -34,6 +34,9 @@ from fastfpm.proctitle import set_master_title
 from fastfpm.watcher import SignalPipe, Watcher
 from fastfpm.worker import EXIT_BOOT_ERROR
 
+# What a worker's EXIT_BOOT_ERROR means: the worker logged which step failed just before.
+BOOT_FAILED = "a worker could not start: its set-up, the application or on_worker_start failed (see above)"
+
 # Signals the master reacts to; everything else keeps its default action.
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1,
                    signal.SIGUSR2)
@@ -409,10 +412,11 @@ class Master:
         if self.stopping or generation is not self.current:
             return
         if not os.WIFSIGNALED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+            failed = f"[pool {pool.name}] {BOOT_FAILED}"
             if self.previous is not None:
-                self.roll_back(f"[pool {pool.name}] the application could not be loaded (see above)")
+                self.roll_back(failed)
                 return
-            self.log.alert(f"[pool {pool.name}] the application could not be loaded (see above); stopping")
+            self.log.alert(f"{failed}; stopping")
             self.exit_status = 1
             self.fast_stop()
             return

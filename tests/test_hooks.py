@@ -129,7 +129,7 @@ def test_a_raising_start_hook_stops_the_master_as_an_import_failure_does(tmp_pat
     assert "on_worker_start 'tests.apps.hooks:on_start' raised: this worker will not serve" in log
     assert "Traceback (most recent call last)" in log
     assert "RuntimeError: the database is unreachable" in log
-    assert "exited with code 3" in log and "could not be loaded" in log
+    assert "exited with code 3" in log and "could not start" in log
     assert "ready to handle connections" not in log
     # No respawn loop: at most the two initial workers ever started, none served.
     starts = (tmp_path / "hooks.log").read_text().splitlines()

@@ -116,7 +116,7 @@ def test_application_import_error_stops_the_master(tmp_path) -> None:
                      "--max-children", "2", "-R")
     assert result.returncode == 1
     assert "no module named 'no_such_module_here'" in result.stderr
-    assert "could not be loaded" in result.stderr
+    assert "could not start" in result.stderr
 
 
 def test_address_in_use_is_reported(launcher: Launcher) -> None:

@@ -413,7 +413,7 @@ pm.max_children = 2
     mark = server.log_size()
     server.signal(signal.SIGUSR2)
     log = server.wait_for_log("reload failed", mark, timeout=10)
-    assert "the application could not be loaded" in log and "generation 1 keeps serving" in log
+    assert "a worker could not start" in log and "generation 1 keeps serving" in log
     assert "SyntaxError" in log
     # The site stays up, on the very workers it had.
     assert server.proc.poll() is None
