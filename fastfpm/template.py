@@ -96,7 +96,11 @@ def run_template(pool: Pool, control: socket.socket, log: ErrorLog, *, log_fd: i
     """The template's life: set up as a worker would be (user, rlimits, chdir, env), import the app
     and hooks, say "ready", then fork a worker per request until the master closes the socket."""
     config = pool.config
-    reset_signals(signal.SIG_IGN)  # SIGQUIT is a worker's graceful stop; the template has none
+    # SIGQUIT is a worker's graceful stop, SIGTERM its fast one: the template has neither. A stop
+    # sent to the whole process group is the master's to act on (it ends the template with SIGKILL);
+    # each worker sets its own handlers again after the fork.
+    reset_signals(signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     set_title(template_title(pool.name, pool.generation))
     log.for_worker(pool.name, log_fd)
     log.prefix = f"[pool {pool.name}] template {os.getpid()}: "
@@ -183,7 +187,8 @@ class PreloadSpawner:
         self.generations = generations   # the master's, the current one first
         self.templates: dict[int, Template] = {}    # id(pool) -> its live template
         self.by_pid: dict[int, Template] = {}       # every template not yet reaped
-        self.direct_only: set[int] = set()          # id(pool) of pools whose template failed
+        self.direct_only: dict[int, Pool] = {}      # id(pool) -> pool whose template failed (held,
+        # so that its id is not reused by a new pool while the entry lives)
 
     def close_in_child(self, keep: set[int]) -> None:
         """In a new child of the master: the templates' sockets go too."""
@@ -251,7 +256,7 @@ class PreloadSpawner:
             log.error(f"[pool {pool.name}] template {pid} could not load the application; "
                       "its workers are forked directly, without preload, until the next reload")
             template.close()
-            self.direct_only.add(id(pool))
+            self.direct_only[id(pool)] = pool
             return None
         template.ready = True
         self.templates[id(pool)] = template
@@ -277,7 +282,7 @@ class PreloadSpawner:
                 log.notice(f"[pool {template.pool.name}] template {template.pid} of generation "
                            f"{template.pool.generation} ends: its generation no longer starts workers")
                 self.forget(template)
-        self.direct_only &= current | live
+        self.direct_only = {key: pool for key, pool in self.direct_only.items() if key in current | live}
 
     def exited(self, log: ErrorLog) -> Iterator[tuple[int, int]]:
         """The workers' exits, as DirectSpawner reports them; a template's own exit is logged here."""
