@@ -272,3 +272,12 @@ def test_nginx_in_front_of_a_preload_pool(preloaded: Callable[..., ConfiguredSer
     assert all(reply.status == 200 for reply in replies)
     assert {reply.body.decode().split()[0] for reply in replies} == {"one"}
     assert {int(reply.body.decode().split()[2]) for reply in replies} == {server.pid}
+
+
+def test_a_preload_value_that_does_not_parse_is_a_file_line_error(tmp_path: Path) -> None:
+    conf = write_config(tmp_path / "fpm.conf", POOL.format(preload="maybe", children=1, appdir=tmp_path)
+                        .replace("{dir}", str(tmp_path)))
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 1
+    line = conf.read_text().splitlines().index("preload = maybe") + 1
+    assert f"{conf}:{line}: invalid value 'maybe' for 'preload'" in result.stderr + result.stdout
