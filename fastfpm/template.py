@@ -117,7 +117,7 @@ def run_template(pool: Pool, control: socket.socket, log: ErrorLog, *, log_fd: i
     control.sendall(READY)
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(control, 64, len(PIPE_KINDS))
+            message, fds, _, _ = socket.recv_fds(control, 64, len(PIPE_KINDS) + 1)
         except InterruptedError:
             continue
         if not message:
@@ -128,6 +128,10 @@ def run_template(pool: Pool, control: socket.socket, log: ErrorLog, *, log_fd: i
         if pid == 0:
             control.close()
             os.close(log_fd)
+            if len(fds) > len(PIPE_KINDS):
+                # The master's access.log as it is now: SIGUSR1 reopens it onto the master's
+                # descriptor, which the template's copy (inherited at its fork) does not follow.
+                os.dup2(fds.pop(), pool.access_log_fd, inheritable=False)
             run_worker(config, pool.socket.fileno(), pool.scoreboard.mapping, slot, log,
                        log_fd=fds[0], stdout_fd=fds[1], stderr_fd=fds[2], identity=pool.identity,
                        access_log_fd=pool.access_log_fd, master_pid=master_pid, preloaded=(app, hooks))
@@ -159,9 +163,13 @@ class Template:
             return b""
 
     def fork(self, slot: int, pipes: list[tuple[int, int]]) -> int | None:
-        """Ask for a worker in slot, with the write ends of its pipes; its pid, or None."""
+        """Ask for a worker in slot, with the write ends of its pipes (and the pool's access log);
+        its pid, or None."""
+        fds = [w for _, w in pipes]
+        if self.pool.access_log_fd >= 0:
+            fds.append(self.pool.access_log_fd)
         try:
-            socket.send_fds(self.control, [str(slot).encode()], [w for _, w in pipes])
+            socket.send_fds(self.control, [str(slot).encode()], fds)
         except OSError:
             return None
         reply = self.receive(FORK_REPLY_TIMEOUT)

@@ -281,3 +281,24 @@ def test_a_preload_value_that_does_not_parse_is_a_file_line_error(tmp_path: Path
     assert result.returncode == 1
     line = conf.read_text().splitlines().index("preload = maybe") + 1
     assert f"{conf}:{line}: invalid value 'maybe' for 'preload'" in result.stderr + result.stdout
+
+
+def test_sigusr1_reopens_the_access_log_for_workers_forked_from_the_template(
+        configured: Callable[..., ConfiguredServer], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The template's access log descriptor dates from its fork: each worker gets the master's."""
+    appdir = tmp_path_factory.mktemp("app")
+    write_app(appdir, "one")
+    server = configured(POOL.format(preload="yes", children=1, appdir=appdir)
+                        + "access.log = {dir}/access.log\naccess.format = %r\n")
+    log = server.workdir / "access.log"
+    assert get(server.address, "/before").status == 200
+    wait_until(lambda: log.exists() and log.read_text() == "/before\n", 5, message="the first line")
+    os.rename(log, server.workdir / "access.log.1")
+    (old,) = workers(server)
+    mark = server.log_size()
+    server.signal(signal.SIGUSR1)
+    server.wait_for_log("access log file re-opened", mark)
+    wait_until(lambda: (w := workers(server)) and old not in w, 10, message="a new worker")
+    assert get(server.address, "/after").status == 200
+    wait_until(lambda: log.exists() and log.read_text() == "/after\n", 5, message="the line in the new file")
+    assert (server.workdir / "access.log.1").read_text() == "/before\n"
