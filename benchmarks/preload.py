@@ -8,9 +8,9 @@ Memory: each server runs 4 static workers on a unix socket; requests go straight
 FastCGI until every worker has served at least one (the status page, ?json&full, says who served
 what); then each worker's Pss (and Private_*, its USS) is read from /proc/PID/smaps_rollup. Cases:
 a bare WSGI hello (benchmarks.apps:hello) and a Flask hello (benchmarks.flask_hello:app), each
-without and with preload, and php-fpm 8.2 with opcache serving benchmarks/php/hello.php, all
-in the same run. The template's own PSS is printed beside the workers' (it holds a share of the
-pages they share with it).
+without and with preload, the Flask hello warmed at import with preload (benchmarks.flask_warm),
+and php-fpm 8.2 with opcache serving benchmarks/php/hello.php, all in the same run. The template's
+own PSS is printed beside the workers' (it holds a share of the pages they share with it).
 
 Start time: this script acts as the master. It builds the pool as the master does (fastfpm.pool),
 asks the spawner (fastfpm.template.PreloadSpawner) for a worker in a free slot, and times from the
@@ -237,12 +237,15 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=30, help="worker starts timed per case")
     args = parser.parse_args()
     cases = [("bare hello", "benchmarks.apps:hello"), ("Flask hello", "benchmarks.flask_hello:app")]
+    # The same Flask app serving itself a few requests at import (benchmarks/flask_warm.py): with
+    # preload that happens once, in the template.
+    memory_cases = [*((label, app, p) for label, app in cases for p in ("no", "yes")),
+                    ("Flask hello warmed at import", "benchmarks.flask_warm:app", "yes")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, app in cases:
-            for preload in ("no", "yes"):
-                work = Path(tempfile.mkdtemp(dir=tmp))
-                rows.append((f"fastfpm, {label}, preload {preload}", measure_fastfpm(app, preload, work)))
+        for label, app, preload in memory_cases:
+            work = Path(tempfile.mkdtemp(dir=tmp))
+            rows.append((f"fastfpm, {label}, preload {preload}", measure_fastfpm(app, preload, work)))
         php = measure_php(Path(tempfile.mkdtemp(dir=tmp)))
         if php is not None:
             rows.append(("php-fpm 8.2 + opcache, hello.php", php))
