@@ -302,3 +302,17 @@ def test_sigusr1_reopens_the_access_log_for_workers_forked_from_the_template(
     assert get(server.address, "/after").status == 200
     wait_until(lambda: log.exists() and log.read_text() == "/after\n", 5, message="the line in the new file")
     assert (server.workdir / "access.log.1").read_text() == "/before\n"
+
+
+def test_an_ondemand_pool_starts_its_template_with_its_first_worker(
+        configured: Callable[..., ConfiguredServer], tmp_path_factory: pytest.TempPathFactory) -> None:
+    appdir = tmp_path_factory.mktemp("app")
+    write_app(appdir, "one")
+    server = configured(POOL.format(preload="yes", children=2, appdir=appdir)
+                        .replace("pm = static", "pm = ondemand"))
+    assert server.worker_pids() == []  # no worker, so no template either: nothing imported yet
+    assert lines(appdir / "imports.log") == []
+    version, pid, ppid, started = answer(server)
+    (template,) = templates(server)
+    assert (version, ppid, started) == ("one", server.pid, True)
+    assert lines(appdir / "imports.log") == [str(template)]
