@@ -124,21 +124,27 @@ def run_template(pool: Pool, control: socket.socket, log: ErrorLog, *, log_fd: i
             os._exit(0)  # the master closed its end: this generation's pool is gone
         slot = int(message)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
-        pid = clone_parent()
+        try:
+            pid = clone_parent()
+        except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pid_max), ENOMEM: the master forks directly
+            log.error(f"cannot fork a worker: {exc}")
+            pid = -1
         if pid == 0:
             control.close()
             os.close(log_fd)
             if len(fds) > len(PIPE_KINDS):
                 # The master's access.log as it is now: SIGUSR1 reopens it onto the master's
                 # descriptor, which the template's copy (inherited at its fork) does not follow.
-                os.dup2(fds.pop(), pool.access_log_fd, inheritable=False)
+                received = fds.pop()
+                os.dup2(received, pool.access_log_fd, inheritable=False)
+                os.close(received)
             run_worker(config, pool.socket.fileno(), pool.scoreboard.mapping, slot, log,
                        log_fd=fds[0], stdout_fd=fds[1], stderr_fd=fds[2], identity=pool.identity,
                        access_log_fd=pool.access_log_fd, master_pid=master_pid, preloaded=(app, hooks))
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for fd in fds:
             os.close(fd)
-        control.sendall(str(pid).encode())
+        control.sendall(str(pid).encode() if pid > 0 else b"error")
 
 
 class Template:
@@ -250,6 +256,8 @@ class PreloadSpawner:
             pid = os.fork()
             if pid == 0:
                 master_end.close()
+                for read_fd, _ in pipes:  # the master's ends: its workers would inherit them
+                    os.close(read_fd)
                 self.close_in_child(keep)
                 run_template(pool, template_end, log, log_fd=pipes[0][1], stdout_fd=pipes[1][1],
                              stderr_fd=pipes[2][1], master_pid=master_pid)
