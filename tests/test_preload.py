@@ -8,6 +8,7 @@ one in hooks.log, and each response says `VERSION PID PPID STARTED`.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -91,22 +92,17 @@ def preloaded(configured: Callable[..., ConfiguredServer], tmp_path_factory: pyt
     return make
 
 
-def title(pid: int) -> str:
-    """A process's title (setproctitle rewrites its command line)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
 def templates(server: ConfiguredServer) -> list[int]:
-    """The master's children that are templates."""
-    return [pid for pid in server.worker_pids() if "template" in title(pid)]
+    """The master's children that are templates: the pids its log says loaded the app. (Not by
+    process title: a worker just cloned carries the template's until it sets its own.)"""
+    loaded = {int(pid) for pid in re.findall(r"template (\d+) loaded the application", server.log_text())}
+    return [pid for pid in server.worker_pids() if pid in loaded]
 
 
 def workers(server: ConfiguredServer) -> list[int]:
     """The master's children that are workers."""
-    return [pid for pid in server.worker_pids() if "template" not in title(pid)]
+    loaded = {int(pid) for pid in re.findall(r"template (\d+) loaded the application", server.log_text())}
+    return [pid for pid in server.worker_pids() if pid not in loaded]
 
 
 def answer(server: ConfiguredServer) -> tuple[str, int, int, bool]:
