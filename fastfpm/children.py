@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from fastfpm.log import ErrorLog
 from fastfpm.pool import Child, Pool
-from fastfpm.spawner import DirectSpawner
 from fastfpm.stdio import WorkerOutput
+from fastfpm.template import PreloadSpawner
 from fastfpm.watcher import Watcher
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ class Children:
         self.generations = generations   # the master's generations, the current one first
         self.master_fds = master_fds     # the master's own descriptors no worker may hold
         self.output = WorkerOutput(watcher, log)
-        self.spawner = DirectSpawner(self.close_in_child)
+        # Direct forks, or from a pool's template with preload (fastfpm.template).
+        self.spawner = PreloadSpawner(self.close_in_child, self.output, generations)
 
     def spawn_worker(self, pool: Pool) -> bool:
         """Start one worker in a free scoreboard slot, with its log and output pipes."""
@@ -84,7 +85,7 @@ class Children:
     def exited(self) -> Iterator[tuple[Generation, Child, int]]:
         """Each worker the spawner reports exited, its generation and waitpid() status, one at a
         time; its last output is read and its scoreboard slot free by then."""
-        for pid, status in self.spawner.exited():
+        for pid, status in self.spawner.exited(self.log()):
             for generation in self.generations():
                 child = generation.pop_child(pid)
                 if child is not None:
@@ -111,5 +112,6 @@ class Children:
             generation.signal_all(sig)
 
     def close(self) -> None:
-        """Close every worker's pipes (the master is exiting)."""
+        """End the templates; close every worker's pipes (the master is exiting)."""
+        self.spawner.close()
         self.output.close()

@@ -781,6 +781,12 @@ DIRECTIVES: tuple[Directive, ...] = (
        "pm.max_requests, idle exit), not on SIGTERM or SIGKILL. An exception is logged; the worker "
        "still exits with status 0.",
        origin="fastfpm", default_doc="none", note="gunicorn's worker_exit, run in the worker."),
+    _d("preload", P, Bool(), False,
+       "Import the app once per pool and generation in a template process, which forks the workers "
+       "(copy-on-write: less memory per worker, faster starts). A reload starts a new template.",
+       origin="fastfpm",
+       note="gunicorn's preload_app, but per generation, so a reload still loads new code; "
+            "on_worker_start runs in each worker after the fork (docs/operations.md, Preload)."),
     _d("python_path", P, PathList(), list, "Directories put in front of sys.path before the app is imported.",
        origin="fastfpm", default_doc="none"),
     _d("mount", P, Mount(), "",

@@ -1,9 +1,10 @@
 """How the master starts workers and learns that they ended (php-fpm's fpm_children, the fork part).
 
 The master decides when a worker starts, in which pool and scoreboard slot; a spawner makes the
-process and later reports its exit. DirectSpawner forks the master itself, which is all fastfpm does
-today. A spawner that asks a template process (one that imported the application once) to fork
-would report its grandchildren's exits another way, which is why reaping goes through here too.
+process and later reports its exit. DirectSpawner forks the master itself; fastfpm.template's
+PreloadSpawner asks a pool's template process (one that imported the application once) to fork,
+and falls back on DirectSpawner for pools without preload. Reaping goes through the spawner too, as
+the templates' own exits are not workers'.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class DirectSpawner:
     def exited(self) -> Iterator[tuple[int, int]]:
         """(pid, waitpid status) of each worker that has exited, one at a time, without blocking.
 
-        The workers are the master's own children, and it has no others, so waitpid(-1) reaps
-        exactly them; that holds for this spawner only (a template process's workers are not the
-        master's children). Each exit is reported before the next is reaped, as the master acts
-        on one (a replacement, a reload) before it looks for more.
+        The workers are the master's own children (a template's too: it forks them with
+        CLONE_PARENT), so waitpid(-1) reaps them; its only other children are the templates, whose
+        exits PreloadSpawner.exited takes out. Each exit is reported before the next is reaped, as
+        the master acts on one (a replacement, a reload) before it looks for more.
         """
         while True:
             try:

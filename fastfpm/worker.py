@@ -93,9 +93,11 @@ def redirect_output(pool: Any, stdout_fd: int, stderr_fd: int) -> None:
 
 def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log: ErrorLog, *,
                log_fd: int, stdout_fd: int, stderr_fd: int, identity: Any = None,
-               access_log_fd: int = -1, master_pid: int = 0) -> NoReturn:
+               access_log_fd: int = -1, master_pid: int = 0,
+               preloaded: tuple[Any, WorkerHooks] | None = None) -> NoReturn:
     """Serve pool's application on listen_fd until told to stop (or the master, master_pid as it
-    knew itself before the fork, dies), then exit the process."""
+    knew itself before the fork, dies), then exit the process. preloaded: the app and hooks a
+    template process (fastfpm.template) imported and set up for before forking this worker."""
     worker: Worker | None = None
     master_pid = master_pid or os.getppid()
 
@@ -111,20 +113,15 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
     status = 1
     try:
         redirect_output(pool, stdout_fd, stderr_fd)
-        # rlimits, chdir, priority, then the switch to the pool's user, then env[]/clear_env:
-        # all before the application's code runs, as php-fpm orders it.
-        try:
-            for level, message in prepare_worker(pool, identity):
-                log.log(level, message)
-        except SetupError as exc:
-            log.alert(str(exc))
-            os._exit(EXIT_BOOT_ERROR)
+        if preloaded is None:
+            prepare_or_exit(pool, identity, log)
         if not watch_master(master_pid):  # SIGQUIT from the kernel when the master dies
             os._exit(0)  # it died already: nobody would supervise this worker
         if pool.slowlog and pool.request_slowlog_timeout:
             install_slowlog(pool, scoreboard, slot_index, log)
-        app, hooks = load_or_exit(pool, log)
-        set_accept_timeout(listen_fd)
+        app, hooks = preloaded or load_or_exit(pool, log)
+        if preloaded is None:
+            set_accept_timeout(listen_fd)
         worker = Worker(
             listen_fd, app, environ_template=environ_template(pool, WsgiErrors(log)), log=log.log,
             log_exception=log.exception, scoreboard=scoreboard, slot_index=slot_index,
@@ -159,6 +156,17 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             sys.stderr.flush()
         finally:
             os._exit(status)
+
+
+def prepare_or_exit(pool: Any, identity: Any, log: ErrorLog) -> None:
+    """rlimits, chdir, priority, then the switch to the pool's user, then env[]/clear_env: all
+    before the application's code runs, as php-fpm orders it; a failure exits with EXIT_BOOT_ERROR."""
+    try:
+        for level, message in prepare_worker(pool, identity):
+            log.log(level, message)
+    except SetupError as exc:
+        log.alert(str(exc))
+        os._exit(EXIT_BOOT_ERROR)
 
 
 def load_or_exit(pool: Any, log: ErrorLog) -> tuple[Any, WorkerHooks]:
