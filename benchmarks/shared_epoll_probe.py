@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""The kernel facts the shared kept set (issue 12, design option A) rests on, checked on this machine.
+
+    python benchmarks/shared_epoll_probe.py
+
+1. An epoll instance created before fork and waited on by several processes, holding items with
+   EPOLLIN|EPOLLONESHOT: how many processes wake for N ready items, and does a waiter that is busy
+   (not in epoll_wait) absorb any? With maxevents 1 and with 64.
+2. pidfd_getfd(2) from a sibling: its cost per descriptor taken (with the pidfd kept, and with
+   pidfd_open each time).
+3. Entries are keyed by (file, descriptor number) of the process that added them: a process that
+   took the same socket under another number cannot EPOLL_CTL_MOD the owner's entry (ENOENT) but
+   can ADD its own; and the owner's entry survives the owner's close() while the thief holds the
+   socket (so the owner must EPOLL_CTL_DEL before it closes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import socket
+import time
+
+_SYS_PIDFD_GETFD = 438
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """The target's fd as a new descriptor of ours (OSError when refused)."""
+    got = _LIBC.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if got < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    return got
+
+
+def wake_ups(waiters: int, items: int, maxevents: int, busy_s: float = 0.2) -> tuple[int, int]:
+    """(events delivered, distinct processes that got them) for `items` ready ONESHOT items."""
+    ep = select.epoll()
+    report_r, report_w = os.pipe()
+    pairs = [socket.socketpair() for _ in range(items)]
+    for a, _ in pairs:
+        ep.register(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+    kids = []
+    for _ in range(waiters):
+        pid = os.fork()
+        if pid == 0:
+            os.close(report_r)
+            while events := ep.poll(1.5, maxevents):
+                for fd, _ in events:
+                    os.write(report_w, f"{os.getpid()} {fd}\n".encode())
+                time.sleep(busy_s)  # busy serving: not waiting, so it must take nothing meanwhile
+            os._exit(0)
+        kids.append(pid)
+    os.close(report_w)
+    time.sleep(0.3)  # every waiter is in epoll_wait
+    for _, b in pairs:
+        b.send(b"x")
+    for pid in kids:
+        os.waitpid(pid, 0)
+    words = os.read(report_r, 1 << 16).decode().split()
+    os.close(report_r)
+    ep.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
+    return len(words) // 2, len(set(words[0::2]))
+
+
+def getfd_cost(n: int = 20000) -> tuple[float, float]:
+    """(µs per pidfd_getfd + close with a kept pidfd, µs with pidfd_open + close each time), taken
+    from a forked sibling as a thief would."""
+    a, b = socket.socketpair()
+    owner = os.fork()
+    if owner == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        pidfd = os.pidfd_open(owner)
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            os.close(pidfd_getfd(pidfd, a.fileno()))
+        kept = (time.perf_counter_ns() - start) / n / 1000
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            fresh = os.pidfd_open(owner)
+            os.close(pidfd_getfd(fresh, a.fileno()))
+            os.close(fresh)
+        each = (time.perf_counter_ns() - start) / n / 1000
+        os.close(pidfd)
+        return kept, each
+    finally:
+        os.kill(owner, 9)
+        os.waitpid(owner, 0)
+        a.close()
+        b.close()
+
+
+def keyed_entries() -> list[str]:
+    """What a thief can do to the owner's epoll entry, and what the owner's close() leaves behind."""
+    ep = select.epoll()
+    a, b = socket.socketpair()
+    ep.register(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+    stolen = os.dup(a.fileno())  # another number for the same file, as pidfd_getfd gives
+    notes = []
+    try:
+        ep.modify(stolen, select.EPOLLIN | select.EPOLLONESHOT)
+        notes.append("MOD of the owner's entry under the thief's number: allowed")
+    except OSError as exc:
+        notes.append(f"MOD of the owner's entry under the thief's number: {errno.errorcode[exc.errno]}")
+    ep.register(stolen, select.EPOLLIN | select.EPOLLONESHOT)
+    notes.append("ADD under the thief's number: allowed (two entries for one socket)")
+    owner_fd = a.detach()
+    os.close(owner_fd)  # the owner closes without DEL; the thief still holds the socket
+    b.send(b"x")
+    fds = sorted(fd for fd, _ in ep.poll(0.2))
+    notes.append(f"after the owner's close() without DEL, a byte wakes entries {fds} "
+                 f"(owner's number {owner_fd}, thief's {stolen})")
+    os.close(stolen)
+    b.close()
+    ep.close()
+    return notes
+
+
+def main() -> None:
+    """Print the three facts."""
+    for maxevents in (1, 64):
+        delivered, distinct = wake_ups(4, 8, maxevents)
+        print(f"4 waiters, 8 ready ONESHOT items, maxevents {maxevents}: {delivered} events, "
+              f"taken by {distinct} distinct waiter(s)")
+    kept, each = getfd_cost()
+    print(f"pidfd_getfd + close: {kept:.2f} µs with the pidfd kept, {each:.2f} µs with pidfd_open each time")
+    for note in keyed_entries():
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
