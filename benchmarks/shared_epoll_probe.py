@@ -12,6 +12,9 @@
    took the same socket under another number cannot EPOLL_CTL_MOD the owner's entry (ENOENT) but
    can ADD its own; and the owner's entry survives the owner's close() while the thief holds the
    socket (so the owner must EPOLL_CTL_DEL before it closes).
+4. Nesting: the pool's set as an item of each waiter's own set (EPOLLEXCLUSIVE is refused for an
+   epoll target): how many of 4 nested waiters return from epoll_wait for one ready ONESHOT item
+   in the pool's set, and how many of them then find it (epoll_wait on the pool set, timeout 0).
 """
 
 from __future__ import annotations
@@ -123,6 +126,40 @@ def keyed_entries() -> list[str]:
     return notes
 
 
+def nested(waiters: int = 4) -> tuple[str, list[tuple[bool, int]]]:
+    """(what EPOLLEXCLUSIVE on an epoll target gives, [(returned from its own set, items got)])."""
+    pool = select.epoll()
+    a, b = socket.socketpair()
+    pool.register(a.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+    probe = select.epoll()
+    try:
+        probe.register(pool.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        exclusive = "allowed"
+    except OSError as exc:
+        exclusive = errno.errorcode[exc.errno]
+    probe.close()
+    report_r, report_w = os.pipe()
+    kids = []
+    for _ in range(waiters):
+        pid = os.fork()
+        if pid == 0:
+            own = select.epoll()
+            own.register(pool.fileno(), select.EPOLLIN)
+            woke = bool(own.poll(1.5, 1))
+            got = len(pool.poll(0, 1)) if woke else 0
+            os.write(report_w, f"{int(woke)}{got} ".encode())
+            os._exit(0)
+        kids.append(pid)
+    time.sleep(0.3)
+    b.send(b"x")
+    for pid in kids:
+        os.waitpid(pid, 0)
+    os.close(report_w)
+    results = [(w[0] == "1", int(w[1])) for w in os.read(report_r, 1024).decode().split()]
+    os.close(report_r)
+    return exclusive, results
+
+
 def main() -> None:
     """Print the three facts."""
     for maxevents in (1, 64):
@@ -133,6 +170,9 @@ def main() -> None:
     print(f"pidfd_getfd + close: {kept:.2f} µs with the pidfd kept, {each:.2f} µs with pidfd_open each time")
     for note in keyed_entries():
         print(note)
+    exclusive, results = nested()
+    print(f"EPOLLEXCLUSIVE on an epoll target: {exclusive}; 4 nested waiters, one ready item: "
+          f"{sum(w for w, _ in results)} returned from epoll_wait, {sum(g for _, g in results)} got it")
 
 
 if __name__ == "__main__":
