@@ -15,15 +15,20 @@
 4. Nesting: the pool's set as an item of each waiter's own set (EPOLLEXCLUSIVE is refused for an
    epoll target): how many of 4 nested waiters return from epoll_wait for one ready ONESHOT item
    in the pool's set, and how many of them then find it (epoll_wait on the pool set, timeout 0).
+5. A non-blocking listen socket in each process's own set with EPOLLEXCLUSIVE, nobody in accept():
+   with some processes registered but busy (registered first, so first in the socket's queue), are
+   new connections still taken at once by the waiting ones, and how many EAGAINs (extra wake-ups)?
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import select
 import socket
+import tempfile
 import time
 
 _SYS_PIDFD_GETFD = 438
@@ -160,6 +165,56 @@ def nested(waiters: int = 4) -> tuple[str, list[tuple[bool, int]]]:
     return exclusive, results
 
 
+def exclusive_listen(busy: int, waiting: int, connections: int = 20) -> tuple[int, int, float]:
+    """(accepted, EAGAIN, slowest ms from connect to the close by the accepter)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "l.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        listener.listen(128)
+        listener.setblocking(False)
+        report_r, report_w = os.pipe()
+        kids = []
+        for i in range(busy + waiting):
+            pid = os.fork()
+            if pid == 0:
+                ep = select.epoll()
+                ep.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                if i < busy:
+                    time.sleep(3)  # registered, never waiting: busy serving
+                    os._exit(0)
+                deadline = time.monotonic() + 2.5
+                while time.monotonic() < deadline:
+                    if ep.poll(0.5, 1):
+                        try:
+                            listener.accept()[0].close()
+                            os.write(report_w, b"A")
+                        except BlockingIOError:
+                            os.write(report_w, b"E")
+                os._exit(0)
+            kids.append(pid)
+            time.sleep(0.05)  # registration order: the busy ones first
+        time.sleep(0.3)
+        slowest = 0.0
+        for _ in range(connections):
+            client = socket.socket(socket.AF_UNIX)
+            start = time.monotonic()
+            client.connect(path)
+            client.settimeout(1.0)
+            with contextlib.suppress(OSError):
+                client.recv(1)  # b"" once the accepter closed it; a timeout if nobody did
+            slowest = max(slowest, (time.monotonic() - start) * 1000)
+            client.close()
+            time.sleep(0.02)
+        for pid in kids:
+            os.waitpid(pid, 0)
+        os.close(report_w)
+        words = os.read(report_r, 4096).decode()
+        os.close(report_r)
+        listener.close()
+        return words.count("A"), words.count("E"), slowest
+
+
 def main() -> None:
     """Print the three facts."""
     for maxevents in (1, 64):
@@ -173,6 +228,10 @@ def main() -> None:
     exclusive, results = nested()
     print(f"EPOLLEXCLUSIVE on an epoll target: {exclusive}; 4 nested waiters, one ready item: "
           f"{sum(w for w, _ in results)} returned from epoll_wait, {sum(g for _, g in results)} got it")
+    for busy, waiting in ((3, 1), (2, 2), (0, 4)):
+        accepted, again, slowest = exclusive_listen(busy, waiting)
+        print(f"listen socket EPOLLEXCLUSIVE, {busy} busy + {waiting} waiting, 20 connections one at a "
+              f"time: {accepted} accepted, {again} EAGAIN, slowest {slowest:.1f} ms")
 
 
 if __name__ == "__main__":
