@@ -21,7 +21,7 @@ import pytest
 from fastfpm import protocol as p
 from fastfpm.client import build_params
 from tests.fcgi_helpers import read_records, request_bytes
-from tests.servers import FastFPMServer
+from tests.servers import FastFPMServer, wait_until
 
 APP = "tests.apps.contract_wsgi:app"
 SLOW_SECONDS = 4.0  # long enough that "answered before the slow one ended" is not a race
@@ -74,10 +74,11 @@ def test_request_on_a_busy_workers_kept_connection_is_served_by_an_idle_one(
         two_workers: FastFPMServer) -> None:
     owner, slow_conn, quick_conn, opened = two_on_one_worker(two_workers.address)
     try:
-        ask(slow_conn, "/slow", f"seconds={SLOW_SECONDS}")
-        # The slow request has reached the owner once it no longer reads it: give it the time to
-        # be taken (a request still queued would let the owner pick the quick one first).
-        select.select([], [], [], 0.3)
+        started = two_workers.workdir / "slow-started"
+        ask(slow_conn, "/slow", f"seconds={SLOW_SECONDS}&started={started}")
+        # Only once the owner runs the slow request is it busy: sent earlier, the quick one could be
+        # picked first by the owner itself.
+        wait_until(lambda: started.exists(), 10, message="the slow request to start")
         ask(quick_conn, "/log", "text=quick")
         readable, _, _ = select.select([quick_conn, slow_conn], [], [], SLOW_SECONDS * 2)
         assert quick_conn in readable and slow_conn not in readable, (
