@@ -18,6 +18,9 @@
 5. A non-blocking listen socket in each process's own set with EPOLLEXCLUSIVE, nobody in accept():
    with some processes registered but busy (registered first, so first in the socket's queue), are
    new connections still taken at once by the waiting ones, and how many EAGAINs (extra wake-ups)?
+6. Three levels (a socket in a slot's kept set, that set in the pool's set, the pool's set in every
+   worker's wait set): does readiness reach a sibling's wait set, and is a cycle (a wait set inside
+   a set it holds) refused?
 """
 
 from __future__ import annotations
@@ -215,6 +218,37 @@ def exclusive_listen(busy: int, waiting: int, connections: int = 20) -> tuple[in
         return words.count("A"), words.count("E"), slowest
 
 
+def three_levels() -> list[str]:
+    """What a sibling and the owner see when a socket in the owner's kept set turns readable."""
+    pool, kept, owner_wait, sibling_wait = (select.epoll() for _ in range(4))
+    a, b = socket.socketpair()
+    kept.register(a.fileno(), select.EPOLLIN | select.EPOLLET)
+    owner_wait.register(kept.fileno(), select.EPOLLIN)
+    owner_wait.register(pool.fileno(), select.EPOLLIN)
+    sibling_wait.register(pool.fileno(), select.EPOLLIN)
+    notes = []
+    try:
+        kept.register(owner_wait.fileno(), select.EPOLLIN)
+        notes.append("a cycle of sets: allowed")
+    except OSError as exc:
+        notes.append(f"a cycle of sets (wait set inside the kept set it holds): {errno.errorcode[exc.errno]}")
+    pool.register(kept.fileno(), select.EPOLLIN | select.EPOLLONESHOT)  # armed: the owner is busy
+    b.send(b"x")
+    names = {pool.fileno(): "pool set", kept.fileno(): "kept set"}
+    seen = [names.get(fd, fd) for fd, _ in owner_wait.poll(0.1)]
+    notes.append(f"owner's wait set reports {seen}; sibling's wait set reports "
+                 f"{[names.get(fd, fd) for fd, _ in sibling_wait.poll(0.1)]}")
+    first, second = pool.poll(0, 1), pool.poll(0, 1)
+    notes.append(f"the pool set gives the kept set {len(first)} time(s), then {len(second)} (ONESHOT); "
+                 f"the kept set gives the socket {len(kept.poll(0, 1))} time(s), then "
+                 f"{len(kept.poll(0, 1))} (EPOLLET)")
+    for ep in (pool, kept, owner_wait, sibling_wait):
+        ep.close()
+    a.close()
+    b.close()
+    return notes
+
+
 def main() -> None:
     """Print the three facts."""
     for maxevents in (1, 64):
@@ -232,6 +266,8 @@ def main() -> None:
         accepted, again, slowest = exclusive_listen(busy, waiting)
         print(f"listen socket EPOLLEXCLUSIVE, {busy} busy + {waiting} waiting, 20 connections one at a "
               f"time: {accepted} accepted, {again} EAGAIN, slowest {slowest:.1f} ms")
+    for note in three_levels():
+        print(note)
 
 
 if __name__ == "__main__":
