@@ -1205,8 +1205,10 @@ class _Loader:
                 self.current.source.setdefault(directive.name, where)
             return
         assert directive.type is not None
-        if text == "" and not isinstance(directive.type, Bool):
-            value = directive.default_value()  # an empty value means "not set", as in php-fpm
+        if text == "" and not isinstance(directive.type, Bool | Extensions):
+            # An empty value means "not set", as in php-fpm; an empty security.limit_extensions
+            # allows every extension there, and here.
+            value = directive.default_value()
         else:
             try:
                 value = directive.type.parse(text)

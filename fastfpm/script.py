@@ -73,11 +73,12 @@ class Route:
     """What one SCRIPT_FILENAME resolved to: the script, the path info cut off its end, and until
     when that holds (never past the script's own revalidation time)."""
 
-    __slots__ = ("script", "tail", "expires")
+    __slots__ = ("script", "tail", "filename", "expires")
 
     def __init__(self, script: Script, tail: str, expires: float) -> None:
         self.script = script
         self.tail = tail
+        self.filename = os.fsencode(script.path).decode("latin-1")  # as the environ holds it
         self.expires = expires
 
 
@@ -108,7 +109,7 @@ class ScriptDispatcher:
                     self.log(refused.level, refused.message)
                 return answer(start_response, refused.answer)
         if route.tail:
-            move_path_info(environ, route.tail)
+            move_path_info(environ, route)
         return route.script.app(environ, start_response)  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the slow path
@@ -233,11 +234,15 @@ class ScriptDispatcher:
         script.expires = 0.0
 
 
-def move_path_info(environ: dict[str, Any], tail: str) -> None:
-    """The path info cut off SCRIPT_FILENAME also leaves SCRIPT_NAME for PATH_INFO (when the web
-    server sent the whole path as SCRIPT_NAME, as nginx does without fastcgi_split_path_info)."""
+def move_path_info(environ: dict[str, Any], route: Route) -> None:
+    """SCRIPT_FILENAME becomes the script's (php-fpm does the same), and the path info cut off it
+    leaves SCRIPT_NAME for PATH_INFO when the web server sent the whole path as SCRIPT_NAME (nginx
+    without fastcgi_split_path_info; php-fpm leaves PATH_INFO empty then, PEP 3333 wants it)."""
+    environ["ORIG_SCRIPT_FILENAME"] = environ["SCRIPT_FILENAME"]
+    environ["SCRIPT_FILENAME"] = route.filename
     if environ.get("PATH_INFO"):
         return  # the web server split the path itself
+    tail = route.tail
     script_name = environ.get("SCRIPT_NAME", "")
     if script_name.endswith(tail):
         environ["SCRIPT_NAME"] = script_name[:-len(tail)]
