@@ -108,8 +108,19 @@ class ScriptDispatcher:
                 if refused.level:
                     self.log(refused.level, refused.message)
                 return answer(start_response, refused.answer)
-        if route.tail:
-            move_path_info(environ, route)
+        tail = route.tail
+        if tail:
+            # The script's file for SCRIPT_FILENAME (php-fpm does the same, keeping the sent one as
+            # ORIG_SCRIPT_FILENAME); the path info cut off it leaves SCRIPT_NAME for PATH_INFO when
+            # the web server sent the whole path as SCRIPT_NAME (nginx without
+            # fastcgi_split_path_info: php-fpm leaves PATH_INFO empty then, PEP 3333 wants it).
+            environ["ORIG_SCRIPT_FILENAME"] = name
+            environ["SCRIPT_FILENAME"] = route.filename
+            if not environ.get("PATH_INFO"):
+                script_name = environ.get("SCRIPT_NAME", "")
+                if script_name.endswith(tail):
+                    environ["SCRIPT_NAME"] = script_name[:-len(tail)]
+                environ["PATH_INFO"] = tail
         return route.script.app(environ, start_response)  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the slow path
@@ -232,21 +243,6 @@ class ScriptDispatcher:
             sys.modules.pop(script.module.__name__, None)
         script.signature = script.module = script.app = None
         script.expires = 0.0
-
-
-def move_path_info(environ: dict[str, Any], route: Route) -> None:
-    """SCRIPT_FILENAME becomes the script's (php-fpm does the same), and the path info cut off it
-    leaves SCRIPT_NAME for PATH_INFO when the web server sent the whole path as SCRIPT_NAME (nginx
-    without fastcgi_split_path_info; php-fpm leaves PATH_INFO empty then, PEP 3333 wants it)."""
-    environ["ORIG_SCRIPT_FILENAME"] = environ["SCRIPT_FILENAME"]
-    environ["SCRIPT_FILENAME"] = route.filename
-    if environ.get("PATH_INFO"):
-        return  # the web server split the path itself
-    tail = route.tail
-    script_name = environ.get("SCRIPT_NAME", "")
-    if script_name.endswith(tail):
-        environ["SCRIPT_NAME"] = script_name[:-len(tail)]
-    environ["PATH_INFO"] = tail
 
 
 def answer(start_response: Callable[..., Any], response: tuple[bytes, bytes]) -> list[bytes]:
