@@ -403,6 +403,37 @@ def test_revalidate_freq_with_a_fake_clock(tmp_path: Path) -> None:
     assert get() == ("200 OK", b"three")  # a failed import is retried on the next request
 
 
+def test_path_info_variants_share_one_import_and_routes_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    """Each distinct path info is a route of its own, but the script is imported once for all of
+    them; a client sending endless distinct paths cannot grow the route map past MAX_ROUTES."""
+    import sys
+
+    from fastfpm import script as script_mode
+
+    monkeypatch.setattr(script_mode, "MAX_ROUTES", 8)
+    (tmp_path / "counter.py").write_text(COUNTER)
+    app = ScriptDispatcher(str(tmp_path), 60.0, (".py",), print, print)
+    counts = []
+    for n in range(20):
+        env = {"SCRIPT_FILENAME": f"{tmp_path}/counter.py/item/{n}", "SCRIPT_NAME": f"/counter.py/item/{n}",
+               "PATH_INFO": ""}
+        counts.append(int(b"".join(app(env, lambda s, h: None))))
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/counter.py", f"/item/{n}")
+        assert env["SCRIPT_FILENAME"] == f"{tmp_path}/counter.py"
+    assert counts == list(range(1, 21))  # one module, one counter
+    assert len(app.scripts) == 1 and len(app.routes) <= 8
+    module_name = app.scripts[f"{tmp_path}/counter.py"].module.__name__
+    assert sys.modules[module_name].__file__ == f"{tmp_path}/counter.py"
+    (tmp_path / "counter.py").write_text(COUNTER + "# changed\n")
+    app.freq = 0.0
+    for route in app.routes.values():
+        route.expires = 0.0
+    app.scripts[f"{tmp_path}/counter.py"].expires = 0.0
+    env = {"SCRIPT_FILENAME": f"{tmp_path}/counter.py", "SCRIPT_NAME": "/counter.py", "PATH_INFO": ""}
+    assert b"".join(app(env, lambda s, h: None)) == b"1"  # imported again: a fresh counter
+    assert module_name not in sys.modules  # the replaced module left sys.modules
+
+
 # ---------------------------------------------------------------------------------------------------
 # configuration
 
@@ -464,3 +495,40 @@ def test_environ_bytes_are_latin1_and_file_names_utf8(site) -> None:
     (root / "café.py").write_text(HELLO % "cafe")
     assert http_get(web.port, "/caf%C3%A9.py").body == b"cafe"
     assert json.loads(http_get(web.port, "/env.py/%C3%A9").body)["PATH_INFO"] == "/\u00c3\u00a9"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ({}, ("/app.py/users/7", "")),                                        # nginx's stock params
+    ({"SCRIPT_NAME": "/app.py", "PATH_INFO": "/users/7"}, ("/app.py", "/users/7")),  # after a split
+    ({"SCRIPT_NAME": None, "PATH_INFO": None}, ("/app.py/users/7", "")),  # neither: the request path
+])
+def test_script_path_policy_keeps_what_the_web_server_sent(extra: dict, expected: tuple[str, str]) -> None:
+    """ScriptPathPolicy (Worker(script_paths=True)): SCRIPT_NAME and PATH_INFO as sent, not the
+    mount policy's split of the request path (which would make SCRIPT_NAME empty)."""
+    import socket
+
+    from fastfpm import protocol
+    from fastfpm._core import Worker
+    from fastfpm.log import ErrorLog
+    from fastfpm.worker import environ_template
+
+    class Pool:
+        name = "www"
+
+    params = build_params("GET", "/app.py/users/7", "", {}, None, {})
+    for key, value in extra.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    sock = socket.socket(socket.AF_UNIX)
+    log = ErrorLog(None, "alert")
+    try:
+        for script_paths, want in ((True, expected), (False, ("", "/app.py/users/7"))):
+            worker = Worker(sock.fileno(), lambda e, s: [], environ_template=environ_template(Pool),
+                            log=log.log, log_exception=log.exception, script_paths=script_paths)
+            env = worker.environ_for(protocol.encode_pairs(
+                [(k.encode(), v.encode()) for k, v in params.items()]))
+            assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == want
+    finally:
+        sock.close()
