@@ -809,7 +809,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("script.root", P, Path(), None,
        "Script mode (`app = script:`): the directory whose files SCRIPT_FILENAME may name; nothing "
        "outside it runs, symlinks followed. Required in script mode.",
-       origin="fastfpm", default_doc="none", metavar="DIR"),
+       origin="fastfpm", default_doc="none", metavar="DIR", cli="--script-root"),
     _d("script.revalidate_freq", P, Time(), 2.0,
        "Script mode: how often a worker looks at a script file again (its inode, mtime and size) to "
        "import a new version; 0: on every request.",

@@ -537,3 +537,15 @@ def test_script_path_policy_keeps_what_the_web_server_sent(extra: dict, expected
             assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == want
     finally:
         sock.close()
+
+
+def test_serve_from_the_command_line(launcher, tmp_path: Path) -> None:
+    """`serve script: --script-root DIR`, no configuration file."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "hello.py").write_text(HELLO % "from the command line")
+    server = launcher.fastfpm("script:", max_children=1, extra_args=["--script-root", str(root)])
+    params = build_params("GET", "/hello.py", "", {}, None, {"SCRIPT_FILENAME": str(root / "hello.py")})
+    with FastCGIClient(server.address, timeout=10) as client:
+        response = client.request(params)
+    assert (response.status, response.body) == (200, b"from the command line")
