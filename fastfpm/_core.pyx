@@ -134,7 +134,7 @@ cdef class Worker:
                  int max_conns=1, uint64_t max_requests=0, uint64_t max_memory=0,
                  client_filter=None, int parent_pid=0,
                  dict routes=None, AccessLog access_log=None, protocol_log=None,
-                 bint keep_http_proxy=False, int64_t max_body_size=0):
+                 bint keep_http_proxy=False, int64_t max_body_size=0, bint script_paths=False):
         """Bind the loop to a listen socket, an app and (optionally) a scoreboard slot.
 
         client_filter(fd) -> bool, when given, is asked about every accepted connection
@@ -147,6 +147,8 @@ cdef class Worker:
         max_memory: after a request that leaves the worker's peak resident set above this many
         bytes, the worker serves no more (serve() returns "max_memory"); 0: no limit.
         max_body_size: the largest request body the app is given, in bytes (0: no limit).
+        script_paths: SCRIPT_NAME and PATH_INFO as the web server sent them (script mode,
+        ScriptPathPolicy) instead of mount's split of the request path.
         A new connection with nothing to read yet is waited for first_byte_grace seconds, then
         waits among the loop's other connections (see fastfpm.worker.first_byte_grace).
         """
@@ -171,8 +173,9 @@ cdef class Worker:
         if scoreboard is not None:
             self.slot.attach(scoreboard, slot_index)
         self.limits.header = self.slot.header
-        self.request = EnvironBuilder(environ_template, PathPolicy(mount), max_params_size,
-                                      keep_http_proxy)
+        self.request = EnvironBuilder(environ_template,
+                                      ScriptPathPolicy() if script_paths else PathPolicy(mount),
+                                      max_params_size, keep_http_proxy)
         self.response = FcgiResponse()
         self.loop = ConnectionLoop()
         self.loop.listen_fd = listen_fd

@@ -141,6 +141,29 @@ cdef class PathPolicy:
         return 0
 
 
+cdef class ScriptPathPolicy(PathPolicy):
+    """Script mode's paths (fastfpm.script), php's: SCRIPT_NAME is the script's URL path and
+    PATH_INFO the rest, as the web server sent them (nginx: $fastcgi_script_name, and
+    $fastcgi_path_info when fastcgi_split_path_info splits). Without a SCRIPT_NAME param, the whole
+    request path; without PATH_INFO, empty (the dispatcher then cuts it off SCRIPT_FILENAME)."""
+
+    cdef int apply(self, dict env, EnvironBuilder request) except -1:
+        cdef size_t n
+        cdef uint8_t *path
+        if request.vseen[K_SCRIPT_NAME]:
+            env["SCRIPT_NAME"] = PyUnicode_DecodeLatin1(
+                <char *>request.pbuf + request.voff[K_SCRIPT_NAME], request.vlen[K_SCRIPT_NAME], NULL)
+        else:
+            path = request.request_path(&n)
+            env["SCRIPT_NAME"] = PyUnicode_DecodeLatin1(<char *>path, n, NULL)
+        if request.vseen[K_PATH_INFO]:
+            env["PATH_INFO"] = PyUnicode_DecodeLatin1(
+                <char *>request.pbuf + request.voff[K_PATH_INFO], request.vlen[K_PATH_INFO], NULL)
+        else:
+            env["PATH_INFO"] = ""
+        return 0
+
+
 @cython.final
 cdef class EnvironBuilder:
     """One request's params (PARAMS bytes, gathered by the connection) and the environ made of them.

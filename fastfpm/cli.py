@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "php-fpm style configuration file, and the flags given override every pool's values.",
         epilog="Every directive of the configuration file is listed in docs/configuration.md.")
     serve.add_argument("app", nargs="?", metavar="MODULE:CALLABLE",
-                       help="the WSGI application, e.g. myapp:application (default: the built-in demo)")
+                       help="the WSGI application, e.g. myapp:application, or script: with --script-root "
+                            "(script mode; default: the built-in demo)")
     serve.add_argument("-c", "--config", metavar="FILE", help="php-fpm style configuration file")
     serve.add_argument("-p", "--prefix", metavar="DIR", help="base for relative paths in the configuration")
     serve.add_argument("-t", "--test", action="count", default=0,

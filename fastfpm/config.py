@@ -59,6 +59,7 @@ NOT_YET = "not supported yet (a later fastfpm release implements it); remove it 
 MAX_CONNECTION_TIMEOUT = 86400.0
 
 DEMO_APP = "fastfpm.demo:application"  # the same string as fastfpm.app.DEMO_APP
+SCRIPT_APP = "script:"                  # script mode; the same string as fastfpm.script.SCRIPT_APP
 
 
 class ConfigError(Exception):
@@ -354,12 +355,14 @@ class Listen(ValueType):
 
 
 class AppSpec(ValueType):
-    """A WSGI application: MODULE:CALLABLE (MODULE alone means MODULE:application)."""
+    """A WSGI application: MODULE:CALLABLE (MODULE alone means MODULE:application), or `script:`."""
 
-    label = "MODULE:CALLABLE"
+    label = "MODULE:CALLABLE or script:"
     _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 
     def parse(self, text: str) -> str:
+        if text == SCRIPT_APP and type(self) is AppSpec:
+            return text
         if not re.fullmatch(rf"{self._DOTTED}(?::{self._DOTTED})?", text):
             raise ValueError("expected MODULE:CALLABLE, for example myapp.wsgi:application")
         return text
@@ -367,6 +370,8 @@ class AppSpec(ValueType):
 
 class HookSpec(AppSpec):
     """A worker hook: MODULE:CALLABLE, both parts required (a hook has no conventional name)."""
+
+    label = "MODULE:CALLABLE"
 
     def parse(self, text: str) -> str:
         if not re.fullmatch(rf"{self._DOTTED}:{self._DOTTED}", text):
@@ -402,6 +407,17 @@ class AccessFormat(ValueType):
 
         compile_format(text)  # FormatError (a ValueError) with php-fpm's message
         return text
+
+
+class Extensions(ValueType):
+    """security.limit_extensions: extensions separated by spaces (.py .wsgi); empty allows all."""
+
+    label = "extensions, space-separated"
+
+    def parse(self, text: str) -> str:
+        from fastfpm.script import parse_extensions
+
+        return " ".join(parse_extensions(text))  # ValueError says which one is wrong
 
 
 class Clients(ValueType):
@@ -754,9 +770,11 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("clear_env", P, Bool(), True,
        "Start workers with an empty environment plus env[...]; no: they inherit the master's.",
        note="A pool built from the command line (no config file, so no env[...]) keeps the environment."),
-    _php("security.limit_extensions", array=False,
-         why="fastfpm runs one WSGI app per pool, not script files, so there are no extensions to limit; "
-             "`app = MODULE:CALLABLE` chooses what runs. Remove it."),
+    _d("security.limit_extensions", P, Extensions(), ".py",
+       "Script mode (`app = script:`): only files ending in one of these extensions run; any other "
+       "is answered 403 Access denied. Empty: every file runs (a warning).",
+       note="php-fpm's default is `.php .phar`; fastfpm's `.py`. fastfpm checks the name the request "
+            "gives and the file it resolves to, and each extension must start with '.'."),
     _unsupported("apparmor_hat", P, NOT_YET),
     _d("env", P, Str(), None,
        "env[NAME] = value sets a worker environment variable; a value $NAME copies the master's.",
@@ -766,7 +784,9 @@ DIRECTIVES: tuple[Directive, ...] = (
     _php("php_flag"),
     _php("php_admin_flag"),
     # ---- fastfpm's own pool directives
-    _d("app", P, AppSpec(), DEMO_APP, "The WSGI application the pool serves: MODULE:CALLABLE.",
+    _d("app", P, AppSpec(), DEMO_APP,
+       "The WSGI application the pool serves: MODULE:CALLABLE, or `script:` for script mode "
+       "(SCRIPT_FILENAME picks a file under script.root whose `application` serves the request).",
        origin="fastfpm", required=True,
        note="Required in a pool section; the built-in demo is the default only from the command line."),
     _d("on_worker_start", P, HookSpec(), None,
@@ -792,6 +812,14 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("mount", P, Mount(), "",
        "URL prefix the app is served under: SCRIPT_NAME is the prefix, PATH_INFO the rest.",
        origin="fastfpm", default_doc="none (the root)", cli="--mount"),
+    _d("script.root", P, Path(), None,
+       "Script mode (`app = script:`): the directory whose files SCRIPT_FILENAME may name; nothing "
+       "outside it runs, symlinks followed. Required in script mode.",
+       origin="fastfpm", default_doc="none", metavar="DIR", cli="--script-root"),
+    _d("script.revalidate_freq", P, Time(), 2.0,
+       "Script mode: how often a worker looks at a script file again (its inode, mtime and size) to "
+       "import a new version; 0: on every request.",
+       origin="fastfpm", note="opcache.revalidate_freq, with opcache.validate_timestamps on."),
     _d("idle_timeout", P, Time(), 5.0,
        "A connection that sends nothing for this long after accept (or between kept-alive requests) "
        "is closed. It waits among the worker's other connections, never holding the worker.",
@@ -1183,8 +1211,10 @@ class _Loader:
                 self.current.source.setdefault(directive.name, where)
             return
         assert directive.type is not None
-        if text == "" and not isinstance(directive.type, Bool):
-            value = directive.default_value()  # an empty value means "not set", as in php-fpm
+        if text == "" and not isinstance(directive.type, Bool | Extensions):
+            # An empty value means "not set", as in php-fpm; an empty security.limit_extensions
+            # allows every extension there, and here.
+            value = directive.default_value()
         else:
             try:
                 value = directive.type.parse(text)
@@ -1437,6 +1467,7 @@ def _check_pool(pool: Any, base: str, errors: list[str], warnings: list[str]) ->
     _check_slowlog(pool, pool_base, fail, warn)
     _check_access_log(pool, pool_base, fail, warn)
     _check_directories(pool, pool_base, fail, warn)
+    _check_script(pool, pool_base, fail, warn)
     _check_connections(pool, fail)
     _check_status_paths(pool, fail, warn)
 
@@ -1564,6 +1595,27 @@ def _check_directories(pool: Any, pool_base: str, fail: _Report, warn: _Report) 
             warn("python_path", f"python_path directory {directory} does not exist")
         resolved.append(directory)
     pool.python_path = resolved
+
+
+def _check_script(pool: Any, pool_base: str, fail: _Report, warn: _Report) -> None:
+    """Script mode needs script.root, an existing directory; its directives without it are warned."""
+    if pool.app != SCRIPT_APP:
+        for name in ("script.root", "script.revalidate_freq", "security.limit_extensions"):
+            if name in pool.source:
+                warn(name, f"{name} has no effect unless app = {SCRIPT_APP}")
+        return
+    if not pool.script_root:
+        fail("app", f"app = {SCRIPT_APP} (script mode) needs script.root, the directory of the scripts")
+        return
+    pool.script_root = _absolute(pool.script_root, pool_base)
+    if not os.path.isdir(pool.script_root):
+        fail("script.root",
+             f"the script.root directory {pool.script_root} does not exist or is not a directory")
+    if pool.mount:
+        fail("mount", "mount has no effect in script mode: SCRIPT_NAME is the script's URL path; remove it")
+    if not pool.security_limit_extensions:
+        warn("security.limit_extensions", "security.limit_extensions is empty: any file under "
+                                          "script.root runs as a script, whatever its extension")
 
 
 def _check_connections(pool: Any, fail: _Report) -> None:
@@ -1764,20 +1816,24 @@ two pools cannot share a listen address (fastfpm also catches one port written t
 `pm.min_spare_servers`, `pm.start_servers` between the two, `pm.max_spawn_rate` >= 1; with
 `pm = ondemand`, `pm.process_idle_timeout` > 0; `process.priority` between -19 and 20;
 `request_slowlog_timeout` needs `slowlog` and cannot exceed `request_terminate_timeout`; `chdir` and
-`prefix` must be existing directories; `log_limit` >= 512.
+`prefix` must be existing directories; `log_limit` >= 512; script mode (`app = script:`) needs
+`script.root`, an existing directory, and refuses `mount`; each `security.limit_extensions` entry
+starts with '.'.
 
 Warnings (reported, not fatal): a directive that has no effect with the pool's `pm` (or
 `request_slowlog_trace_depth` without `slowlog`, which php-fpm refuses), socket ownership
 settings on a TCP socket (or `listen.allowed_clients` on a unix one), a user or group this machine does
-not know, a `python_path` directory that does not exist, an include pattern that matches nothing.
+not know, a `python_path` directory that does not exist, an include pattern that matches nothing,
+an empty `security.limit_extensions` in script mode (php-fpm allows every file then, and so does
+fastfpm), `script.*` or `security.limit_extensions` without script mode.
 
 ## Differences from php-fpm, in short
 
 - `pm` and `pm.max_children` have defaults (php-fpm requires them), and so do `pm.min_spare_servers`
   and `pm.max_spare_servers` with `pm = dynamic`.
 - `daemonize` defaults to no, `error_log` to standard error, `process_control_timeout` to 10s.
-- PHP-only directives (`php_value[...]`, `php_admin_value[...]`, `php_flag[...]`, `php_admin_flag[...]`,
-  `security.limit_extensions`) are errors that say what to do instead, never silently ignored.
+- PHP-only directives (`php_value[...]`, `php_admin_value[...]`, `php_flag[...]`, `php_admin_flag[...]`)
+  are errors that say what to do instead, never silently ignored.
 - Directives fastfpm does not implement yet (the status page, ping, the access log, `process.dumpable`)
   are errors ("not supported yet"), so a setting never silently does nothing. The few that are accepted
   without effect (`log_buffering`, `events.mechanism`, `request_terminate_timeout_track_finished`) say

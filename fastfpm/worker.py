@@ -26,6 +26,8 @@ from fastfpm.hooks import WorkerHooks
 from fastfpm.log import ErrorLog, Throttle, WsgiErrors
 from fastfpm.process import SetupError, prepare_worker, watch_master
 from fastfpm.proctitle import set_worker_title
+from fastfpm.script import SCRIPT_APP
+from fastfpm.script import for_pool as script_dispatcher
 from fastfpm.status import routes as status_routes
 
 # Exit status of a worker whose application (or a hook) failed to import, or whose on_worker_start
@@ -130,6 +132,7 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             first_byte_grace=first_byte_grace(pool),
             max_params_size=pool.max_params_size, mount=pool.mount or "",
             keep_http_proxy=pool.security_keep_http_proxy, max_body_size=pool.client_max_body_size,
+            script_paths=pool.app == SCRIPT_APP,
             max_conns=pool.pm_max_children, max_requests=max_requests(pool),
             max_memory=pool.pm_max_memory,
             client_filter=AllowedClients.parse(pool.listen_allowed_clients).client_filter(
@@ -175,7 +178,10 @@ def load_or_exit(pool: Any, log: ErrorLog) -> tuple[Any, WorkerHooks]:
     python_path = [*pool.python_path, os.getcwd()]
     what = f"the application {pool.app!r}"
     try:
-        app = load_app(pool.app, python_path)
+        if pool.app == SCRIPT_APP:  # script mode: SCRIPT_FILENAME picks the app (fastfpm.script)
+            app = script_dispatcher(pool, log, python_path)
+        else:
+            app = load_app(pool.app, python_path)
         what = "the worker hooks"
         return app, WorkerHooks.load(pool, python_path)
     except AppLoadError as exc:

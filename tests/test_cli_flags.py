@@ -28,7 +28,7 @@ HISTORICAL_FLAGS = {
     "--process-idle-timeout": "TIME", "--max-requests": "N", "--request-terminate-timeout": "TIME",
     "--request-slowlog-timeout": "TIME", "--slowlog": "FILE", "--chdir": "DIR", "--mount": "PREFIX",
     "--idle-timeout": "TIME", "--request-header-timeout": "TIME", "--request-body-timeout": "TIME",
-    "--max-params-size": "BYTES", "--catch-workers-output": None,
+    "--max-params-size": "BYTES", "--catch-workers-output": None, "--script-root": "DIR",
     "--log-level": None, "--error-log": "FILE", "--pid": "FILE",
 }
 
@@ -101,8 +101,8 @@ def test_every_flag_sets_its_directive(tmp_path: Path) -> None:
             "--max-spare-servers", "4", "--process-idle-timeout", "3s", "--max-requests", "100",
             "--slowlog", str(tmp_path / "slow.log"), "--request-slowlog-timeout", "1s",
             "--request-terminate-timeout", "2s", "--chdir", str(tmp_path), "--catch-workers-output",
-            "--mount", "/app", "--idle-timeout", "2s", "--request-header-timeout", "3s",
-            "--request-body-timeout", "4s", "--max-params-size", "32K",
+            "--mount", "/app", "--script-root", str(tmp_path), "--idle-timeout", "2s",
+            "--request-header-timeout", "3s", "--request-body-timeout", "4s", "--max-params-size", "32K",
             "--pid", str(tmp_path / "fpm.pid"), "--error-log", str(tmp_path / "error.log"),
             "--log-level", "debug"]
     args = cli.build_parser().parse_args(argv)

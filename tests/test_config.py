@@ -541,7 +541,6 @@ def test_php_settings_are_errors_with_advice(tmp_path, line):
 
 
 @pytest.mark.parametrize(("line", "fragment"), [
-    ("security.limit_extensions = .php", "app = MODULE:CALLABLE"),
     ("chroot = /srv", "RootDirectory="),
     ("listen.acl_users = www-data", "use listen.owner, listen.group and listen.mode"),
     ("listen.setfib = 1", "FreeBSD"),
