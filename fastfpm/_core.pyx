@@ -125,6 +125,7 @@ cdef class Worker:
     cdef public uint64_t max_memory  # pm.max_memory in bytes, against the peak resident set; 0: off
     cdef public bint over_memory     # a request's end found the peak over max_memory: it was the last
     cdef public uint64_t served
+    cdef public uint32_t linger_ms   # a graceful stop waits this long for kept connections' requests
 
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
@@ -252,10 +253,21 @@ cdef class Worker:
         race every server has, which nginx's keepalive_timeout below idle_timeout keeps rare.
         """
         cdef Connection conn
+        cdef int64_t until = 0
+        if self.stopping and self.linger_ms:
+            # listen.reuseport (a hand-over): nginx keeps sending on the kept connections it holds,
+            # so closing one while idle races its next request. Wait for that request instead, serve
+            # it, and close right after END_REQUEST: nginx, freeing the connection, then finds the
+            # close already there and drops it instead of reusing it (its keepalive module checks
+            # read readiness at that point). Connections nginx closes itself are pruned as they go.
+            until = mono_ns() + <int64_t>self.linger_ms * 1000000
         while True:
             conn = self.loop.pending_kept()
             if conn is None:
-                return 0
+                if until == 0 or not self.loop.kept or mono_ns() >= until:
+                    return 0
+                poll(NULL, 0, 1)
+                continue
             try:
                 self.serve_connection(<FcgiConnection>conn)
             finally:

@@ -32,7 +32,7 @@ from typing import Any
 from fastfpm.address import listen_queue
 
 __all__ = ["steer", "publish", "owns_path", "socket_file", "drain_queues", "migrate_req",
-           "DRAIN_SECONDS"]
+           "DRAIN_SECONDS", "linger_seconds", "LINGER_SECONDS"]
 
 # asm-generic/socket.h; Python's socket module does not name it.
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -91,6 +91,21 @@ def publish(pool: Any) -> str | None:
         pool.steered = False
         return f"new connections to {pool.address} now come to this master"
     return None
+
+
+# How long a stopping worker of a listen.reuseport pool waits for the next request on each of its
+# kept connections (Worker.serve_waiting), to close it right after that request's END_REQUEST, which
+# nginx sees, instead of while idle, which races a request nginx is sending. Connections nginx sends
+# nothing on for this long are at the far end of its LIFO cache and closed then.
+LINGER_SECONDS = 2.0
+
+
+def linger_seconds(pool_config: Any) -> float:
+    """The stopping worker's wait for requests on its kept connections: LINGER_SECONDS (or the pool's
+    idle_timeout, if shorter) with listen.reuseport, else 0 (close them at once, as before)."""
+    if not pool_config.listen_reuseport:
+        return 0.0
+    return min(LINGER_SECONDS, float(pool_config.idle_timeout))
 
 
 def migrate_req() -> bool | None:

@@ -133,7 +133,14 @@ def test_handover_under_load_fails_no_request(launcher: Launcher, transport: str
     assert old.proc.returncode == 0, old.log_text()
     assert load.errors == [], load.errors[:5]
     assert set(load.statuses) == {200}, load.statuses
-    assert upstream_errors(web) == [], upstream_errors(web)[:5]
+    # One FastCGI connection per request: nothing for nginx to retry, nothing may go wrong.
+    short = [line for line in upstream_errors(web) if f'host: "127.0.0.1:{web.port}"' in line]
+    assert short == [], short[:5]
+    # Kept connections: a request nginx sent on one just as the stopping worker closed it after its
+    # last response is retried by nginx on another (a cached connection's failure costs no try, and
+    # GET is idempotent): logged, never failed (the 200s above). Each such line is one retry.
+    kept = [line for line in upstream_errors(web) if line not in short]
+    assert all(f'host: "127.0.0.1:{web.keepalive_port}"' in line for line in kept), kept[:5]
     masters = Counter(pid for _, pid in load.served_by)
     assert masters[old.pid] > 0 and masters[new.pid] > 0, masters
     # After the old master exited, only the new one answers.
