@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fastfpm import handover
+from fastfpm.client import FastCGIClient
 from fastfpm.address import create_listen_socket, handover_path, local_address
 from tests.servers import FastFPMServer, Launcher, Nginx, free_port, nginx_binary, wait_until
 
@@ -174,6 +175,7 @@ def test_second_master_without_reuseport_is_refused_and_the_first_serves_on(
     sock.close()
     assert first.proc is not None and first.proc.poll() is None
     if transport == "unix":
+        assert "listening beside it" in broken.log_text()
         assert os.path.exists(address)
 
 
@@ -251,3 +253,35 @@ def test_drain_waits_for_the_queue_and_warns_when_it_stays(tmp_path: Path) -> No
         client.close()
     finally:
         pool.socket.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_new_master_that_fails_to_start_leaves_the_old_one_serving(
+        launcher: Launcher, transport: str) -> None:
+    address = shared_address(launcher, transport)
+    old = launcher.start(master(launcher, transport, address, "--listen-reuseport"))
+    broken = master(launcher, transport, address, "--listen-reuseport")
+    broken.app = "tests.apps.no_such_module:app"
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        broken.start()
+    assert broken.proc is not None and broken.proc.poll() is not None
+    if transport == "unix":
+        assert "listening beside it" in broken.log_text()
+        assert os.path.exists(address)
+        assert not os.path.exists(handover_path(address).replace(str(os.getpid()), str(broken.pid)))
+    for _ in range(20):  # every new connection reaches the old master (TCP: the group's index 0)
+        with FastCGIClient(old.address, timeout=5) as client:
+            reply = client.request({"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/"})
+        assert (reply.status, reply.body) == (200, str(old.pid).encode())
+
+
+def test_linger_only_for_reuseport_pools() -> None:
+    class Pool:
+        listen_reuseport = True
+        idle_timeout = 5.0
+
+    assert handover.linger_seconds(Pool) == handover.LINGER_SECONDS
+    Pool.idle_timeout = 0.5
+    assert handover.linger_seconds(Pool) == 0.5
+    Pool.listen_reuseport = False
+    assert handover.linger_seconds(Pool) == 0.0
