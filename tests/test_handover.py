@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from fastfpm import handover
-from fastfpm.client import FastCGIClient
 from fastfpm.address import create_listen_socket, handover_path, local_address
+from fastfpm.client import FastCGIClient
 from tests.servers import FastFPMServer, Launcher, Nginx, free_port, nginx_binary, wait_until
 
 APP = "tests.apps.master_pid:app"
