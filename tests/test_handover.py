@@ -175,7 +175,6 @@ def test_second_master_without_reuseport_is_refused_and_the_first_serves_on(
     sock.close()
     assert first.proc is not None and first.proc.poll() is None
     if transport == "unix":
-        assert "listening beside it" in broken.log_text()
         assert os.path.exists(address)
 
 
