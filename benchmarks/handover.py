@@ -6,7 +6,8 @@
 
 Each run starts a fastfpm master with listen.reuseport (tests/apps/master_pid.py: a 2 ms pause,
 then the master's pid) behind the test suite's nginx (tests/servers.py: one FastCGI connection per
-request on one port, an upstream with keepalive 8 and fastcgi_keep_conn on on the other), runs wrk
+request on one port, an upstream with keepalive 8, keepalive_requests 100 as docs/operations.md
+recommends (--nginx-default: nginx's 1000) and fastcgi_keep_conn on on the other), runs wrk
 for --duration seconds and, at a third of it, starts a second master on the same address, waits
 until it is ready and stops the first with SIGQUIT: docs/operations.md's procedure. A reference run
 of the same length without a hand-over comes first in each pair, so the requests column reads as a
@@ -38,6 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.servers import FastFPMServer, Launcher, Nginx, free_port, nginx_binary  # noqa: E402
+from tests.test_handover import HandoverNginx  # noqa: E402
 
 APP = "tests.apps.master_pid:app"
 
@@ -91,7 +93,8 @@ def report_of(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
     raise RuntimeError(f"wrk printed no report (exit {proc.returncode}): {said}")
 
 
-def one_run(tmp: Path, run: Run, duration: int, connections: int, workers: int) -> Run:
+def one_run(tmp: Path, run: Run, duration: int, connections: int, workers: int,
+            nginx_default: bool = False) -> Run:
     """A fresh master and nginx; wrk; a second master and SIGQUIT to the first at a third."""
     def make_dir(name: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
@@ -100,7 +103,7 @@ def one_run(tmp: Path, run: Run, duration: int, connections: int, workers: int) 
         address = (str(make_dir("sock") / "app.sock") if run.transport == "unix"
                    else f"127.0.0.1:{free_port()}")
         old = launcher.start(make_master(launcher, run.transport, address, workers))
-        web = Nginx(nginx_binary(), make_dir("nginx"), old.nginx_pass)
+        web = (Nginx if nginx_default else HandoverNginx)(nginx_binary(), make_dir("nginx"), old.nginx_pass)
         launcher.start(web)
         proc = run_wrk(web.keepalive_port if run.keepalive else web.port, duration, connections)
         try:
@@ -134,6 +137,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="workers per master (default 4)")
     parser.add_argument("--transports", default="unix,tcp", help="unix, tcp or both (default)")
     parser.add_argument("--keepalive", default="off,on", help="fastcgi_keep_conn: off, on or both (default)")
+    parser.add_argument("--nginx-default", action="store_true",
+                        help="nginx's default keepalive_requests (1000) instead of docs/operations.md's 100")
     parser.add_argument("--repeat", type=int, default=1, help="hand-over runs per case (default 1)")
     return parser.parse_args(argv)
 
@@ -150,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for keep in opts.keepalive.split(","):
                 for handover in [False] + [True] * opts.repeat:
                     run = Run(transport, keep == "on", handover)
-                    print(one_run(Path(tmp), run, opts.duration, opts.connections, opts.workers).row(),
-                          flush=True)
+                    print(one_run(Path(tmp), run, opts.duration, opts.connections, opts.workers,
+                                  opts.nginx_default).row(), flush=True)
     return 0
 
 
