@@ -104,6 +104,27 @@ include "_loop.pxi"
 include "_accesslog.pxi"
 
 
+# A lingering worker (Worker.serve_waiting) closes a kept connection nginx left idle this long.
+cdef enum:
+    LINGER_QUIET_MS = 200
+
+
+cdef int close_quiet_kept(ConnectionLoop loop, int64_t quiet_before) except -1:
+    """While lingering: close the kept connections idle since before quiet_before, as their idle
+    deadlines (idle_timeout from when kept) say: nginx, which reuses its most recent connection
+    first, has let go of them."""
+    cdef Connection conn
+    cdef Py_ssize_t i = len(loop.kept) - 1
+    while i >= 0:
+        conn = loop.kept[i]
+        if conn.idle_deadline_ns <= quiet_before:
+            del loop.kept[i]
+            conn.fresh = False
+            loop.discard(conn)
+        i -= 1
+    return 0
+
+
 cdef class Worker:
     """One worker process's request loop: a request's stages in order, over the parts above.
 
@@ -125,6 +146,8 @@ cdef class Worker:
     cdef public uint64_t max_memory  # pm.max_memory in bytes, against the peak resident set; 0: off
     cdef public bint over_memory     # a request's end found the peak over max_memory: it was the last
     cdef public uint64_t served
+    cdef public uint32_t linger_ms   # a graceful stop waits this long for kept connections' requests
+    cdef bint lingering              # meanwhile: kept connections stay open until nginx closes them
 
     def __init__(self, int listen_fd, app, *, dict environ_template, log, log_exception,
                  scoreboard=None, Py_ssize_t slot_index=0, double idle_timeout=5.0,
@@ -255,13 +278,37 @@ cdef class Worker:
         race every server has, which nginx's keepalive_timeout below idle_timeout keeps rare.
         """
         cdef Connection conn
+        cdef int64_t until = 0
+        cdef bint wait
+        if self.stopping and self.linger_ms:
+            # listen.reuseport (a hand-over): nginx keeps sending on the kept connections it holds,
+            # and a server's close races its next request on one (on a unix socket even right after
+            # an answer: the end cannot leave with it, as TCP_CORK makes it on TCP). So for
+            # linger_ms the connections are served and kept, for nginx to close them itself
+            # (keepalive_requests, keepalive_timeout: its closes race nothing), and only one quiet
+            # for LINGER_QUIET_MS is closed here. Then each is served once more and closed.
+            until = mono_ns() + <int64_t>self.linger_ms * 1000000
+            self.lingering = True
         while True:
+            if self.lingering and mono_ns() >= until:
+                self.lingering = False
             conn = self.loop.pending_kept()
             if conn is None:
-                return 0
+                if not self.lingering or not self.loop.kept:
+                    self.lingering = False
+                    return 0
+                close_quiet_kept(self.loop, mono_ns() + <int64_t>self.limits.idle_timeout_ms * 1000000
+                                 - <int64_t>LINGER_QUIET_MS * 1000000)
+                poll(NULL, 0, 1)
+                continue
             try:
-                self.serve_connection(<FcgiConnection>conn)
-            finally:
+                wait = self.serve_connection(<FcgiConnection>conn)
+            except BaseException:
+                self.loop.discard(conn)
+                raise
+            if wait and self.lingering and not conn.broken:
+                self.loop.keep(conn)
+            else:
                 self.loop.discard(conn)
 
     cdef int serve_connection(self, FcgiConnection c) except -1:
@@ -279,7 +326,7 @@ cdef class Worker:
             self.served += 1
             if c.broken:
                 return 0
-            if not c.keep_conn or self.stopping:
+            if not c.keep_conn or (self.stopping and not self.lingering):
                 if c.rend > c.rstart:
                     c.refuse_queued()
                 if c.keep_conn:

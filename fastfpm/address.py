@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 __all__ = ["Address", "parse_address", "create_listen_socket", "connect", "local_address", "DEFAULT_BACKLOG",
            "AllowedClients", "REFUSED_MESSAGE", "defer_accept", "tcp_keepalive", "MAX_KEEPALIVE_SECONDS",
-           "MAX_KEEPALIVE_COUNT"]
+           "MAX_KEEPALIVE_COUNT", "handover_path"]
 
 # php-fpm's listen.backlog default on Linux (FPM_BACKLOG_DEFAULT in sapi/fpm/fpm/fpm_sockets.h).
 DEFAULT_BACKLOG = 511
@@ -156,11 +156,17 @@ def _resolve(address: Address, passive: bool) -> list[tuple[int, tuple]]:
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def _bind_tcp(family: int, sockaddr: tuple, backlog: int, dual_stack: bool) -> socket.socket:
+def _bind_tcp(family: int, sockaddr: tuple, backlog: int, dual_stack: bool,
+              reuseport: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # Rebinding right after a restart must not wait for old connections in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            # listen.reuseport: a second master (of the same user, also with SO_REUSEPORT) may bind
+            # the same address; the kernel then spreads new connections over the group (see
+            # fastfpm.handover for how a hand-over steers them to the new master).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and dual_stack:
             # "::" also accepts IPv4 (as ::ffff:a.b.c.d) whatever net.ipv6.bindv6only says.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -172,11 +178,11 @@ def _bind_tcp(family: int, sockaddr: tuple, backlog: int, dual_stack: bool) -> s
     return sock
 
 
-def _create_tcp(address: Address, backlog: int) -> socket.socket:
+def _create_tcp(address: Address, backlog: int, reuseport: bool = False) -> socket.socket:
     if address.is_any:
         # As php-fpm: every address means "::" with IPv4 mapped in, or 0.0.0.0 without IPv6.
         try:
-            return _bind_tcp(socket.AF_INET6, ("::", address.port, 0, 0), backlog, True)
+            return _bind_tcp(socket.AF_INET6, ("::", address.port, 0, 0), backlog, True, reuseport)
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                 raise OSError(exc.errno, f"unable to bind listening socket for address '{address}': "
@@ -188,12 +194,17 @@ def _create_tcp(address: Address, backlog: int) -> socket.socket:
     for family, sockaddr in candidates:
         # A host name may resolve to several addresses; like php-fpm, listen on the first that binds.
         try:
-            return _bind_tcp(family, sockaddr, backlog, dual_stack=sockaddr[0] == "::")
+            return _bind_tcp(family, sockaddr, backlog, dual_stack=sockaddr[0] == "::",
+                             reuseport=reuseport)
         except OSError as exc:
             error = exc
     assert error is not None
+    hint = ""
+    if error.errno == errno.EADDRINUSE:
+        hint = (" (another process listens there; to replace a running fastfpm master without "
+                "stopping it first, both need listen.reuseport = yes)")
     raise OSError(error.errno, f"unable to bind listening socket for address '{address}': "
-                               f"{error.strerror}") from None
+                               f"{error.strerror}{hint}") from None
 
 
 def _someone_listens(path: str) -> bool:
@@ -236,8 +247,15 @@ def _gid(group: int | str | None) -> int:
         raise ValueError(f"unknown group {group!r} for the socket group") from None
 
 
+def handover_path(path: str) -> str:
+    """Where a new master binds while another one listens on path (listen.reuseport): a hidden name in
+    the same directory, so that rename(2) can move it over path in one step."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.{os.getpid()}.new")
+
+
 def _create_unix(address: Address, backlog: int, mode: int, owner: int | str | None,
-                 group: int | str | None) -> socket.socket:
+                 group: int | str | None, reuseport: bool = False) -> socket.socket:
     path = address.path
     assert path is not None
     uid, gid = _uid(owner), _gid(group)
@@ -254,10 +272,21 @@ def _create_unix(address: Address, backlog: int, mode: int, owner: int | str | N
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.EEXIST, f"cannot listen on '{path}': it exists and is not a socket")
         if _someone_listens(path):
-            raise OSError(errno.EADDRINUSE, f"cannot listen on '{path}': another process is already "
-                                            f"listening there")
-        # A socket file left behind by a process that died: nobody answers, so it is safe to replace.
-        os.unlink(path)
+            if not reuseport:
+                raise OSError(errno.EADDRINUSE, f"cannot listen on '{path}': another process is already "
+                                                f"listening there")
+            # A hand-over: the live socket stays untouched; this master listens beside it and
+            # fastfpm.handover.publish renames the new socket over it once the workers are ready.
+            path = handover_path(path)
+            if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+                raise OSError(errno.ENAMETOOLONG, f"cannot listen beside '{address.path}': '{path}' is "
+                                                  f"longer than {_UNIX_PATH_MAX} bytes")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by a master of the same pid that died before publishing
+        else:
+            # A socket file left behind by a process that died: nobody answers, so it is safe to
+            # replace.
+            os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
@@ -294,20 +323,23 @@ def _system_max_backlog() -> int:
 
 
 def create_listen_socket(address: Address | str, *, backlog: int = DEFAULT_BACKLOG, mode: int = 0o660,
-                         owner: int | str | None = None, group: int | str | None = None) -> socket.socket:
+                         owner: int | str | None = None, group: int | str | None = None,
+                         reuseport: bool = False) -> socket.socket:
     """Bind and listen on address; mode, owner and group apply to unix sockets only.
 
     A unix socket file nobody answers on is replaced; a live one (another server) is an error, and so
     is a path that exists but is not a socket. A negative backlog means the system's maximum. Errors
-    are OSError with the address in the message.
+    are OSError with the address in the message. reuseport (listen.reuseport) allows a second
+    master: SO_REUSEPORT on TCP; on a live unix socket, the socket is bound at handover_path(path)
+    instead (local_address tells), for the caller to rename over path once it serves.
     """
     address = _as_address(address)
     if backlog < 0:
         # php-fpm's listen.backlog = -1: as many as the system allows (Python would take it as 0).
         backlog = _system_max_backlog()
     if address.is_unix:
-        return _create_unix(address, backlog, mode, owner, group)
-    return _create_tcp(address, backlog)
+        return _create_unix(address, backlog, mode, owner, group, reuseport)
+    return _create_tcp(address, backlog, reuseport)
 
 
 # How long the kernel keeps a silent TCP connection from accept() (TCP_DEFER_ACCEPT). One second is

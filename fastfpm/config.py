@@ -668,6 +668,13 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Unanswered probes after which the connection is dropped (TCP_KEEPCNT): a silent peer is given "
        "up after idle + count * interval, 2 minutes with the defaults.", origin="fastfpm",
        note="Linux's default is 9. Six probes ride out a lost packet or a short network hiccup."),
+    _d("listen.reuseport", P, Bool(), False,
+       "Let a second master listen on this pool's address beside this one, to replace the master "
+       "without dropping a request (docs/operations.md, Replacing the master): TCP sockets get "
+       "SO_REUSEPORT; on a unix socket a new master binds beside the live one and renames its socket "
+       "over it once ready.", origin="fastfpm", cli="--listen-reuseport",
+       note="php-fpm has no such option (its sockets pass only to its own children across a reload). "
+            "Both masters must set it, as the kernel joins only SO_REUSEPORT sockets of one user."),
     _unsupported("listen.acl_users", P, _NO_ACL),
     _unsupported("listen.acl_groups", P, _NO_ACL),
     _unsupported("listen.setfib", P, "A FreeBSD routing-table option; fastfpm runs on Linux. Remove it."),

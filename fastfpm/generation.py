@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastfpm import pm, systemd
+from fastfpm import handover, pm, systemd
 from fastfpm.address import listen_queue, parse_address
 from fastfpm.config import Config
 from fastfpm.log import ErrorLog
@@ -137,8 +137,20 @@ class Generation:
         its status listeners answer for its pools."""
         self.state = SERVING
         for pool in self.pools:
+            self.publish(pool)
             if pool.name in self.listeners:
                 self.listeners[pool.name].serve(pool)
+
+    def publish(self, pool: Pool) -> None:
+        """listen.reuseport: a pool that listens beside another master takes its address over now
+        (fastfpm.handover); a failure is logged and the pool keeps what it had."""
+        try:
+            done = handover.publish(pool)
+        except OSError as exc:
+            self.log.error(f"[pool {pool.name}] cannot take over {pool.address}: {exc}")
+            return
+        if done:
+            self.log.notice(f"[pool {pool.name}] {done}")
 
     # ------------------------------------------------------------------ process management
 

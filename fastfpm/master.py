@@ -23,7 +23,7 @@ import time
 from functools import partial
 from typing import Any
 
-from fastfpm import accesslog, pm
+from fastfpm import accesslog, handover, pm
 from fastfpm.children import Children, describe_exit, signal_name  # noqa: F401  (re-exported, as before)
 from fastfpm.config import Config
 from fastfpm.generation import QUIT_REPEAT_SECONDS, SERVING, Generation
@@ -236,6 +236,7 @@ class Master:
         self.globals.notify("stopping")
         self.stopping = "graceful"
         # As php-fpm: SIGTERM follows after process_control_timeout (0: at once, php-fpm's default).
+        handover.drain_queues(self.pools, self.log)  # listen.reuseport: nothing queued is reset
         self.stop_deadline = time.monotonic() + self.config.global_.process_control_timeout
         self.children.kill_all(signal.SIGQUIT)
         self.next_quit = time.monotonic() + QUIT_REPEAT_SECONDS

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastfpm import accesslog, pm
+from fastfpm import accesslog, handover, pm
 from fastfpm.address import (
     accept_queue_length,
     create_listen_socket,
     defer_accept,
+    local_address,
     parse_address,
     tcp_keepalive,
 )
@@ -67,10 +68,11 @@ class Pool:
         try:
             self.socket = sock if sock is not None else create_listen_socket(
                 self.address, backlog=config.listen_backlog, mode=config.listen_mode,
-                owner=config.listen_owner, group=config.listen_group)
+                owner=config.listen_owner, group=config.listen_group, reuseport=config.listen_reuseport)
         except BaseException:
             self.close_access_log()
             raise
+        self.take_over_if_needed(sock is None)
         # A silent TCP client is kept from the workers by the kernel (systemd's sockets get it too).
         defer_accept(self.socket)
         # Accepted connections inherit it: a web server gone without a FIN is found and dropped.
@@ -85,6 +87,23 @@ class Pool:
         self.children: dict[int, Child] = {}
         self.initial = pm.initial_spawn(config)
         self.prepare_slowlog()
+
+    def take_over_if_needed(self, created: bool) -> None:
+        """listen.reuseport (fastfpm.handover): note where the socket was bound, and, for a TCP one
+        this master made, keep new connections with the master already listening until this one is
+        ready (handover.publish, when the generation serves)."""
+        self.beside_path: str | None = None   # unix: bound beside a live master's socket
+        self.steered = False                  # TCP: the group steered to the old master
+        bound = local_address(self.socket).path if self.address.is_unix else None
+        self.socket_file = handover.socket_file(bound) if bound else None
+        if not (created and self.config.listen_reuseport):
+            return
+        if bound is not None and bound != self.address.path:
+            self.beside_path = bound
+            self.log.notice(f"[pool {self.name}] another master listens on {self.address}: listening "
+                            f"beside it on {bound} until ready")
+        elif bound is None:
+            self.steered = handover.steer(self.socket, 0)
 
     def prepare_slowlog(self) -> None:
         """Create the slowlog file for the workers, which append to it as the pool's user."""
@@ -139,9 +158,11 @@ class Pool:
             self.socket.close()
             return
         self.socket.close()
-        if self.address.path:
+        # Never the file a successor renamed over the path (a hand-over): only the one bound here.
+        path = self.beside_path or (self.address.path if handover.owns_path(self) else None)
+        if path:
             try:
-                os.unlink(self.address.path)
+                os.unlink(path)
             except OSError:
                 pass
 

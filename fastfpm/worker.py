@@ -13,7 +13,7 @@ import struct
 import sys
 from typing import Any, NoReturn
 
-from fastfpm import __version__, accesslog, not_built
+from fastfpm import __version__, accesslog, handover, not_built
 
 try:
     from fastfpm._core import FileWrapper, Worker
@@ -142,6 +142,9 @@ def run_worker(pool: Any, listen_fd: int, scoreboard: Any, slot_index: int, log:
             routes=status_routes(pool, scoreboard, slot_index),
             protocol_log=Throttle(log.log, "connections closed on malformed FastCGI input"),
         )
+        # listen.reuseport: a graceful stop (a hand-over) waits for the kept connections' next
+        # requests before it closes them (fastfpm.handover.linger_seconds).
+        worker.linger_ms = int(handover.linger_seconds(pool) * 1000)
         # After the Worker exists, so a SIGQUIT during the hook ends the loop before it starts
         # and on_worker_exit still runs; before serve(), so the slot stays Starting till it ends.
         if not hooks.run_start(log):

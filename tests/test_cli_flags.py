@@ -29,6 +29,7 @@ HISTORICAL_FLAGS = {
     "--request-slowlog-timeout": "TIME", "--slowlog": "FILE", "--chdir": "DIR", "--mount": "PREFIX",
     "--idle-timeout": "TIME", "--request-header-timeout": "TIME", "--request-body-timeout": "TIME",
     "--max-params-size": "BYTES", "--catch-workers-output": None, "--script-root": "DIR",
+    "--listen-reuseport": None,
     "--log-level": None, "--error-log": "FILE", "--pid": "FILE",
 }
 
@@ -103,6 +104,7 @@ def test_every_flag_sets_its_directive(tmp_path: Path) -> None:
             "--request-terminate-timeout", "2s", "--chdir", str(tmp_path), "--catch-workers-output",
             "--mount", "/app", "--script-root", str(tmp_path), "--idle-timeout", "2s",
             "--request-header-timeout", "3s", "--request-body-timeout", "4s", "--max-params-size", "32K",
+            "--listen-reuseport",
             "--pid", str(tmp_path / "fpm.pid"), "--error-log", str(tmp_path / "error.log"),
             "--log-level", "debug"]
     args = cli.build_parser().parse_args(argv)
@@ -113,6 +115,7 @@ def test_every_flag_sets_its_directive(tmp_path: Path) -> None:
         target = pool if directive.section == "pool" else config.global_
         assert target.source.get(directive.name) == CLI_SOURCE, directive.name
     assert (pool.pm_max_children, pool.listen_mode, pool.catch_workers_output) == (8, 0o600, True)
+    assert pool.listen_reuseport is True
     assert (pool.max_params_size, config.global_.log_level) == (32768, "debug")
 
 
