@@ -591,9 +591,15 @@ def test_last_request_cpu_and_memory_on_the_status_page(configured):
     # The peak grew by the 50 MB (compared with the worker's size, not with a fixed figure: under
     # AddressSanitizer a worker starts at about 60 MB).
     assert alloc["last request memory"] >= sleep["last request memory"] + (45 << 20)
-    text = fetch(server.address, "/status", "full").text
-    assert re.search(r"^last request cpu:     \d+\.\d\d$", text, re.M)
-    assert re.search(r"^last request memory:  [1-9]\d*$", text, re.M)
+    # The text format shows the same figures, in the block of a worker that is Idle (the one answering
+    # reads Running with its figures 0, as php-fpm's; one still Finishing its last answer reads so too).
+    def idle_block() -> str | None:
+        blocks = fetch(server.address, "/status", "full").text.split("\n************************\n")
+        return next((b for b in blocks[1:] if re.search(r"^state:\s+Idle$", b, re.M)), None)
+
+    block = wait_until(idle_block, 30, message="an Idle worker's block on the text page")
+    assert re.search(r"^last request cpu:     \d+\.\d\d$", block, re.M)
+    assert re.search(r"^last request memory:  [1-9]\d*$", block, re.M)
 
 
 def test_user_is_the_requests_remote_user(configured):
