@@ -109,22 +109,6 @@ cdef enum:
     LINGER_QUIET_MS = 200
 
 
-cdef int close_quiet_kept(ConnectionLoop loop, int64_t quiet_before) except -1:
-    """While lingering: close the kept connections idle since before quiet_before, as their idle
-    deadlines (idle_timeout from when kept) say: nginx, which reuses its most recent connection
-    first, has let go of them."""
-    cdef Connection conn
-    cdef Py_ssize_t i = len(loop.kept) - 1
-    while i >= 0:
-        conn = loop.kept[i]
-        if conn.idle_deadline_ns <= quiet_before:
-            del loop.kept[i]
-            conn.fresh = False
-            loop.discard(conn)
-        i -= 1
-    return 0
-
-
 cdef class Worker:
     """One worker process's request loop: a request's stages in order, over the parts above.
 
@@ -297,8 +281,8 @@ cdef class Worker:
                 if not self.lingering or not self.loop.kept:
                     self.lingering = False
                     return 0
-                close_quiet_kept(self.loop, mono_ns() + <int64_t>self.limits.idle_timeout_ms * 1000000
-                                 - <int64_t>LINGER_QUIET_MS * 1000000)
+                self.loop.close_idle_since(mono_ns() + <int64_t>self.limits.idle_timeout_ms * 1000000
+                                           - <int64_t>LINGER_QUIET_MS * 1000000)
                 poll(NULL, 0, 1)
                 continue
             try:

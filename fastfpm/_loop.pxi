@@ -78,10 +78,21 @@ cdef class ConnectionLoop:
             p.events = POLLIN
             p.revents = 0
             if poll(&p, 1, 0) > 0:
-                del self.kept[i]
+                self.take_kept(i)
                 conn.fresh = False
                 return conn
         return None
+
+    cdef int close_idle_since(self, int64_t quiet_before) except -1:
+        """Close the kept connections idle since before quiet_before, as their idle deadlines
+        (idle_timeout from when kept) say: for a worker lingering on its way out (Worker.serve_waiting),
+        whose web server, reusing its most recent connection first, has let go of these."""
+        cdef Py_ssize_t i = len(self.kept) - 1
+        while i >= 0:
+            if (<Connection>self.kept[i]).idle_deadline_ns <= quiet_before:
+                self.discard(self.take_kept(i))
+            i -= 1
+        return 0
 
     cdef int keep(self, Connection conn) except -1:
         """Hold a connection until its next request (or the rest of its head) arrives, or its deadline.
