@@ -21,7 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import ConfiguredServer, Launcher, Nginx, free_port, nginx_binary, wait_until
+from tests.servers import (
+    NGINX_MAIN,
+    NGINX_TEMP_PATHS,
+    ConfiguredServer,
+    Launcher,
+    Nginx,
+    free_port,
+    nginx_binary,
+    wait_until,
+)
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 
@@ -45,12 +54,7 @@ SERVER_PARAMS = "max_fails=3 fail_timeout=10s"
 
 # The settings docs/scaling.md recommends in front of several fastfpm hosts, plus what the tests
 # read: the access log says, per request, each host tried, its status and the bytes sent to it.
-UPSTREAM_CONF = """\
-{user}daemon off;
-master_process on;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
+UPSTREAM_CONF = NGINX_MAIN + """\
 
 events {{
     worker_connections 1024;
@@ -60,12 +64,7 @@ http {{
     log_format upstreams '$http_x_load_id $request_method $status '
                          '"$upstream_addr" "$upstream_status" "$upstream_bytes_sent"';
     access_log {prefix}/access.log upstreams;
-    client_body_temp_path {prefix}/client_body_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    proxy_temp_path {prefix}/proxy_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    keepalive_requests 1000000;
+""" + NGINX_TEMP_PATHS + """    keepalive_requests 1000000;
 
     fastcgi_connect_timeout 1s;
     fastcgi_next_upstream error timeout;

@@ -390,25 +390,32 @@ def write_config(path: Path, body: str) -> Path:
 # --- nginx ------------------------------------------------------------------------------------
 
 
-NGINX_CONF = """\
+# What every nginx.conf the tests write starts with: one foreground nginx, its files in the test's
+# directory ({prefix}), and the temporary paths inside http {}, which must not be nginx's defaults
+# under /var/lib/nginx (not writable, or another nginx's).
+NGINX_MAIN = """\
 {user}daemon off;
 master_process on;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log notice;
+"""
+NGINX_TEMP_PATHS = """\
+    client_body_temp_path {prefix}/client_body_temp;
+    fastcgi_temp_path {prefix}/fastcgi_temp;
+    proxy_temp_path {prefix}/proxy_temp;
+    uwsgi_temp_path {prefix}/uwsgi_temp;
+    scgi_temp_path {prefix}/scgi_temp;
+"""
 
+NGINX_CONF = NGINX_MAIN + """
 events {{
     worker_connections 512;
 }}
 
 http {{
     access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    proxy_temp_path {prefix}/proxy_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    client_max_body_size 200m;
+""" + NGINX_TEMP_PATHS + """    client_max_body_size 200m;
     fastcgi_connect_timeout 5s;
     fastcgi_send_timeout 20s;
     fastcgi_read_timeout 20s;

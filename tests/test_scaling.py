@@ -29,7 +29,7 @@ import yaml
 from fastfpm import config
 from tests.fcgi_helpers import get
 from tests.fleet import SERVER_PARAMS, UPSTREAM_CONF, Fleet, HTTPLoad, Logged, Result, kill_host, start_fleet
-from tests.servers import REPO_ROOT, Launcher, nginx_binary, run_cli, wait_until
+from tests.servers import NGINX_TEMP_PATHS, REPO_ROOT, Launcher, nginx_binary, run_cli, wait_until
 
 ROUTER = "tests.apps.router:app"
 WORKERS = 4
@@ -176,12 +176,7 @@ events {{
 }}
 http {{
     access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    proxy_temp_path {prefix}/proxy_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-{block}
+""" + NGINX_TEMP_PATHS + """{block}
 }}
 """
 

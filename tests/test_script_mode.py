@@ -24,26 +24,25 @@ import pytest
 
 from fastfpm.client import FastCGIClient, build_params
 from fastfpm.script import ScriptDispatcher
-from tests.servers import ConfiguredServer, Nginx, http_connection, http_get, nginx_binary, run_cli
+from tests.servers import (
+    NGINX_MAIN,
+    NGINX_TEMP_PATHS,
+    ConfiguredServer,
+    Nginx,
+    http_connection,
+    http_get,
+    nginx_binary,
+    run_cli,
+)
 
 FASTCGI_PARAMS = "/etc/nginx/fastcgi_params"
 FASTCGI_CONF = "/etc/nginx/fastcgi.conf"  # fastcgi_params and the SCRIPT_FILENAME line, as the snippet has it
 
-NGINX_SCRIPT_CONF = """\
-{user}daemon off;
-master_process on;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
+NGINX_SCRIPT_CONF = NGINX_MAIN + """\
 events {{ worker_connections 512; }}
 http {{
     access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    proxy_temp_path {prefix}/proxy_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    upstream fastfpm_keepalive {{
+""" + NGINX_TEMP_PATHS + """    upstream fastfpm_keepalive {{
         server {backend};
         keepalive 8;
     }}
