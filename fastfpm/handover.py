@@ -20,7 +20,6 @@ Kernel facts this rests on (measured in tests/test_handover.py and benchmarks/ha
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import socket
@@ -29,7 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from fastfpm.address import listen_queue
+from fastfpm.address import accept_queue_length
 
 __all__ = ["steer", "publish", "owns_path", "socket_file", "drain_queues", "migrate_req",
            "DRAIN_SECONDS", "linger_seconds", "LINGER_SECONDS"]
@@ -132,7 +131,7 @@ def drain_queues(pools: Iterable[Any], log: Any, timeout: float = DRAIN_SECONDS)
     empty_reads = 0
     waiting = 0
     while True:
-        waiting = sum(_queued(p.socket) for p in watched)
+        waiting = sum(accept_queue_length(p.socket) or 0 for p in watched)
         empty_reads = empty_reads + 1 if waiting == 0 else 0
         if empty_reads >= _DRAIN_EMPTY_READS or time.monotonic() >= deadline:
             break
@@ -145,9 +144,3 @@ def drain_queues(pools: Iterable[Any], log: Any, timeout: float = DRAIN_SECONDS)
     return waiting
 
 
-def _queued(sock: socket.socket) -> int:
-    with contextlib.suppress(OSError, ValueError):
-        queue = listen_queue(sock)
-        if queue is not None:
-            return queue[0]
-    return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fastfpm import handover
-from fastfpm.address import create_listen_socket, handover_path, local_address
+from fastfpm.address import accept_queue_length, create_listen_socket, handover_path, local_address
 from fastfpm.client import FastCGIClient
 from tests.servers import FastFPMServer, Launcher, Nginx, free_port, nginx_binary, wait_until
 
@@ -211,7 +211,7 @@ def test_steering_sends_every_new_connection_to_the_chosen_listener() -> None:
             assert handover.steer(second, index)
             clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
             time.sleep(0.05)
-            assert handover._queued(chosen) == 20 and handover._queued(other) == 0
+            assert accept_queue_length(chosen) == 20 and accept_queue_length(other) == 0
             chosen.settimeout(1)
             for _ in clients:
                 chosen.accept()[0].close()
