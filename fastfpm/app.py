@@ -21,15 +21,21 @@ def load_app(spec: str, python_path: Iterable[str] = ()) -> Callable:
     return load_callable(spec, python_path, what="app", default_attr="application")
 
 
+def prepend_sys_path(python_path: Iterable[str]) -> None:
+    """Put python_path's directories in front of sys.path, in their order (those already on it stay
+    where they are)."""
+    for directory in reversed(list(python_path)):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+
+
 def load_callable(spec: str, python_path: Iterable[str] = (), *, what: str = "app",
                   default_attr: str = "") -> Callable:
     """Import `module:callable` with python_path first; `what` names the directive in messages.
 
     An empty default_attr makes the `:callable` part required (a hook has no conventional name).
     """
-    for directory in reversed(list(python_path)):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
+    prepend_sys_path(python_path)
     module_name, _, attr = spec.partition(":")
     attr = attr or default_attr
     if not module_name or not attr:

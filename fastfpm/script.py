@@ -20,6 +20,8 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fastfpm.app import prepend_sys_path
+
 # The `app` value that turns script mode on.
 SCRIPT_APP = "script:"
 
@@ -255,8 +257,6 @@ def answer(start_response: Callable[..., Any], response: tuple[bytes, bytes]) ->
 def for_pool(pool: Any, log: Any, python_path: Iterable[str] = ()) -> ScriptDispatcher:
     """A script-mode pool's dispatcher, in a worker; python_path goes in front of sys.path, as
     for a MODULE:CALLABLE app, so that scripts import the pool's packages."""
-    for directory in reversed(list(python_path)):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
+    prepend_sys_path(python_path)
     return ScriptDispatcher(pool.script_root, pool.script_revalidate_freq,
                             parse_extensions(pool.security_limit_extensions or ""), log.log, log.exception)
